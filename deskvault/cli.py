@@ -1,0 +1,299 @@
+"""The `deskvault` command: one sub-command per job, each with --help.
+
+Configuration comes from --config, else $DESKVAULT_CONFIG, else ./.deskvault/deskvault.toml (written by
+`deskvault up`), else built-in defaults; any key can be overridden with DESKVAULT_<SECTION>__<KEY>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from deskvault.errors import DeskvaultError
+from deskvault.logs import setup_logging
+
+log = logging.getLogger("deskvault")
+
+LOCAL_CONFIG = Path(".deskvault/deskvault.toml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "publish":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args, extra) or 0)
+    except DeskvaultError as e:
+        print(f"deskvault: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deskvault", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML config file (env: DESKVAULT_CONFIG)")
+    p.add_argument("--log-level", default=os.environ.get("DESKVAULT_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (env: DESKVAULT_LOG_LEVEL; default INFO)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run everything locally: SeaweedFS, a demo target, scheduler, all pools")
+    up.add_argument("--state-dir", default=".deskvault", help="where local data lives (default .deskvault)")
+    up.add_argument("--demo-port", type=int, default=55432, help="port of the demo PostgreSQL (default 55432)")
+    up.add_argument("--s3-port", type=int, default=8333, help="port of the local S3 server (default 8333)")
+    up.add_argument("--metrics-port", type=int, default=9310,
+                    help="first metrics port; pool i serves on port+i (default 9310)")
+    up.set_defaults(func=_cmd_up)
+
+    sch = sub.add_parser("scheduler", help="emit due backup and snapshot events from each policy")
+    sch.add_argument("--once", action="store_true", help="emit what is due now and exit")
+    sch.set_defaults(func=_cmd_scheduler)
+
+    w = sub.add_parser("worker", help="run worker pools")
+    w.add_argument("--pool", action="append", dest="pools", metavar="POOL",
+                   help="backup, snapshot, lifecycle or export; repeat for several (default: all)")
+    w.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
+    w.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
+    w.add_argument("--burst", action="store_true", help="exit once the pools' queues are empty")
+    w.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default [metrics] port)")
+    w.add_argument("--no-metrics", action="store_true", help="serve no metrics")
+    w.set_defaults(func=_cmd_worker)
+
+    pub = sub.add_parser(
+        "publish", help="publish an event: deskvault publish backup-due --target demo --kind full",
+        description="Publish one event with publisher confirms. Fields are given as --name value "
+                    "(dashes or underscores); event_id, occurred_at and idempotency_key are filled in "
+                    "when not given. Event types: backup-due, snapshot-due, account-expired, "
+                    "account-reactivated, export-requested.",
+    )
+    pub.add_argument("event_type", metavar="EVENT")
+    pub.set_defaults(func=_cmd_publish)
+
+    b = sub.add_parser("backups", help="inspect backups in the repository")
+    bsub = b.add_subparsers(dest="backups_command", required=True, metavar="ACTION")
+    bl = bsub.add_parser("list", help="list a target's committed backups")
+    bl.add_argument("--target", required=True)
+    bl.add_argument("--json", action="store_true", help="machine-readable output")
+    bl.set_defaults(func=_cmd_backups_list)
+
+    r = sub.add_parser("restore", help="restore a target's newest full backup into a folder")
+    r.add_argument("--target", required=True)
+    r.add_argument("--into", required=True, type=Path, help="new or empty folder for the data directory")
+    r.add_argument("--backup-id", help="restore this backup instead of the newest full")
+    r.set_defaults(func=_cmd_restore)
+
+    st = sub.add_parser("status", help="targets' newest backups, queue depths, job counts")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
+
+    m = sub.add_parser("migrate", help="create or upgrade the control database's tables")
+    m.set_defaults(func=_cmd_migrate)
+
+    k = sub.add_parser("keys", help="manage the key-encryption key file")
+    ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    ksub.add_parser("create", help="create a new key file").set_defaults(func=_cmd_keys_create)
+    ksub.add_parser("rotate", help="add a new active key; old keys stay for reading").set_defaults(
+        func=_cmd_keys_rotate)
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from deskvault.config import load_settings
+
+    return load_settings(_config_path(args))
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    path = args.config or os.environ.get("DESKVAULT_CONFIG")
+    if path is None and LOCAL_CONFIG.exists():
+        path = str(LOCAL_CONFIG.resolve())
+    return path
+
+
+def _cmd_up(args: argparse.Namespace, _extra: list[str]) -> int:
+    from deskvault.local.up import UpOptions, run_up
+
+    return run_up(UpOptions(state_dir=Path(args.state_dir).resolve(), demo_port=args.demo_port,
+                            s3_port=args.s3_port, metrics_port=args.metrics_port, log_level=args.log_level))
+
+
+def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
+    from producers.publisher import Publisher
+    from producers.scheduler import Scheduler
+    from workers.context import open_ledger
+    from workers.ledger.ledger import utcnow
+
+    settings = _settings(args)
+    ledger = open_ledger(settings)
+    ledger.check_schema()
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        scheduler = Scheduler(settings, ledger, publisher, clock=utcnow)
+        if args.once:
+            published = scheduler.tick()
+            print(f"published {len(published)} event(s)")
+            for event in published:
+                print(f"  {event.type} {event.idempotency_key}")
+            return 0
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        scheduler.run(stop)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace, _extra: list[str]) -> int:
+    from messages.topology import POOLS
+    from workers.runner import WorkerOptions, run
+
+    settings = _settings(args)
+    options = WorkerOptions(
+        config=_config_path(args),
+        pools=tuple(args.pools or POOLS),
+        processes=args.processes,
+        threads=args.threads,
+        burst=args.burst,
+        metrics_host=settings.metrics.host,
+        metrics_port=None if args.no_metrics else (args.metrics_port or settings.metrics.port),
+        log_level=args.log_level,
+    )
+    try:
+        return run(options)
+    except ValueError as e:
+        print(f"deskvault: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _cmd_publish(args: argparse.Namespace, extra: list[str]) -> int:
+    from messages.events import build_event
+    from producers.publisher import Publisher
+
+    values = _field_values(extra)
+    event = build_event(args.event_type, values)
+    settings = _settings(args)
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher.publish(event)
+    print(json.dumps(event.to_dict()))
+    return 0
+
+
+def _field_values(extra: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        name = extra[i]
+        if not name.startswith("--") or i + 1 >= len(extra):
+            raise _usage(f"expected --field value pairs, got {' '.join(extra[i:])!r}")
+        if "=" in name:
+            key, value = name[2:].split("=", 1)
+            i += 1
+        else:
+            key, value = name[2:], extra[i + 1]
+            i += 2
+        values[key.replace("-", "_")] = value
+    return values
+
+
+def _usage(message: str) -> DeskvaultError:
+    error = DeskvaultError(message)
+    error.exit_code = 2
+    return error
+
+
+def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers import catalog
+    from workers.context import open_repository
+
+    settings = _settings(args)
+    settings.target(args.target)
+    manifests = catalog.list_manifests(open_repository(settings), args.target)
+    if args.json:
+        print(json.dumps({"target": args.target, "backups": manifests}, indent=2))
+        return 0
+    if not manifests:
+        print(f"no backups of {args.target} yet")
+        return 0
+    print(f"{'BACKUP':<26} {'KIND':<5} {'FINISHED':<28} {'LSN RANGE':<24} {'SIZE':>10} {'STORED':>10}")
+    for m in manifests:
+        lsns = f"{m['start_lsn']}..{m['stop_lsn']}"
+        print(f"{m['backup_id']:<26} {m['kind']:<5} {m['finished_at']:<28} {lsns:<24} "
+              f"{_mib(m['plain_size']):>10} {_mib(m['stored_size']):>10}")
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers import catalog
+    from workers.context import open_repository
+    from workers.engines.postgresql import restore_full
+
+    settings = _settings(args)
+    settings.target(args.target)
+    repo = open_repository(settings)
+    manifest = catalog.newest_full(repo, args.target, args.backup_id)
+    print(f"restoring {args.target} backup {manifest['backup_id']} ({_mib(manifest['plain_size'])}, "
+          f"LSN {manifest['start_lsn']}..{manifest['stop_lsn']}) into {args.into}", flush=True)
+    step = max(manifest["plain_size"] // 20, 1)
+    shown = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done - shown[0] >= step or done == total:
+            shown[0] = done
+            print(f"  {done * 100 // max(total, 1):3d}%  {_mib(done)} of {_mib(total)}", flush=True)
+
+    restore_full(repo, manifest, args.into, on_progress=progress)
+    print(f"restored and verified (sha256 {manifest['objects'][0]['sha256'][:16]}…). Start it with:\n"
+          f"  pg_ctl -D {args.into} start   (as the postgres user)")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace, _extra: list[str]) -> int:
+    from deskvault.status import collect_status, render_status
+
+    status = collect_status(_settings(args))
+    print(json.dumps(status, indent=2, default=str) if args.json else render_status(status))
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.context import open_ledger
+
+    version = open_ledger(_settings(args)).migrate()
+    print(f"control database at schema version {version}")
+    return 0
+
+
+def _cmd_keys_create(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.repository.keyring import Keyring
+
+    path = Path(_settings(args).repository.key_file)
+    keyring = Keyring.create(path)
+    print(f"created {path} with key {keyring.active_id}; keep a copy somewhere safe: without it no "
+          "backup can be read")
+    return 0
+
+
+def _cmd_keys_rotate(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.repository.keyring import Keyring
+
+    path = Path(_settings(args).repository.key_file)
+    key_id = Keyring.rotate(path)
+    print(f"{path}: new active key {key_id}; older keys stay for reading existing backups")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

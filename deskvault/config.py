@@ -1,0 +1,232 @@
+"""One typed settings object, read from a TOML file and `DESKVAULT_*` environment variables.
+
+Every key can be overridden from the environment: `DESKVAULT_<SECTION>__<KEY>`, and for named
+entries `DESKVAULT_TARGETS__<NAME>__<KEY>` (double underscores separate levels). Validation happens
+once, at start-up, and every error names the key it is about.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deskvault.errors import ConfigError
+
+ENV_PREFIX = "DESKVAULT_"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+DEFAULT_SCHEDULE = {
+    "full": "0 1 * * 0",  # Sunday 01:00 UTC
+    "diff": "0 */2 * * *",
+    "log": "0 * * * *",
+    "snapshot": "0 3 * * *",
+}
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    delivery_limit: int = 5
+    max_retries: int = 8
+    # First retry after this many ms; dramatiq doubles it per attempt.
+    min_backoff_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class ControlDbSettings:
+    odbc: str = "DRIVER={PostgreSQL Unicode};SERVER=127.0.0.1;PORT=5432;DATABASE=deskvault;UID=postgres;"
+    lease_seconds: int = 120
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    bucket: str = "deskvault"
+    prefix: str = ""
+    endpoint: str = "http://127.0.0.1:8333"
+    region: str = "us-east-1"
+    access_key: str = ""
+    secret_key: str = field(default="", repr=False)
+    ca_bundle: str = ""
+    key_file: str = ".deskvault/keys.json"
+    zstd_level: int = 3
+    zstd_threads: int = 0
+    part_size_mib: int = 16
+    upload_threads: int = 2
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    host: str = "127.0.0.1"
+    port: int = 9310
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    full: str = DEFAULT_SCHEDULE["full"]
+    diff: str = DEFAULT_SCHEDULE["diff"]
+    log: str = DEFAULT_SCHEDULE["log"]
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    name: str
+    engine: str
+    conninfo: str
+    pg_bin: str = "/usr/lib/postgresql/15/bin"
+    schedule: ScheduleSettings = ScheduleSettings()
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    name: str
+    schedule: str = DEFAULT_SCHEDULE["snapshot"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker: BrokerSettings = BrokerSettings()
+    control_db: ControlDbSettings = ControlDbSettings()
+    repository: RepositorySettings = RepositorySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    targets: Mapping[str, TargetSettings] = field(default_factory=dict)
+    servers: Mapping[str, ServerSettings] = field(default_factory=dict)
+    source: str = "(defaults)"
+
+    def target(self, name: str) -> TargetSettings:
+        try:
+            return self.targets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.targets)) or "none"
+            raise ConfigError(
+                f"targets.{name}: no such target in {self.source} (configured: {known})"
+            ) from None
+
+
+ENGINES = ("postgresql",)
+SECTIONS = {
+    "broker": BrokerSettings,
+    "control_db": ControlDbSettings,
+    "repository": RepositorySettings,
+    "metrics": MetricsSettings,
+}
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (if any), apply environment overrides, validate, and return Settings."""
+    env = os.environ if env is None else env
+    path = path or env.get("DESKVAULT_CONFIG")
+    raw: dict[str, Any] = {}
+    source = "(defaults)"
+    if path:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; pass --config or set DESKVAULT_CONFIG") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    _apply_env(raw, env)
+    return _build(raw, source)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "DESKVAULT_CONFIG" or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {'.'.join(parts)} does not name a configuration key")
+        node[parts[-1]] = value
+
+
+def _build(raw: dict[str, Any], source: str) -> Settings:
+    unknown = set(raw) - set(SECTIONS) - {"targets", "servers"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section in {source}")
+    sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
+    targets = {name: _target(name, value) for name, value in _table(raw, "targets").items()}
+    servers = {name: _server(name, value) for name, value in _table(raw, "servers").items()}
+    return Settings(**sections, targets=targets, servers=servers, source=source)
+
+
+def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    table = raw.get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name}: must be a table of named entries")
+    for entry in table:
+        if not NAME_PATTERN.match(entry):
+            raise ConfigError(f"{name}.{entry}: names are lowercase letters, digits, '-' and '_' (max 63)")
+    return table
+
+
+def _target(name: str, value: Any) -> TargetSettings:
+    where = f"targets.{name}"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a table")
+    value = dict(value)
+    schedule = _section(ScheduleSettings, value.pop("schedule", {}), f"{where}.schedule")
+    for kind in ("full", "diff", "log"):
+        _check_cron(getattr(schedule, kind), f"{where}.schedule.{kind}")
+    target = _section(TargetSettings, {"name": name, **value}, where, schedule=schedule)
+    if target.engine not in ENGINES:
+        raise ConfigError(f"{where}.engine: {target.engine!r} is not supported (supported: {', '.join(ENGINES)})")
+    return target
+
+
+def _server(name: str, value: Any) -> ServerSettings:
+    if not isinstance(value, dict):
+        raise ConfigError(f"servers.{name}: must be a table")
+    server = _section(ServerSettings, {"name": name, **value}, f"servers.{name}")
+    _check_cron(server.schedule, f"servers.{name}.schedule")
+    return server
+
+
+def _check_cron(expression: str, where: str) -> None:
+    from producers.cron import Cron, CronError
+
+    try:
+        Cron.parse(expression)
+    except CronError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _section(cls: type, values: Any, where: str, **extra: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in extra}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in values:
+            kwargs[name] = _coerce(values[name], f, f"{where}.{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{name}: required")
+    return cls(**kwargs, **extra)
+
+
+def _coerce(value: Any, f: dataclasses.Field[Any], where: str) -> Any:
+    expected = f.type if isinstance(f.type, str) else f.type.__name__
+    if expected == "int":
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where}: must not be negative")
+        return value
+    if expected == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+        return value
+    raise AssertionError(f"no coercion for {expected}")  # pragma: no cover

@@ -1,0 +1,138 @@
+"""A PostgreSQL cluster in a folder of our own: the demo target, the tests' targets, and restored copies.
+
+PostgreSQL refuses to run as root, so when deskvault runs as root the server commands run as the
+`postgres` user (`runuser`) and the folder is handed to that user. The system cluster is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from deskvault.errors import DeskvaultError
+
+DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class ClusterError(DeskvaultError):
+    """A local PostgreSQL cluster could not be created, started or queried."""
+
+
+def server_user() -> str | None:
+    """The user PostgreSQL's server programs must run as: `postgres` when we are root, else ourselves."""
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def hand_over(path: Path) -> None:
+    """Give a folder tree to the server user (no-op unless we are root)."""
+    user = server_user()
+    if user is None:
+        return
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    for root, dirs, files in os.walk(path):
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+
+
+@dataclass
+class PgCluster:
+    datadir: Path
+    port: int
+    pg_bin: Path = DEFAULT_PG_BIN
+
+    @property
+    def conninfo(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def _server_cmd(self, *args: str) -> list[str]:
+        user = server_user()
+        prefix = ["runuser", "-u", user, "--"] if user else []
+        return [*prefix, *args]
+
+    def _run(self, cmd: list[str], what: str, timeout: float = 120) -> str:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise ClusterError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+        return proc.stdout
+
+    def initdb(self, *, extra_conf: str = "") -> None:
+        """Create the cluster with settings a physical backup needs (replication, WAL senders)."""
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.datadir, 0o700)
+        hand_over(self.datadir)
+        self._run(
+            self._server_cmd(str(self.pg_bin / "initdb"), "-D", str(self.datadir), "-U", "postgres",
+                             "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums"),
+            "initdb",
+        )
+        conf = (
+            f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+            "unix_socket_directories = ''\n"
+            "wal_level = replica\nmax_wal_senders = 8\nfsync = on\n"
+            "shared_buffers = 128MB\nmax_wal_size = 2GB\n" + extra_conf
+        )
+        with open(self.datadir / "postgresql.auto.conf", "a") as f:
+            f.write(conf)
+        with open(self.datadir / "pg_hba.conf", "w") as f:
+            f.write(
+                "local all all trust\nlocal replication all trust\n"
+                "host all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n"
+            )
+        hand_over(self.datadir)
+
+    def is_running(self) -> bool:
+        proc = subprocess.run(
+            [str(self.pg_bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-t", "2"],
+            capture_output=True,
+        )
+        return proc.returncode == 0 and (self.datadir / "postmaster.pid").exists()
+
+    def start(self, timeout: float = 120) -> None:
+        if self.is_running():
+            return
+        log_file = self.datadir.parent / f"{self.datadir.name}.log"
+        log_file.touch()
+        hand_over(log_file)
+        self._run(
+            self._server_cmd(str(self.pg_bin / "pg_ctl"), "-D", str(self.datadir), "-l", str(log_file),
+                             # Command-line settings win over the copied config of a restored cluster.
+                             "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=",
+                             "-w", "-t", str(int(timeout)), "start"),
+            f"starting PostgreSQL in {self.datadir} (log: {log_file})",
+            timeout=timeout + 10,
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        if not (self.datadir / "postmaster.pid").exists():
+            return
+        self._run(
+            self._server_cmd(str(self.pg_bin / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"),
+            f"stopping PostgreSQL in {self.datadir}",
+        )
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.datadir, ignore_errors=True)
+
+    def psql(self, sql: str, dbname: str = "postgres", timeout: float = 600) -> str:
+        """Run SQL through psql (unaligned, tuples only) and return its output."""
+        return self._run(
+            [str(self.pg_bin / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At",
+             "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", dbname, "-c", sql],
+            f"psql on port {self.port} ({dbname})",
+            timeout=timeout,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.is_running():
+            if time.monotonic() > deadline:
+                raise ClusterError(f"PostgreSQL on port {self.port} did not become ready in {timeout:.0f}s")
+            time.sleep(0.2)

@@ -1,0 +1,145 @@
+"""Fixtures that start real services once per session: a RabbitMQ vhost, a control database, a PostgreSQL
+target cluster. Locally a service that cannot be reached skips its tests; in CI (CI=true) it fails them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from deskvault.config import Settings, load_settings
+from deskvault.local.demo_data import helpdesk_sql
+from deskvault.local.pgcluster import ClusterError, PgCluster
+from support import free_port
+from workers.repository.keyring import Keyring
+
+IN_CI = bool(os.environ.get("CI"))
+SYSTEM_PG = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+def unavailable(what: str, detail: str) -> None:
+    message = f"{what} is not available: {detail}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A developer's DESKVAULT_* variables must not leak into tests.
+    for name in list(os.environ):
+        if name.startswith("DESKVAULT_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def scratch_dir() -> Iterator[Path]:
+    """A temporary folder the postgres user can reach (clusters live inside it)."""
+    path = Path(tempfile.mkdtemp(prefix="deskvault-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rabbit_url() -> Iterator[str]:
+    """A private RabbitMQ vhost for this test session, deleted afterwards."""
+    vhost = f"deskvault-test-{uuid.uuid4().hex[:8]}"
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                       check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        unavailable("RabbitMQ (rabbitmqctl)", str(e))
+    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+def _psql(sql: str) -> None:
+    subprocess.run(["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", sql], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def control_db_odbc() -> Iterator[str]:
+    """A fresh control database on the machine's PostgreSQL, reached through psqlODBC."""
+    name = f"dvtest_{uuid.uuid4().hex[:10]}"
+    try:
+        _psql(f"CREATE DATABASE {name}")
+    except (OSError, subprocess.SubprocessError) as e:
+        unavailable("PostgreSQL on 127.0.0.1:5432", str(e))
+    yield f"DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={name};UID=postgres;"
+    subprocess.run(["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
+                   capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def pg_target(scratch_dir: Path) -> Iterator[PgCluster]:
+    """A real PostgreSQL 15 cluster (run as the postgres user) holding two tenants' helpdesk databases."""
+    cluster = PgCluster(scratch_dir / "target-pg", free_port())
+    try:
+        cluster.initdb()
+        cluster.start()
+    except (ClusterError, OSError) as e:
+        unavailable("PostgreSQL server binaries", str(e))
+    for tenant in TENANTS:
+        cluster.psql(f"CREATE DATABASE {tenant}")
+        cluster.psql(helpdesk_sql(tenant), tenant)
+    yield cluster
+    cluster.destroy()
+
+
+TENANTS = ("acme", "globex")
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.json"
+    Keyring.create(path)
+    return path
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, key_file: Path, request: pytest.FixtureRequest) -> Callable[..., Settings]:
+    """Settings pointing at the session's real services, with a fresh bucket prefix per call."""
+
+    def make(*, prefix: str | None = None, servers: dict[str, str] | None = None) -> Settings:
+        s3 = request.getfixturevalue("s3_endpoint")
+        target = request.getfixturevalue("pg_target")
+        text = f"""
+[broker]
+url = "{request.getfixturevalue("rabbit_url")}"
+min_backoff_ms = 200
+max_retries = 2
+[control_db]
+odbc = "{request.getfixturevalue("control_db_odbc")}"
+[repository]
+bucket = "deskvault-test"
+prefix = "{prefix or f"t-{uuid.uuid4().hex[:12]}/"}"
+endpoint = "{s3.endpoint_url}"
+access_key = "{s3.access_key}"
+secret_key = "{s3.secret_key}"
+key_file = "{key_file}"
+part_size_mib = 5
+[targets.main]
+engine = "postgresql"
+conninfo = "{target.conninfo}"
+"""
+        for name, schedule in (servers or {}).items():
+            text += f'[servers.{name}]\nschedule = "{schedule}"\n'
+        path = tmp_path / f"deskvault-{uuid.uuid4().hex[:6]}.toml"
+        path.write_text(text)
+        return load_settings(path, env={})
+
+    return make
+
+
+@pytest.fixture
+def unique_key() -> str:
+    return f"test:{uuid.uuid4().hex}"

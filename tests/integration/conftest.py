@@ -1,0 +1,51 @@
+"""Integration fixtures: a local SeaweedFS (started once, reused across sessions) and per-test S3 stores."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from deskvault.local.seaweedfs import S3Endpoint, ensure_running
+from workers.repository.s3 import MIN_PART_SIZE, S3Store
+
+STATE_DIR = Path(__file__).resolve().parents[2] / ".deskvault"
+TEST_BUCKET = "deskvault-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> S3Endpoint:
+    """The S3 endpoint of the repository's local SeaweedFS; skips locally, fails in CI, if it can't start."""
+    try:
+        return ensure_running(STATE_DIR)
+    except Exception as exc:
+        message = f"SeaweedFS could not be started: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def s3_store(s3_endpoint: S3Endpoint) -> Iterator[S3Store]:
+    """An S3Store on the test bucket under a fresh prefix (5 MiB parts), emptied afterwards."""
+    store = S3Store(
+        bucket=TEST_BUCKET,
+        prefix=f"t-{uuid4().hex[:12]}/",
+        endpoint_url=s3_endpoint.endpoint_url,
+        access_key=s3_endpoint.access_key,
+        secret_key=s3_endpoint.secret_key,
+        region=s3_endpoint.region,
+        part_size=MIN_PART_SIZE,
+    )
+    store.ensure_bucket()
+    yield store
+    for key in list(store.list_keys()):
+        store.delete(key)
+    uploads = store.client.list_multipart_uploads(Bucket=TEST_BUCKET, Prefix=store.prefix).get("Uploads", [])
+    for upload in uploads:
+        store.client.abort_multipart_upload(
+            Bucket=TEST_BUCKET, Key=upload["Key"], UploadId=upload["UploadId"]
+        )

@@ -1,0 +1,229 @@
+"""Events through real RabbitMQ into dramatiq workers: topology, idempotency, dead letters with reasons."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
+from urllib.parse import unquote, urlparse
+
+import pika
+import pytest
+from dramatiq import Worker
+from prometheus_client import REGISTRY
+from support import wait_for, worker_context
+
+from messages.envelope import wrap
+from messages.events import AccountExpired, BackupDue, ExportRequested, SnapshotDue
+from messages.topology import POOLS, dead_letter_queue, delay_queue
+from producers.publisher import Publisher
+from workers import catalog, context
+from workers.actors import build_broker
+from workers.broker import REASON_HEADER
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pools(make_settings):
+    """Given all four pools running in-process (2 threads) against RabbitMQ, PostgreSQL and SeaweedFS."""
+    settings = make_settings(servers={"app1": "0 3 * * *"})
+    ctx = worker_context(settings)
+    context.configure(ctx)
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher._open()  # declares the topology
+    _purge_all(settings.broker.url)
+    broker, _ = build_broker(settings)
+    worker = Worker(broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    yield settings, ctx
+    worker.stop(timeout=10_000)
+    broker.close()
+
+
+def _channel(url: str):
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    return connection, connection.channel()
+
+
+def _purge_all(url: str) -> None:
+    connection, channel = _channel(url)
+    for pool in POOLS:
+        for queue in (pool, delay_queue(pool), dead_letter_queue(pool)):
+            channel.queue_purge(queue)
+    connection.close()
+
+
+def publish_raw(url: str, queue: str, body: bytes) -> None:
+    """What a service in another language does: plain AMQP, no dramatiq, publisher confirms."""
+    connection, channel = _channel(url)
+    channel.confirm_delivery()
+    channel.basic_publish("", queue, body, pika.BasicProperties(delivery_mode=2), mandatory=True)
+    connection.close()
+
+
+def next_dead_letter(url: str, pool: str, timeout: float = 30.0) -> tuple[bytes, dict]:
+    connection, channel = _channel(url)
+    try:
+        def get():
+            method, properties, body = channel.basic_get(dead_letter_queue(pool), auto_ack=True)
+            return (body, properties.headers or {}) if method else None
+
+        return wait_for(get, timeout=timeout, what=f"a dead letter in {dead_letter_queue(pool)}")
+    finally:
+        connection.close()
+
+
+def job_done(ctx, key: str):
+    return wait_for(lambda: (j := ctx.ledger.job(key)) and j.state == "done" and j, what=f"job {key} done")
+
+
+def counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_pool_queues_are_quorum_queues_with_a_delivery_limit_and_dead_letter_queue(pools) -> None:
+    settings, _ = pools
+    vhost = unquote(urlparse(settings.broker.url).path[1:])
+    listing = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "--formatter", "json", "name", "type", "arguments"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    queues = {q["name"]: q for q in json.loads(listing.stdout)}
+    for pool in POOLS:
+        # rabbitmqctl lists arguments as [name, AMQP type, value] triples
+        args = {name: value for name, _type, value in queues[pool]["arguments"]}
+        assert queues[pool]["type"] == "quorum"
+        assert args["x-delivery-limit"] == settings.broker.delivery_limit
+        assert args["x-dead-letter-routing-key"] == dead_letter_queue(pool)
+        assert queues[dead_letter_queue(pool)]["type"] == "quorum"
+
+
+def test_the_same_backup_due_published_twice_gives_one_backup(pools) -> None:
+    settings, ctx = pools
+    slot = datetime(2026, 11, 22, 1, 0, tzinfo=UTC)
+    event = BackupDue.new(target="main", kind="full", slot=slot, idempotency_key=f"dup-{uuid.uuid4().hex}")
+    before = counter("deskvault_events_duplicate_total", pool="backup", type="backup-due")
+
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher.publish(event)
+        publisher.publish(BackupDue.new(target="main", kind="full", slot=slot,
+                                        idempotency_key=event.idempotency_key))
+
+    job = job_done(ctx, event.idempotency_key)
+    wait_for(lambda: counter("deskvault_events_duplicate_total", pool="backup", type="backup-due") == before + 1,
+             what="the second delivery to be skipped as a duplicate")
+    assert job.attempts == 1
+    assert job.outcome.startswith("full backup ")
+    assert [m["backup_id"] for m in catalog.list_manifests(ctx.repository, "main")] == [
+        catalog.backup_id_for("full", slot)
+    ]
+
+
+def test_garbage_is_dead_lettered_with_a_reason_and_the_worker_goes_on(pools) -> None:
+    settings, ctx = pools
+    garbage = b"\x00this is not json{"
+    publish_raw(settings.broker.url, "lifecycle", garbage)
+
+    body, headers = next_dead_letter(settings.broker.url, "lifecycle")
+    assert body == garbage  # kept byte for byte for inspection and replay
+    assert "not a dramatiq message" in headers[REASON_HEADER]
+
+    event = AccountExpired.new(tenant="acme", plan="paid", expired_at=datetime(2026, 11, 1, tzinfo=UTC))
+    publish_raw(settings.broker.url, "lifecycle", wrap(event))
+    assert job_done(ctx, event.idempotency_key).outcome.startswith("recorded: tenant acme (paid)")
+    assert ctx.ledger.account("acme")["status"] == "expired"
+
+
+def _envelope_with(event_fields: dict, **envelope: object) -> bytes:
+    message = {"queue_name": "backup", "actor_name": "backup_due", "args": [event_fields], "kwargs": {},
+               "options": {}, "message_id": str(uuid.uuid4()), "message_timestamp": 1764300000000}
+    message.update(envelope)
+    return json.dumps(message).encode()
+
+
+def _valid_backup_fields() -> dict:
+    return BackupDue.new(target="main", kind="full", slot=datetime(2026, 1, 4, 1, 0, tzinfo=UTC)).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda f: f.pop("kind"), "kind"),
+        (lambda f: f.update(version=2), "version"),
+        (lambda f: f.update(type="backup-overdue"), "type"),
+        (lambda f: f.update(kind=3), "kind"),
+        (lambda f: f.update(slot="yesterday"), "slot"),
+        (lambda f: f.update(colour="blue"), "colour"),
+        (lambda f: f.update(target="nowhere"), "target: 'nowhere' is not configured"),
+        (lambda f: f.update(target="x" * 70_000), "(payload)"),
+    ],
+    ids=["missing", "version", "unknown-type", "wrong-type", "bad-timestamp", "extra", "unknown-target",
+         "oversized"],
+)
+def test_bad_events_are_dead_lettered_naming_the_field_without_side_effects(pools, mutate, reason) -> None:
+    settings, ctx = pools
+    fields = _valid_backup_fields()
+    mutate(fields)
+    body = _envelope_with(fields)
+    publish_raw(settings.broker.url, "backup", body)
+
+    dead_body, headers = next_dead_letter(settings.broker.url, "backup")
+
+    assert dead_body == body
+    assert reason in headers[REASON_HEADER]
+    assert ctx.ledger.job(fields.get("idempotency_key", "")) is None  # nothing half-done
+    assert catalog.list_manifests(ctx.repository, "main") == []
+
+
+def test_an_envelope_for_another_pool_is_dead_lettered(pools) -> None:
+    settings, _ = pools
+    body = _envelope_with(_valid_backup_fields(), actor_name="export_requested")
+    publish_raw(settings.broker.url, "backup", body)
+    _, headers = next_dead_letter(settings.broker.url, "backup")
+    assert "envelope.actor_name" in headers[REASON_HEADER]
+
+
+def test_each_pool_handles_its_events_honestly(pools) -> None:
+    settings, ctx = pools
+    snapshot = SnapshotDue.new(server="app1", slot=datetime(2026, 11, 28, 3, 0, tzinfo=UTC))
+    export = ExportRequested.new(tenant="acme", request_id=uuid.uuid4().hex, requested_by="admin@acme.example")
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher.publish(snapshot)
+        publisher.publish(export)
+    assert job_done(ctx, snapshot.idempotency_key).outcome.startswith("not done: server snapshots")
+    assert job_done(ctx, export.idempotency_key).outcome.startswith("not done: tenant exports")
+
+
+def test_a_worker_process_in_burst_mode_handles_a_cli_published_event_and_exits(make_settings) -> None:
+    settings = make_settings()
+    worker_context(settings)  # migrated control database and bucket
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    base = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source)]
+    published = subprocess.run(
+        [*base, "publish", "account-expired", "--tenant", tenant, "--plan", "trial",
+         "--expired-at", "2026-11-01T00:00:00Z", "--trial-started-at", "2026-10-01T00:00:00Z"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert published.returncode == 0, published.stderr
+    key = json.loads(published.stdout)["idempotency_key"]
+
+    worker = subprocess.run([*base, "worker", "--pool", "lifecycle", "--burst", "--no-metrics"],
+                            capture_output=True, text=True, timeout=120)
+
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    job = worker_context(settings).ledger.job(key)
+    assert job is not None and job.state == "done"
+
+
+def test_publish_rejects_bad_fields_naming_them(make_settings) -> None:
+    settings = make_settings()
+    result = subprocess.run(
+        [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "publish", "backup-due",
+         "--target", "main", "--kind", "weekly", "--slot", "2026-11-28T10:00:00Z"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "kind:" in result.stderr

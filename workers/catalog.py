@@ -1,0 +1,60 @@
+"""Where backups live in the bucket, and reading them back: the repository describes itself.
+
+Layout under the repository prefix:
+    targets/<target>/backups/<backup_id>/<object>.dv     data objects (compressed, encrypted)
+    targets/<target>/backups/<backup_id>/manifest.dv     the backup's manifest, written last (commit point)
+A backup without a manifest is incomplete and is never restored from.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from workers.repository.errors import RepositoryError
+from workers.repository.objects import ObjectRepository
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.dv"
+MANIFEST_FORMAT = 1
+
+
+def backup_prefix(target: str, backup_id: str) -> str:
+    return f"targets/{target}/backups/{backup_id}/"
+
+
+def manifest_key(target: str, backup_id: str) -> str:
+    return backup_prefix(target, backup_id) + MANIFEST_NAME
+
+
+def backup_id_for(kind: str, slot: datetime) -> str:
+    """Derived from the event's business key, so a retry of the same event writes the same objects."""
+    return f"{slot:%Y%m%dT%H%M%SZ}-{kind}"
+
+
+def list_manifests(repo: ObjectRepository, target: str) -> list[dict[str, Any]]:
+    """Every committed backup of a target, oldest first."""
+    manifests = []
+    for key in repo.list_keys(f"targets/{target}/backups/"):
+        if not key.endswith("/" + MANIFEST_NAME):
+            continue
+        try:
+            manifests.append(repo.get_json(key))
+        except RepositoryError as e:
+            log.error("skipping unreadable manifest %s: %s", key, e)
+    return sorted(manifests, key=lambda m: (m["finished_at"], m["backup_id"]))
+
+
+def newest_full(repo: ObjectRepository, target: str, backup_id: str | None = None) -> dict[str, Any]:
+    fulls = [m for m in list_manifests(repo, target) if m["kind"] == "full"]
+    if backup_id is not None:
+        fulls = [m for m in fulls if m["backup_id"] == backup_id]
+    if not fulls:
+        wanted = f"backup {backup_id}" if backup_id else "any full backup"
+        raise RepositoryError(
+            f"target {target}: {wanted} not found in the repository; run `deskvault backups list --target "
+            f"{target}` to see what exists"
+        )
+    return fulls[-1]

@@ -1,0 +1,222 @@
+"""PostgreSQL physical backups: pg_basebackup's tar stream straight into the repository, and back.
+
+The base backup is read from pg_basebackup's stdout (`-D - -F tar -X fetch`): one tar holding the data
+directory, the WAL needed to make it consistent, the backup label and PostgreSQL's own backup manifest.
+It flows through zstd and AES-256-GCM into a multipart upload as it is produced, so neither disk nor
+memory ever holds the whole backup.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from deskvault.config import TargetSettings
+from deskvault.errors import DeskvaultError
+from deskvault.local.pgcluster import hand_over
+from workers import catalog
+from workers.repository.errors import AlreadyExists
+from workers.repository.objects import ObjectRepository
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1024 * 1024
+START_RE = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
+END_RE = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
+
+
+class EngineError(DeskvaultError):
+    """The database engine could not back up or restore a target."""
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    manifest: dict[str, Any]
+    created: bool  # False when a previous attempt had already committed this backup
+
+
+class PostgresEngine:
+    """Full physical backups and restores of one PostgreSQL cluster (a deskvault target)."""
+
+    def __init__(self, target: TargetSettings) -> None:
+        self.target = target
+        self.bin = Path(target.pg_bin)
+
+    def full_backup(self, repo: ObjectRepository, *, backup_id: str, job_key: str, event_id: str,
+                    on_progress: Callable[[int], None] | None = None) -> BackupResult:
+        manifest_key = catalog.manifest_key(self.target.name, backup_id)
+        if repo.exists(manifest_key):
+            # An earlier attempt committed this backup and died before the ledger heard of it.
+            return BackupResult(repo.get_json(manifest_key), created=False)
+
+        server_version = self._server_version()
+        started_at = datetime.now(UTC)
+        data_key = catalog.backup_prefix(self.target.name, backup_id) + "base.tar.dv"
+        stream = _BaseBackupStream(self._basebackup_command(backup_id))
+        stored = repo.put_stream(data_key, stream.chunks(), on_progress=on_progress)
+        finished_at = datetime.now(UTC)
+
+        manifest = {
+            "format": catalog.MANIFEST_FORMAT,
+            "target": self.target.name,
+            "engine": "postgresql",
+            "kind": "full",
+            "backup_id": backup_id,
+            "parent": None,
+            "server_version_num": server_version,
+            "timeline": stream.timeline,
+            "start_lsn": stream.start_lsn,
+            "stop_lsn": stream.stop_lsn,
+            "started_at": _iso(started_at),
+            "finished_at": _iso(finished_at),
+            "job_key": job_key,
+            "event_id": event_id,
+            "objects": [
+                {
+                    "name": "base.tar",
+                    "key": stored.key,
+                    "plain_size": stored.plain_size,
+                    "stored_size": stored.stored_size,
+                    "sha256": stored.sha256,
+                    "key_id": stored.key_id,
+                }
+            ],
+            "plain_size": stored.plain_size,
+            "stored_size": stored.stored_size,
+        }
+        try:
+            repo.put_json(manifest_key, manifest, if_none_match=True)
+        except AlreadyExists:
+            # Two deliveries raced past the ledger (e.g. after a lease expiry); the first commit wins.
+            return BackupResult(repo.get_json(manifest_key), created=False)
+        return BackupResult(manifest, created=True)
+
+    def _basebackup_command(self, backup_id: str) -> list[str]:
+        return [
+            str(self.bin / "pg_basebackup"),
+            "--dbname", self.target.conninfo,
+            "--pgdata", "-",
+            "--format", "tar",
+            "--wal-method", "fetch",
+            "--checkpoint", "fast",
+            "--label", f"deskvault {backup_id}",
+            "--no-password",
+            "--verbose",
+        ]
+
+    def _server_version(self) -> int:
+        proc = subprocess.run(
+            [str(self.bin / "psql"), "-X", "-At", "--no-password", "-d", self.target.conninfo,
+             "-c", "SHOW server_version_num"],
+            capture_output=True, text=True, timeout=60,
+        )
+        if proc.returncode != 0:
+            raise EngineError(
+                f"target {self.target.name}: cannot connect ({proc.stderr.strip()[:300]}); check "
+                f"targets.{self.target.name}.conninfo and that the server is running"
+            )
+        return int(proc.stdout.strip())
+
+
+class _BaseBackupStream:
+    """pg_basebackup's stdout as chunks; raises (aborting the upload) if pg_basebackup fails."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.command = command
+        self.start_lsn: str | None = None
+        self.stop_lsn: str | None = None
+        self.timeline: int | None = None
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
+
+    def chunks(self) -> Iterator[bytes]:
+        proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        reader = threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True)
+        reader.start()
+        try:
+            while chunk := proc.stdout.read(READ_SIZE):
+                yield chunk
+            returncode = proc.wait()
+            reader.join(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if returncode != 0 or self.stop_lsn is None:
+            raise EngineError(
+                f"pg_basebackup failed (exit {returncode}): {' | '.join(self._stderr_tail)[-1500:]}"
+            )
+
+    def _read_stderr(self, stderr: IO[bytes]) -> None:
+        for raw in stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._stderr_tail.append(line)
+            if m := START_RE.search(line):
+                self.start_lsn, self.timeline = m.group(1), int(m.group(2))
+            elif m := END_RE.search(line):
+                self.stop_lsn = m.group(1)
+
+
+def restore_full(repo: ObjectRepository, manifest: dict[str, Any], into: Path, *,
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
+    """Download, verify, decrypt and unpack a full backup into an empty folder PostgreSQL can start from."""
+    if into.exists() and any(into.iterdir()):
+        raise EngineError(f"{into} is not empty; restore into a new or empty folder")
+    into.mkdir(parents=True, exist_ok=True)
+    os.chmod(into, 0o700)
+    (entry,) = manifest["objects"]
+    total = entry["plain_size"]
+    try:
+        plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=total)
+        reader = _IteratorReader(plain, lambda done: on_progress(done, total) if on_progress else None)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            tar.extractall(into, filter="tar")
+        reader.drain()  # reach the end of the stream, so the checksum and size are verified
+    except BaseException:
+        # Never leave a half-restored folder that someone might start.
+        shutil.rmtree(into, ignore_errors=True)
+        raise
+    hand_over(into)
+
+
+class _IteratorReader:
+    """A read()-able file over an iterator of byte chunks, for tarfile's streaming mode."""
+
+    def __init__(self, chunks: Iterable[bytes], on_progress: Callable[[int], Any]) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = bytearray()
+        self._done = 0
+        self._on_progress = on_progress
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+            self._done += len(chunk)
+            self._on_progress(self._done)
+        if size < 0:
+            size = len(self._buffer)
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return out
+
+    def drain(self) -> None:
+        while self.read(READ_SIZE):
+            pass
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,347 @@
+"""The idempotency ledger: who is doing which job, and which jobs are done, in the control database.
+
+Reached through pyodbc so the same code runs on PostgreSQL (psqlODBC), SQL Server or MariaDB. Every
+timestamp is written by this process from an injectable clock (naive UTC in the database), so tests can
+move time without sleeping and no SQL depends on an engine's date functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyodbc
+
+from deskvault.errors import DeskvaultError
+from workers.ledger.schema import MIGRATIONS, SCHEMA_VERSION, statements
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+class LedgerError(DeskvaultError):
+    """The control database could not be used."""
+
+
+class LeaseLost(LedgerError):
+    """Another worker took this job over; this worker must stop writing its results."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of trying to take a job: `claimed`, `duplicate` (already done) or `busy`."""
+
+    status: str
+    attempts: int = 0
+    # For `busy`: when the current holder's lease runs out.
+    lease_expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    job_key: str
+    pool: str
+    event_type: str
+    event_id: str
+    state: str
+    attempts: int
+    lease_owner: str | None
+    updated_at: datetime
+    outcome: str | None
+    last_error: str | None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _db(dt: datetime | None) -> datetime | None:
+    """To the database: naive UTC."""
+    if dt is None:
+        return None
+    return dt.astimezone(UTC).replace(tzinfo=None)
+
+
+def _py(dt: datetime | None) -> datetime | None:
+    """From the database: aware UTC."""
+    return None if dt is None else dt.replace(tzinfo=UTC)
+
+
+class Ledger:
+    """Jobs keyed by the event's idempotency key, claimed atomically through a primary key."""
+
+    def __init__(self, odbc: str, *, clock: Clock = utcnow, lease_seconds: int = 120) -> None:
+        self._odbc = odbc
+        self._clock = clock
+        self.lease = timedelta(seconds=lease_seconds)
+        self._local = threading.local()
+        self.dialect = ""
+
+    # -- connections ---------------------------------------------------------------------------------
+    def _connection(self) -> pyodbc.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = pyodbc.connect(self._odbc, autocommit=False, timeout=10)
+            except pyodbc.Error as e:
+                raise LedgerError(
+                    f"cannot connect to the control database ({_describe(e)}); check [control_db] odbc "
+                    "and that the database server is running"
+                ) from None
+            self._local.conn = conn
+            self.dialect = self.dialect or _dialect(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[pyodbc.Cursor]:
+        conn = self._connection()
+        try:
+            cursor = conn.cursor()
+            yield cursor
+            conn.commit()
+        except pyodbc.IntegrityError:
+            conn.rollback()
+            raise
+        except pyodbc.Error as e:
+            # The connection may be broken; drop it so the next call reconnects.
+            self._drop_connection()
+            raise LedgerError(f"control database error: {_describe(e)}") from None
+        except BaseException:
+            with contextlib.suppress(pyodbc.Error):
+                conn.rollback()
+            raise
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with contextlib.suppress(pyodbc.Error):
+                conn.close()
+
+    def close(self) -> None:
+        self._drop_connection()
+
+    # -- schema --------------------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Create or upgrade deskvault's tables; safe to run from several processes at once."""
+        current = self.schema_version()
+        for version, version_statements in MIGRATIONS:
+            if version <= current:
+                continue
+            try:
+                with self.transaction() as cur:
+                    if version == 1:
+                        cur.execute("CREATE TABLE dv_schema_version (version INTEGER NOT NULL PRIMARY KEY)")
+                    for statement in statements(version_statements, self.dialect):
+                        cur.execute(statement)
+                    cur.execute("INSERT INTO dv_schema_version (version) VALUES (?)", version)
+                log.info("control database migrated to schema version %d", version)
+            except (LedgerError, pyodbc.IntegrityError):
+                # Another process may have applied this migration at the same moment.
+                if self.schema_version() < version:
+                    raise
+        return self.schema_version()
+
+    def schema_version(self) -> int:
+        conn = self._connection()
+        cur = conn.cursor()
+        try:
+            row = cur.execute("SELECT MAX(version) FROM dv_schema_version").fetchone()
+            conn.commit()
+            return int(row[0] or 0)
+        except pyodbc.Error:
+            conn.rollback()
+            return 0
+
+    def check_schema(self) -> None:
+        version = self.schema_version()
+        if version != SCHEMA_VERSION:
+            raise LedgerError(
+                f"control database schema is at version {version}, this deskvault needs {SCHEMA_VERSION}; "
+                "run `deskvault migrate`"
+            )
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    def claim(self, job_key: str, *, pool: str, event_type: str, event_id: str, owner: str) -> Claim:
+        """Take the job unless it is done or another live worker holds its lease."""
+        now = self._clock()
+        expires = now + self.lease
+        try:
+            with self.transaction() as cur:
+                cur.execute(
+                    "INSERT INTO dv_jobs (job_key, pool, event_type, event_id, state, attempts, lease_owner,"
+                    " lease_expires_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?)",
+                    job_key, pool, event_type, event_id, owner, _db(expires), _db(now), _db(now),
+                )
+            return Claim("claimed", attempts=1)
+        except pyodbc.IntegrityError:
+            pass  # the key exists: done, running elsewhere, or failed and ready to retry
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE dv_jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?,"
+                " lease_expires_at = ?, updated_at = ?, event_id = ?"
+                " WHERE job_key = ? AND (state = 'failed' OR (state = 'running' AND lease_expires_at < ?))",
+                owner, _db(expires), _db(now), event_id, job_key, _db(now),
+            )
+            took_over = cur.rowcount == 1
+            row = cur.execute(
+                "SELECT state, attempts, lease_expires_at FROM dv_jobs WHERE job_key = ?", job_key
+            ).fetchone()
+        if took_over:
+            return Claim("claimed", attempts=int(row[1]))
+        if row[0] == "done":
+            return Claim("duplicate", attempts=int(row[1]))
+        return Claim("busy", attempts=int(row[1]), lease_expires_at=_py(row[2]))
+
+    def renew(self, job_key: str, owner: str) -> None:
+        """Extend the lease; raises LeaseLost if another worker has taken the job over."""
+        now = self._clock()
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE dv_jobs SET lease_expires_at = ?, updated_at = ?"
+                " WHERE job_key = ? AND lease_owner = ? AND state = 'running'",
+                _db(now + self.lease), _db(now), job_key, owner,
+            )
+            if cur.rowcount != 1:
+                raise LeaseLost(f"job {job_key}: lease lost to another worker")
+
+    def complete(self, job_key: str, owner: str, outcome: str) -> None:
+        self._finish(job_key, owner, "done", outcome=outcome)
+
+    def fail(self, job_key: str, owner: str, error: str) -> None:
+        self._finish(job_key, owner, "failed", error=error)
+
+    def _finish(self, job_key: str, owner: str, state: str, *, outcome: str | None = None,
+                error: str | None = None) -> None:
+        now = self._clock()
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE dv_jobs SET state = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?,"
+                " finished_at = ?, outcome = COALESCE(?, outcome), last_error = ?"
+                " WHERE job_key = ? AND lease_owner = ? AND state = 'running'",
+                state, _db(now), _db(now), outcome, error, job_key, owner,
+            )
+            if cur.rowcount != 1:
+                raise LeaseLost(f"job {job_key}: lease lost before it could be marked {state}")
+
+    def job(self, job_key: str) -> Job | None:
+        with self.transaction() as cur:
+            row = cur.execute(
+                "SELECT job_key, pool, event_type, event_id, state, attempts, lease_owner, updated_at,"
+                " outcome, last_error FROM dv_jobs WHERE job_key = ?",
+                job_key,
+            ).fetchone()
+        if row is None:
+            return None
+        return Job(row[0], row[1], row[2], row[3], row[4], int(row[5]), row[6], _py(row[7]), row[8], row[9])
+
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        """(pool, state) -> number of jobs."""
+        with self.transaction() as cur:
+            rows = cur.execute("SELECT pool, state, COUNT(*) FROM dv_jobs GROUP BY pool, state").fetchall()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    # -- lifecycle records -----------------------------------------------------------------------------
+    def record_account_event(self, *, tenant: str, event_type: str, event_id: str, occurred_at: datetime,
+                             plan: str | None, status: str, expired_at: datetime | None,
+                             trial_started_at: datetime | None, detail: str) -> bool:
+        """Record an account event once; returns False if this event id was recorded before."""
+        now = self._clock()
+        try:
+            with self.transaction() as cur:
+                cur.execute(
+                    "INSERT INTO dv_account_events (event_id, tenant, event_type, occurred_at, recorded_at,"
+                    " detail) VALUES (?, ?, ?, ?, ?, ?)",
+                    event_id, tenant, event_type, _db(occurred_at), _db(now), detail,
+                )
+                updated = cur.execute(
+                    "UPDATE dv_accounts SET plan = COALESCE(?, plan), status = ?, expired_at = ?,"
+                    " trial_started_at = ?, updated_at = ?, last_event_id = ? WHERE tenant = ?",
+                    plan, status, _db(expired_at), _db(trial_started_at), _db(now), event_id, tenant,
+                ).rowcount
+                if updated == 0:
+                    cur.execute(
+                        "INSERT INTO dv_accounts (tenant, plan, status, expired_at, trial_started_at,"
+                        " updated_at, last_event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        tenant, plan or "unknown", status, _db(expired_at), _db(trial_started_at), _db(now),
+                        event_id,
+                    )
+            return True
+        except pyodbc.IntegrityError:
+            return False
+
+    def account(self, tenant: str) -> dict[str, Any] | None:
+        with self.transaction() as cur:
+            row = cur.execute(
+                "SELECT tenant, plan, status, expired_at, trial_started_at, last_event_id FROM dv_accounts"
+                " WHERE tenant = ?",
+                tenant,
+            ).fetchone()
+        if row is None:
+            return None
+        return {"tenant": row[0], "plan": row[1], "status": row[2], "expired_at": _py(row[3]),
+                "trial_started_at": _py(row[4]), "last_event_id": row[5]}
+
+    # -- catalog index (rebuildable from the bucket) ---------------------------------------------------
+    def record_backup(self, *, target: str, backup_id: str, kind: str, manifest_key: str,
+                      started_at: datetime, finished_at: datetime, start_lsn: str | None,
+                      stop_lsn: str | None, plain_bytes: int, stored_bytes: int) -> None:
+        try:
+            with self.transaction() as cur:
+                cur.execute(
+                    "INSERT INTO dv_backups (target, backup_id, kind, manifest_key, started_at, finished_at,"
+                    " start_lsn, stop_lsn, plain_bytes, stored_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    target, backup_id, kind, manifest_key, _db(started_at), _db(finished_at), start_lsn,
+                    stop_lsn, plain_bytes, stored_bytes,
+                )
+        except pyodbc.IntegrityError:
+            pass  # already indexed: a redelivery after the manifest was written
+
+    def newest_backup_time(self, target: str, kind: str) -> datetime | None:
+        with self.transaction() as cur:
+            row = cur.execute(
+                "SELECT MAX(finished_at) FROM dv_backups WHERE target = ? AND kind = ?", target, kind
+            ).fetchone()
+        return _py(row[0]) if row else None
+
+    # -- scheduler -----------------------------------------------------------------------------------
+    def was_emitted(self, subject: str, kind: str, slot: datetime) -> bool:
+        with self.transaction() as cur:
+            row = cur.execute(
+                "SELECT 1 FROM dv_schedule WHERE subject = ? AND kind = ? AND slot = ?", subject, kind, _db(slot)
+            ).fetchone()
+        return row is not None
+
+    def mark_emitted(self, subject: str, kind: str, slot: datetime, idempotency_key: str) -> None:
+        """Remember that a slot's event was published (a second scheduler's mark is a no-op)."""
+        try:
+            with self.transaction() as cur:
+                cur.execute(
+                    "INSERT INTO dv_schedule (subject, kind, slot, emitted_at, idempotency_key)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    subject, kind, _db(slot), _db(self._clock()), idempotency_key,
+                )
+        except pyodbc.IntegrityError:
+            pass
+
+
+def _dialect(conn: pyodbc.Connection) -> str:
+    name = conn.getinfo(pyodbc.SQL_DBMS_NAME).lower()
+    if "postgres" in name:
+        return "postgresql"
+    if "sql server" in name:
+        return "mssql"
+    if "maria" in name or "mysql" in name:
+        return "mariadb"
+    raise LedgerError(f"unsupported control database {name!r}; use PostgreSQL, SQL Server or MariaDB")
+
+
+def _describe(e: pyodbc.Error) -> str:
+    # pyodbc errors carry (sqlstate, message); the connection string (and any password) is never in them.
+    return " ".join(str(a) for a in e.args[1:] or e.args)[:500]

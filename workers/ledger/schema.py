@@ -1,0 +1,82 @@
+"""The control database's tables and their migrations, in SQL that PostgreSQL, SQL Server and MariaDB all accept.
+
+Column types that differ between engines are written as `{ts}` and `{text}` and filled per dialect.
+"""
+
+from __future__ import annotations
+
+DIALECT_TYPES = {
+    "postgresql": {"ts": "TIMESTAMP", "text": "TEXT"},
+    "mssql": {"ts": "DATETIME2", "text": "NVARCHAR(MAX)"},
+    "mariadb": {"ts": "DATETIME(6)", "text": "LONGTEXT"},
+}
+
+# Each migration is applied once, in order, inside one transaction, and recorded in dv_schema_version.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE dv_jobs (
+                job_key VARCHAR(200) NOT NULL PRIMARY KEY,
+                pool VARCHAR(32) NOT NULL,
+                event_type VARCHAR(40) NOT NULL,
+                event_id VARCHAR(64) NOT NULL,
+                state VARCHAR(16) NOT NULL,
+                attempts INTEGER NOT NULL,
+                lease_owner VARCHAR(128),
+                lease_expires_at {ts},
+                created_at {ts} NOT NULL,
+                updated_at {ts} NOT NULL,
+                finished_at {ts},
+                outcome {text},
+                last_error {text}
+            )""",
+            "CREATE INDEX dv_jobs_state ON dv_jobs (state, updated_at)",
+            """CREATE TABLE dv_accounts (
+                tenant VARCHAR(63) NOT NULL PRIMARY KEY,
+                plan VARCHAR(16) NOT NULL,
+                status VARCHAR(16) NOT NULL,
+                expired_at {ts},
+                trial_started_at {ts},
+                updated_at {ts} NOT NULL,
+                last_event_id VARCHAR(64) NOT NULL
+            )""",
+            """CREATE TABLE dv_account_events (
+                event_id VARCHAR(64) NOT NULL PRIMARY KEY,
+                tenant VARCHAR(63) NOT NULL,
+                event_type VARCHAR(40) NOT NULL,
+                occurred_at {ts} NOT NULL,
+                recorded_at {ts} NOT NULL,
+                detail {text}
+            )""",
+            """CREATE TABLE dv_backups (
+                target VARCHAR(63) NOT NULL,
+                backup_id VARCHAR(64) NOT NULL,
+                kind VARCHAR(8) NOT NULL,
+                manifest_key VARCHAR(400) NOT NULL,
+                started_at {ts} NOT NULL,
+                finished_at {ts} NOT NULL,
+                start_lsn VARCHAR(32),
+                stop_lsn VARCHAR(32),
+                plain_bytes BIGINT NOT NULL,
+                stored_bytes BIGINT NOT NULL,
+                PRIMARY KEY (target, backup_id)
+            )""",
+            """CREATE TABLE dv_schedule (
+                subject VARCHAR(140) NOT NULL,
+                kind VARCHAR(16) NOT NULL,
+                slot {ts} NOT NULL,
+                emitted_at {ts} NOT NULL,
+                idempotency_key VARCHAR(200) NOT NULL,
+                PRIMARY KEY (subject, kind, slot)
+            )""",
+        ],
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def statements(version_statements: list[str], dialect: str) -> list[str]:
+    types = DIALECT_TYPES[dialect]
+    return [s.format(**types) for s in version_statements]

@@ -1,0 +1,103 @@
+"""Prometheus metrics of the worker pools, correct across a pool's worker processes.
+
+`deskvault worker` points PROMETHEUS_MULTIPROC_DIR at a fresh folder before any worker process starts,
+so every process writes its samples there and the parent serves their sum on one port.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import dramatiq
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from messages.topology import EVENT_POOL, actor_name
+
+_EVENT_TYPE_OF_ACTOR = {actor_name(t): t for t in EVENT_POOL}
+
+# Backups run from seconds to hours; events should wait milliseconds, seconds when a pool lags.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200, 14400)
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+EVENTS_HANDLED = Counter("deskvault_events_handled_total", "Events handled successfully", ["pool", "type"])
+EVENTS_FAILED = Counter("deskvault_events_failed_total", "Handler attempts that raised", ["pool", "type"])
+EVENTS_DUPLICATE = Counter(
+    "deskvault_events_duplicate_total", "Events skipped because their job was already done", ["pool", "type"]
+)
+EVENTS_DEAD_LETTERED = Counter(
+    "deskvault_events_dead_lettered_total", "Messages moved to the dead-letter queue", ["pool", "type"]
+)
+HANDLER_SECONDS = Histogram(
+    "deskvault_handler_duration_seconds", "Time a handler ran", ["pool", "type"], buckets=DURATION_BUCKETS
+)
+WAIT_SECONDS = Histogram(
+    "deskvault_event_wait_seconds",
+    "Time from enqueue (or the end of an intended retry delay) to the start of handling",
+    ["pool", "type"],
+    buckets=WAIT_BUCKETS,
+)
+BACKUP_BYTES = Counter("deskvault_backup_bytes_total", "Plaintext bytes backed up", ["target", "kind"])
+BACKUP_LAST_SUCCESS = Gauge(
+    "deskvault_backup_last_success_timestamp_seconds",
+    "When the newest successful backup of a kind finished",
+    ["target", "kind"],
+    multiprocess_mode="max",
+)
+
+
+def event_type_of(actor: str) -> str:
+    return _EVENT_TYPE_OF_ACTOR.get(actor, "unknown")
+
+
+def pool_of(queue_name: str) -> str:
+    return queue_name.removesuffix(".DQ").removesuffix(".XQ")
+
+
+class PoolMetrics(dramatiq.Middleware):
+    """Counts, waits and durations per pool and event type; also how many messages are in progress."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_progress = 0
+        self._started: dict[str, float] = {}
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        labels = (pool_of(message.queue_name), event_type_of(message.actor_name))
+        now_ms = time.time() * 1000
+        # A retry's wait starts when its backoff ends, not when the event was first sent.
+        ready_ms = message.options.get("eta", message.message_timestamp)
+        WAIT_SECONDS.labels(*labels).observe(max(0.0, (now_ms - ready_ms) / 1000))
+        with self._lock:
+            self.in_progress += 1
+            self._started[message.message_id] = time.monotonic()
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        labels = (pool_of(message.queue_name), event_type_of(message.actor_name))
+        with self._lock:
+            self.in_progress -= 1
+            started = self._started.pop(message.message_id, None)
+        if started is not None:
+            HANDLER_SECONDS.labels(*labels).observe(time.monotonic() - started)
+        if exception is None:
+            EVENTS_HANDLED.labels(*labels).inc()
+        elif not isinstance(exception, dramatiq.Retry):
+            EVENTS_FAILED.labels(*labels).inc()
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        with self._lock:
+            self.in_progress -= 1
+            self._started.pop(message.message_id, None)
+
+
+def serve_multiprocess_metrics(host: str, port: int) -> None:
+    """Serve the sum of every worker process's samples (the parent of `deskvault worker` calls this)."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        raise RuntimeError("PROMETHEUS_MULTIPROC_DIR must be set before metrics are served")
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    start_http_server(port, addr=host, registry=registry)

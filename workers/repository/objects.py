@@ -1,0 +1,180 @@
+"""The object repository the rest of deskvault uses: plaintext in, zstd + AES-GCM + S3 underneath."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from workers.repository.crypto import DEFAULT_FRAME_SIZE, decrypt_stream, encrypt_stream
+from workers.repository.errors import IntegrityError, RepositoryError
+from workers.repository.keyring import Keyring
+from workers.repository.s3 import S3Store, validate_key
+
+# Decompressed output is handed out in pieces of at most this size, whatever the compression ratio.
+_OUTPUT_PIECE = 2**20
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What was stored: sizes before and after compression + encryption, plaintext SHA-256, key id."""
+
+    key: str
+    plain_size: int
+    stored_size: int
+    sha256: str
+    key_id: str
+
+
+class ObjectRepository:
+    """Compressed, encrypted objects in an S3 store; nothing reaches the bucket in plaintext."""
+
+    def __init__(
+        self,
+        store: S3Store,
+        keyring: Keyring,
+        *,
+        zstd_level: int = 3,
+        zstd_threads: int = 0,
+        frame_size: int = DEFAULT_FRAME_SIZE,
+    ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.zstd_level = zstd_level
+        self.zstd_threads = zstd_threads
+        self.frame_size = frame_size
+
+    def __repr__(self) -> str:
+        return f"ObjectRepository({self.store!r}, {self.keyring!r}, zstd_level={self.zstd_level})"
+
+    def put_stream(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        *,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> StoredObject:
+        """Compress, encrypt and upload `chunks`; on any failure (the source's too) nothing is stored."""
+        validate_key(key)
+        hasher = hashlib.sha256()
+        plain_size = 0
+
+        def measured() -> Iterator[bytes]:
+            nonlocal plain_size
+            for chunk in chunks:
+                hasher.update(chunk)
+                plain_size += len(chunk)
+                if on_progress is not None:
+                    on_progress(plain_size)
+                yield chunk
+
+        key_id = self.keyring.active_id
+        sealed = encrypt_stream(self.keyring, self._compressed(measured()), self.frame_size)
+        stored_size = self.store.upload_stream(key, sealed)
+        return StoredObject(key, plain_size, stored_size, hasher.hexdigest(), key_id)
+
+    def get_stream(
+        self, key: str, *, expect_sha256: str | None = None, expect_size: int | None = None
+    ) -> Iterator[bytes]:
+        """Download, decrypt and decompress `key`; with expectations, IntegrityError at the end on mismatch.
+
+        Everything yielded is untrusted until the iterator finishes without raising.
+        """
+        validate_key(key)
+        return self._opened(key, self.store.download_stream(key), expect_sha256, expect_size)
+
+    def put_json(self, key: str, obj: object, *, if_none_match: bool = False) -> StoredObject:
+        """Store a small JSON document, compressed and encrypted; AlreadyExists if `if_none_match` loses."""
+        validate_key(key)
+        plain = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        key_id = self.keyring.active_id
+        sealed = b"".join(encrypt_stream(self.keyring, [self._compressor().compress(plain)], self.frame_size))
+        self.store.put_bytes(key, sealed, if_none_match=if_none_match)
+        return StoredObject(key, len(plain), len(sealed), hashlib.sha256(plain).hexdigest(), key_id)
+
+    def get_json(self, key: str) -> object:
+        """A document stored by `put_json`."""
+        validate_key(key)
+        plain = b"".join(self._opened(key, [self.store.get_bytes(key)], None, None))
+        try:
+            return json.loads(plain)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RepositoryError(
+                f"object {key!r} decrypted fine but is not a JSON document ({exc}); "
+                "it was stored with put_stream, read it with get_stream"
+            ) from None
+
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored at `key`."""
+        return self.store.exists(key)
+
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        """Keys starting with `prefix`."""
+        return self.store.list_keys(prefix)
+
+    def delete(self, key: str) -> None:
+        """Remove the object at `key` (no error if it is missing)."""
+        self.store.delete(key)
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        # A context per operation: zstandard contexts must not be shared between threads.
+        # The content checksum catches corruption that happened before encryption.
+        return zstandard.ZstdCompressor(level=self.zstd_level, threads=self.zstd_threads, write_checksum=True)
+
+    def _compressed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        compressor = self._compressor().compressobj()
+        for chunk in chunks:
+            out = compressor.compress(chunk)
+            if out:
+                yield out
+        yield compressor.flush()
+
+    def _opened(
+        self, key: str, sealed: Iterable[bytes], expect_sha256: str | None, expect_size: int | None
+    ) -> Iterator[bytes]:
+        hasher = hashlib.sha256()
+        size = 0
+        reader = _ChunkReader(decrypt_stream(self.keyring, sealed))
+        pieces = zstandard.ZstdDecompressor().read_to_iter(reader, write_size=_OUTPUT_PIECE)
+        try:
+            for piece in pieces:
+                hasher.update(piece)
+                size += len(piece)
+                yield piece
+        except IntegrityError as exc:
+            raise exc.for_key(key) from None
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"the decrypted data is not valid zstd ({exc})", key) from None
+        if expect_size is not None and size != expect_size:
+            raise IntegrityError(f"it holds {size} bytes, not the expected {expect_size}", key)
+        if expect_sha256 is not None and hasher.hexdigest() != expect_sha256.lower():
+            raise IntegrityError(
+                f"its SHA-256 is {hasher.hexdigest()}, not the expected {expect_sha256}", key
+            )
+
+
+class _ChunkReader:
+    """A `read(n)` file interface over an iterator of byte chunks, for zstandard's streaming reader."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._current = b""
+        self._offset = 0
+
+    def read(self, size: int = -1) -> bytes:
+        while self._offset >= len(self._current):
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return b""
+            self._current, self._offset = chunk, 0
+        if size < 0:
+            size = len(self._current) - self._offset
+        if self._offset == 0 and size >= len(self._current):
+            out = self._current
+        else:
+            out = self._current[self._offset : self._offset + size]
+        self._offset += len(out)
+        return out
