@@ -256,3 +256,15 @@ def test_unsafe_keys_are_rejected(repo: ObjectRepository, s3_store: S3Store, key
 def test_repr_hides_the_secret(s3_store: S3Store, s3_endpoint: object) -> None:
     assert s3_endpoint.secret_key not in repr(s3_endpoint)  # type: ignore[attr-defined]
     assert s3_endpoint.secret_key not in repr(s3_store)  # type: ignore[attr-defined]
+
+
+def test_an_object_copied_to_another_key_is_refused(repo: ObjectRepository, s3_store: S3Store) -> None:
+    # Given two backups' manifests, when someone with bucket access swaps one for the other
+    repo.put_json("backups/a/manifest.dv", {"backup": "a"})
+    repo.put_json("backups/b/manifest.dv", {"backup": "b"})
+    s3_store.put_bytes("backups/b/manifest.dv", s3_store.get_bytes("backups/a/manifest.dv"))
+
+    # Then reading it at its new key fails authentication instead of returning the wrong backup
+    with pytest.raises(IntegrityError):
+        repo.get_json("backups/b/manifest.dv")
+    assert repo.get_json("backups/a/manifest.dv") == {"backup": "a"}

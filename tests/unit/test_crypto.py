@@ -271,3 +271,11 @@ def test_frame_size_is_checked(keyring: Keyring, frame_size: int) -> None:
 
 def test_default_frame_size_is_four_mebibytes() -> None:
     assert DEFAULT_FRAME_SIZE == 4 * 2**20
+
+
+def test_the_context_is_authenticated(keyring: Keyring) -> None:
+    sealed = b"".join(encrypt_stream(keyring, [b"manifest of backup A"], FRAME, context=b"backups/a/manifest"))
+
+    assert b"".join(decrypt_stream(keyring, [sealed], context=b"backups/a/manifest")) == b"manifest of backup A"
+    with pytest.raises(IntegrityError):
+        b"".join(decrypt_stream(keyring, [sealed], context=b"backups/b/manifest"))

@@ -3,7 +3,8 @@
 Header: b"DVLT", version 1, key-id length (1 byte) + key id, wrapped-key length (2 bytes, big-endian)
 + wrapped data key. Then frames: ciphertext length (4 bytes, big-endian) + ciphertext and tag of up to
 `frame_size` plaintext bytes. Frame i's nonce is i as 11 big-endian bytes + a final flag byte (1 on the
-last frame only); every frame's AAD is the SHA-256 of the header, tying the frames to this object.
+last frame only); every frame's AAD is the SHA-256 of the header and the caller's context (the
+object key), tying the frames to this object at this key.
 """
 
 from __future__ import annotations
@@ -33,15 +34,19 @@ _U32 = struct.Struct(">I")
 
 
 def encrypt_stream(
-    keyring: Keyring, chunks: Iterable[bytes], frame_size: int = DEFAULT_FRAME_SIZE
+    keyring: Keyring, chunks: Iterable[bytes], frame_size: int = DEFAULT_FRAME_SIZE, *, context: bytes = b""
 ) -> Iterator[bytes]:
-    """Encrypt `chunks` (any sizes) under a fresh data key; memory stays near two frames."""
+    """Encrypt `chunks` (any sizes) under a fresh data key; memory stays near two frames.
+
+    `context` (the object's key in the repository) is authenticated too, so an object moved or swapped
+    to another key fails to decrypt there.
+    """
     if not 0 < frame_size <= MAX_FRAME_SIZE:
         raise ValueError(f"frame_size must be between 1 and {MAX_FRAME_SIZE} bytes, not {frame_size}")
     data_key = os.urandom(DATA_KEY_BYTES)
     key_id, wrapped = keyring.wrap(data_key)
     header = _header(key_id, wrapped)
-    aad = hashlib.sha256(header).digest()
+    aad = hashlib.sha256(header + context).digest()
     cipher = AESGCM(data_key)
     yield header
 
@@ -75,14 +80,15 @@ def encrypt_stream(
 
 
 def decrypt_stream(
-    keyring: Keyring, data: Iterable[bytes], *, max_frame_size: int = MAX_FRAME_SIZE
+    keyring: Keyring, data: Iterable[bytes], *, max_frame_size: int = MAX_FRAME_SIZE, context: bytes = b""
 ) -> Iterator[bytes]:
     """Decrypt what `encrypt_stream` produced, from chunks split anywhere; IntegrityError on any damage."""
     reader = _Reader(data)
     header = _read_header(reader)
     key_id, wrapped = _parse_header(header)
     cipher = AESGCM(keyring.unwrap(key_id, wrapped))
-    aad = hashlib.sha256(header).digest()
+    # The header is self-delimiting, so header + context is an unambiguous encoding of both.
+    aad = hashlib.sha256(header + context).digest()
 
     length_buf = bytearray(_U32.size)
     frame = bytearray(0)

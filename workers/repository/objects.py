@@ -72,7 +72,7 @@ class ObjectRepository:
                 yield chunk
 
         key_id = self.keyring.active_id
-        sealed = encrypt_stream(self.keyring, self._compressed(measured()), self.frame_size)
+        sealed = encrypt_stream(self.keyring, self._compressed(measured()), self.frame_size, context=key.encode())
         stored_size = self.store.upload_stream(key, sealed)
         return StoredObject(key, plain_size, stored_size, hasher.hexdigest(), key_id)
 
@@ -91,7 +91,9 @@ class ObjectRepository:
         validate_key(key)
         plain = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         key_id = self.keyring.active_id
-        sealed = b"".join(encrypt_stream(self.keyring, [self._compressor().compress(plain)], self.frame_size))
+        sealed = b"".join(
+            encrypt_stream(self.keyring, [self._compressor().compress(plain)], self.frame_size, context=key.encode())
+        )
         self.store.put_bytes(key, sealed, if_none_match=if_none_match)
         return StoredObject(key, len(plain), len(sealed), hashlib.sha256(plain).hexdigest(), key_id)
 
@@ -137,7 +139,7 @@ class ObjectRepository:
     ) -> Iterator[bytes]:
         hasher = hashlib.sha256()
         size = 0
-        reader = _ChunkReader(decrypt_stream(self.keyring, sealed))
+        reader = _ChunkReader(decrypt_stream(self.keyring, sealed, context=key.encode()))
         pieces = zstandard.ZstdDecompressor().read_to_iter(reader, write_size=_OUTPUT_PIECE)
         try:
             for piece in pieces:

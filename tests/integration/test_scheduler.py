@@ -1,0 +1,71 @@
+"""The scheduler against real RabbitMQ and the control database: once per slot, across replicas."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pika
+import pytest
+from support import worker_context
+
+from producers.publisher import Publisher
+from producers.scheduler import Scheduler
+
+pytestmark = pytest.mark.integration
+
+
+class Clock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def drain(url: str, queue: str) -> list[dict]:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    events = []
+    while True:
+        method, _, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        events.append(json.loads(body)["args"][0])
+    connection.close()
+    return events
+
+
+@pytest.fixture
+def schedulers(make_settings, control_db_odbc):
+    settings = make_settings()
+    ledger = worker_context(settings).ledger
+    # A fresh target name per test keeps the shared control database's schedule marks apart.
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher._open()
+        drain(settings.broker.url, "backup")
+        yield settings, ledger, publisher
+
+
+def test_two_replicas_publish_each_slot_once_and_catch_up_only_the_newest(schedulers) -> None:
+    settings, ledger, publisher = schedulers
+    clock = Clock(datetime(2031, 3, 5, 10, 30, tzinfo=UTC))  # a Wednesday; a time no other test uses
+    first = Scheduler(settings, ledger, publisher, clock)
+    second = Scheduler(settings, ledger, publisher, clock)
+
+    published = first.tick()
+    assert {(e.kind, e.slot) for e in published} == {
+        ("full", datetime(2031, 3, 2, 1, 0, tzinfo=UTC)),
+        ("diff", datetime(2031, 3, 5, 10, 0, tzinfo=UTC)),
+        ("log", datetime(2031, 3, 5, 10, 0, tzinfo=UTC)),
+    }
+    assert second.tick() == []  # the other replica sees the slots as emitted
+    assert len(drain(settings.broker.url, "backup")) == 3
+
+    # After 9 hours of downtime only the newest missed diff and log slots are emitted, once each.
+    clock.now += timedelta(hours=9)
+    caught_up = second.tick()
+    assert sorted((e.kind, e.slot.hour) for e in caught_up) == [("diff", 18), ("log", 19)]
+    assert first.tick() == []
+    queued = drain(settings.broker.url, "backup")
+    assert sorted(e["idempotency_key"] for e in queued) == sorted(e.idempotency_key for e in caught_up)
