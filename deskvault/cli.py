@@ -41,19 +41,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deskvault", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="deskvault", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="TOML config file (env: DESKVAULT_CONFIG)")
-    p.add_argument("--log-level", default=os.environ.get("DESKVAULT_LOG_LEVEL", "INFO"),
-                   help="DEBUG, INFO, WARNING or ERROR (env: DESKVAULT_LOG_LEVEL; default INFO)")
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("DESKVAULT_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (env: DESKVAULT_LOG_LEVEL; default INFO)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run everything locally: SeaweedFS, a demo target, scheduler, all pools")
     up.add_argument("--state-dir", default=".deskvault", help="where local data lives (default .deskvault)")
-    up.add_argument("--demo-port", type=int, default=55432, help="port of the demo PostgreSQL (default 55432)")
+    up.add_argument(
+        "--demo-port", type=int, default=55432, help="port of the demo PostgreSQL (default 55432)"
+    )
     up.add_argument("--s3-port", type=int, default=8333, help="port of the local S3 server (default 8333)")
-    up.add_argument("--metrics-port", type=int, default=9310,
-                    help="first metrics port; pool i serves on port+i (default 9310)")
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9310,
+        help="first metrics port; pool i serves on port+i (default 9310)",
+    )
     up.set_defaults(func=_cmd_up)
 
     sch = sub.add_parser("scheduler", help="emit due backup and snapshot events from each policy")
@@ -61,21 +71,29 @@ def _parser() -> argparse.ArgumentParser:
     sch.set_defaults(func=_cmd_scheduler)
 
     w = sub.add_parser("worker", help="run worker pools")
-    w.add_argument("--pool", action="append", dest="pools", metavar="POOL",
-                   help="backup, snapshot, lifecycle or export; repeat for several (default: all)")
+    w.add_argument(
+        "--pool",
+        action="append",
+        dest="pools",
+        metavar="POOL",
+        help="backup, snapshot, lifecycle or export; repeat for several (default: all)",
+    )
     w.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
     w.add_argument("--burst", action="store_true", help="exit once the pools' queues are empty")
-    w.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default [metrics] port)")
+    w.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (default [metrics] port)"
+    )
     w.add_argument("--no-metrics", action="store_true", help="serve no metrics")
     w.set_defaults(func=_cmd_worker)
 
     pub = sub.add_parser(
-        "publish", help="publish an event: deskvault publish backup-due --target demo --kind full",
+        "publish",
+        help="publish an event: deskvault publish backup-due --target demo --kind full",
         description="Publish one event with publisher confirms. Fields are given as --name value "
-                    "(dashes or underscores); event_id, occurred_at and idempotency_key are filled in "
-                    "when not given. Event types: backup-due, snapshot-due, account-expired, "
-                    "account-reactivated, export-requested.",
+        "(dashes or underscores); event_id, occurred_at and idempotency_key are filled in "
+        "when not given. Event types: backup-due, snapshot-due, account-expired, "
+        "account-reactivated, export-requested.",
     )
     pub.add_argument("event_type", metavar="EVENT")
     pub.set_defaults(func=_cmd_publish)
@@ -104,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     ksub.add_parser("create", help="create a new key file").set_defaults(func=_cmd_keys_create)
     ksub.add_parser("rotate", help="add a new active key; old keys stay for reading").set_defaults(
-        func=_cmd_keys_rotate)
+        func=_cmd_keys_rotate
+    )
     return p
 
 
@@ -124,8 +143,15 @@ def _config_path(args: argparse.Namespace) -> str | None:
 def _cmd_up(args: argparse.Namespace, _extra: list[str]) -> int:
     from deskvault.local.up import UpOptions, run_up
 
-    return run_up(UpOptions(state_dir=Path(args.state_dir).resolve(), demo_port=args.demo_port,
-                            s3_port=args.s3_port, metrics_port=args.metrics_port, log_level=args.log_level))
+    return run_up(
+        UpOptions(
+            state_dir=Path(args.state_dir).resolve(),
+            demo_port=args.demo_port,
+            s3_port=args.s3_port,
+            metrics_port=args.metrics_port,
+            log_level=args.log_level,
+        )
+    )
 
 
 def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
@@ -226,8 +252,10 @@ def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:
     print(f"{'BACKUP':<26} {'KIND':<5} {'FINISHED':<28} {'LSN RANGE':<24} {'SIZE':>10} {'STORED':>10}")
     for m in manifests:
         lsns = f"{m['start_lsn']}..{m['stop_lsn']}"
-        print(f"{m['backup_id']:<26} {m['kind']:<5} {m['finished_at']:<28} {lsns:<24} "
-              f"{_mib(m['plain_size']):>10} {_mib(m['stored_size']):>10}")
+        print(
+            f"{m['backup_id']:<26} {m['kind']:<5} {m['finished_at']:<28} {lsns:<24} "
+            f"{_mib(m['plain_size']):>10} {_mib(m['stored_size']):>10}"
+        )
     return 0
 
 
@@ -244,8 +272,11 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     settings.target(args.target)
     repo = open_repository(settings)
     manifest = catalog.newest_full(repo, args.target, args.backup_id)
-    print(f"restoring {args.target} backup {manifest['backup_id']} ({_mib(manifest['plain_size'])}, "
-          f"LSN {manifest['start_lsn']}..{manifest['stop_lsn']}) into {args.into}", flush=True)
+    print(
+        f"restoring {args.target} backup {manifest['backup_id']} ({_mib(manifest['plain_size'])}, "
+        f"LSN {manifest['start_lsn']}..{manifest['stop_lsn']}) into {args.into}",
+        flush=True,
+    )
     step = max(manifest["plain_size"] // 20, 1)
     shown = [0]
 
@@ -255,8 +286,10 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
             print(f"  {done * 100 // max(total, 1):3d}%  {_mib(done)} of {_mib(total)}", flush=True)
 
     restore_full(repo, manifest, args.into, on_progress=progress)
-    print(f"restored and verified (sha256 {manifest['objects'][0]['sha256'][:16]}…). Start it with:\n"
-          f"  pg_ctl -D {args.into} start   (as the postgres user)")
+    print(
+        f"restored and verified (sha256 {manifest['objects'][0]['sha256'][:16]}…). Start it with:\n"
+        f"  pg_ctl -D {args.into} start   (as the postgres user)"
+    )
     return 0
 
 
@@ -281,8 +314,10 @@ def _cmd_keys_create(args: argparse.Namespace, _extra: list[str]) -> int:
 
     path = Path(_settings(args).repository.key_file)
     keyring = Keyring.create(path)
-    print(f"created {path} with key {keyring.active_id}; keep a copy somewhere safe: without it no "
-          "backup can be read")
+    print(
+        f"created {path} with key {keyring.active_id}; keep a copy somewhere safe: without it no "
+        "backup can be read"
+    )
     return 0
 
 

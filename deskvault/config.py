@@ -117,7 +117,9 @@ SECTIONS = {
 }
 
 
-def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
     """Read the TOML file (if any), apply environment overrides, validate, and return Settings."""
     env = os.environ if env is None else env
     path = path or env.get("DESKVAULT_CONFIG")
@@ -128,7 +130,9 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: Mapping[str, 
         try:
             raw = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist; pass --config or set DESKVAULT_CONFIG") from None
+            raise ConfigError(
+                f"config file {path} does not exist; pass --config or set DESKVAULT_CONFIG"
+            ) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     _apply_env(raw, env)
@@ -178,7 +182,9 @@ def _target(name: str, value: Any) -> TargetSettings:
         _check_cron(getattr(schedule, kind), f"{where}.schedule.{kind}")
     target = _section(TargetSettings, {"name": name, **value}, where, schedule=schedule)
     if target.engine not in ENGINES:
-        raise ConfigError(f"{where}.engine: {target.engine!r} is not supported (supported: {', '.join(ENGINES)})")
+        raise ConfigError(
+            f"{where}.engine: {target.engine!r} is not supported (supported: {', '.join(ENGINES)})"
+        )
     return target
 
 

@@ -9,8 +9,12 @@ import sys
 # Credentials in URLs (amqp://user:pass@host) and key=value secrets (conninfo, ODBC strings).
 _SECRET_PATTERNS = [
     (re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@", re.I), r"\g<scheme>***@"),
-    (re.compile(r"(?P<key>\b(?:password|pwd|secret_key|secret|aws_secret_access_key)\s*[=:]\s*)[^\s;,'\"]+",
-                re.I), r"\g<key>***"),
+    (
+        re.compile(
+            r"(?P<key>\b(?:password|pwd|secret_key|secret|aws_secret_access_key)\s*[=:]\s*)[^\s;,'\"]+", re.I
+        ),
+        r"\g<key>***",
+    ),
 ]
 
 
@@ -27,7 +31,9 @@ class RedactingFormatter(logging.Formatter):
 
 def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        RedactingFormatter("%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

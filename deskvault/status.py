@@ -26,8 +26,12 @@ def collect_status(settings: Settings) -> dict[str, Any]:
     jobs: dict[str, dict[str, int]] = {pool: {} for pool in POOLS}
     for (pool, state), count in ledger.job_counts().items():
         jobs.setdefault(pool, {})[state] = count
-    return {"at": now.isoformat(), "targets": targets, "queues": _queue_depths(settings.broker.url),
-            "jobs": jobs}
+    return {
+        "at": now.isoformat(),
+        "targets": targets,
+        "queues": _queue_depths(settings.broker.url),
+        "jobs": jobs,
+    }
 
 
 def _queue_depths(url: str) -> dict[str, Any]:
@@ -40,8 +44,11 @@ def _queue_depths(url: str) -> dict[str, Any]:
         channel = connection.channel()
         for pool in POOLS:
             row = {}
-            for label, queue in (("ready", pool), ("retrying", delay_queue(pool)),
-                                 ("dead_letters", dead_letter_queue(pool))):
+            for label, queue in (
+                ("ready", pool),
+                ("retrying", delay_queue(pool)),
+                ("dead_letters", dead_letter_queue(pool)),
+            ):
                 try:
                     ok = channel.queue_declare(queue=queue, passive=True)
                     row[label] = ok.method.message_count
@@ -57,10 +64,15 @@ def _queue_depths(url: str) -> dict[str, Any]:
 
 
 def render_status(status: dict[str, Any]) -> str:
-    lines = [f"deskvault status at {status['at']}", "", "TARGET               NEWEST FULL                  AGE"]
+    lines = [
+        f"deskvault status at {status['at']}",
+        "",
+        "TARGET               NEWEST FULL                  AGE",
+    ]
     for name, t in status["targets"].items():
         age = _age(t["newest_full_age_seconds"])
-        lines.append(f"{name:<20} {t['newest_full'] or 'none yet':<28} {age}")
+        newest = t["newest_full"][:19].replace("T", " ") + "Z" if t["newest_full"] else "none yet"
+        lines.append(f"{name:<20} {newest:<28} {age}")
     lines += ["", "POOL        READY  RETRYING  DEAD  CONSUMERS  JOBS"]
     queues = status["queues"]
     if "error" in queues:
@@ -68,8 +80,10 @@ def render_status(status: dict[str, Any]) -> str:
     for pool in POOLS:
         q = queues.get(pool, {})
         jobs = ", ".join(f"{state} {n}" for state, n in sorted(status["jobs"].get(pool, {}).items())) or "-"
-        lines.append(f"{pool:<10} {_n(q.get('ready')):>6} {_n(q.get('retrying')):>9} "
-                     f"{_n(q.get('dead_letters')):>5} {_n(q.get('consumers')):>10}  {jobs}")
+        lines.append(
+            f"{pool:<10} {_n(q.get('ready')):>6} {_n(q.get('retrying')):>9} "
+            f"{_n(q.get('dead_letters')):>5} {_n(q.get('consumers')):>10}  {jobs}"
+        )
     return "\n".join(lines)
 
 

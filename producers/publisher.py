@@ -98,5 +98,9 @@ def declare_topology(channel: pika.adapters.blocking_connection.BlockingChannel,
     """Declare every pool's queue, delay queue and dead-letter queue exactly as the workers do."""
     for pool in POOLS:
         for name in (pool, delay_queue(pool)):
-            channel.queue_declare(queue=name, durable=True, arguments=work_queue_arguments(name, delivery_limit))
-        channel.queue_declare(queue=dead_letter_queue(pool), durable=True, arguments=dead_letter_queue_arguments())
+            channel.queue_declare(
+                queue=name, durable=True, arguments=work_queue_arguments(name, delivery_limit)
+            )
+        channel.queue_declare(
+            queue=dead_letter_queue(pool), durable=True, arguments=dead_letter_queue_arguments()
+        )

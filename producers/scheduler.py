@@ -49,8 +49,9 @@ def due_now(settings: Settings, now: datetime) -> list[Due]:
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, ledger: Ledger, publisher: Publisher,
-                 clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, settings: Settings, ledger: Ledger, publisher: Publisher, clock: Callable[[], datetime]
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
         self.publisher = publisher
@@ -66,14 +67,22 @@ class Scheduler:
             # rather than losing the slot.
             self.publisher.publish(due.event)
             self.ledger.mark_emitted(due.subject, due.kind, due.slot, due.event.idempotency_key)
-            log.info("emitted %s for %s slot %s (key %s)", due.event.type, due.subject,
-                     f"{due.slot:%Y-%m-%dT%H:%MZ}", due.event.idempotency_key)
+            log.info(
+                "emitted %s for %s slot %s (key %s)",
+                due.event.type,
+                due.subject,
+                f"{due.slot:%Y-%m-%dT%H:%MZ}",
+                due.event.idempotency_key,
+            )
             published.append(due.event)
         return published
 
     def run(self, stop: threading.Event, tick_seconds: float = TICK_SECONDS) -> None:
-        log.info("scheduler running: %d targets, %d servers", len(self.settings.targets),
-                 len(self.settings.servers))
+        log.info(
+            "scheduler running: %d targets, %d servers",
+            len(self.settings.targets),
+            len(self.settings.servers),
+        )
         while True:
             try:
                 self.tick()

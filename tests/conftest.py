@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from deskvault.config import Settings, load_settings
 from deskvault.local.demo_data import helpdesk_sql
 from deskvault.local.pgcluster import ClusterError, PgCluster
-from support import free_port
 from workers.repository.keyring import Keyring
 
 IN_CI = bool(os.environ.get("CI"))
@@ -54,8 +54,12 @@ def rabbit_url() -> Iterator[str]:
     vhost = f"deskvault-test-{uuid.uuid4().hex[:8]}"
     try:
         subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError) as e:
         unavailable("RabbitMQ (rabbitmqctl)", str(e))
     yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
@@ -63,7 +67,9 @@ def rabbit_url() -> Iterator[str]:
 
 
 def _psql(sql: str) -> None:
-    subprocess.run(["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", sql], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", sql], check=True, capture_output=True, timeout=60
+    )
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +81,11 @@ def control_db_odbc() -> Iterator[str]:
     except (OSError, subprocess.SubprocessError) as e:
         unavailable("PostgreSQL on 127.0.0.1:5432", str(e))
     yield f"DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={name};UID=postgres;"
-    subprocess.run(["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
+        capture_output=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="session")

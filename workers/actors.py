@@ -29,8 +29,12 @@ HANDLERS: dict[str, Callable[..., Any]] = {
 }
 
 # A backup of a large target takes hours; everything else takes seconds.
-TIME_LIMIT_MS = {"backup": 12 * 3600 * 1000, "snapshot": 3600 * 1000, "export": 6 * 3600 * 1000,
-                 "lifecycle": 10 * 60 * 1000}
+TIME_LIMIT_MS = {
+    "backup": 12 * 3600 * 1000,
+    "snapshot": 3600 * 1000,
+    "export": 6 * 3600 * 1000,
+    "lifecycle": 10 * 60 * 1000,
+}
 MAX_BACKOFF_MS = 3600 * 1000
 
 
@@ -43,12 +47,16 @@ def build_broker(settings: Settings) -> tuple[DeskvaultBroker, PoolMetrics]:
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        Retries(max_retries=settings.broker.max_retries, min_backoff=settings.broker.min_backoff_ms,
-                max_backoff=MAX_BACKOFF_MS),
+        Retries(
+            max_retries=settings.broker.max_retries,
+            min_backoff=settings.broker.min_backoff_ms,
+            max_backoff=MAX_BACKOFF_MS,
+        ),
         pool_metrics,
     ]
-    broker = DeskvaultBroker(url=settings.broker.url, delivery_limit=settings.broker.delivery_limit,
-                             middleware=middleware)
+    broker = DeskvaultBroker(
+        url=settings.broker.url, delivery_limit=settings.broker.delivery_limit, middleware=middleware
+    )
     for event_type, handler in HANDLERS.items():
         pool = EVENT_POOL[event_type]
         dramatiq.actor(

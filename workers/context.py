@@ -38,8 +38,9 @@ def open_repository(settings: Settings) -> ObjectRepository:
         part_size=r.part_size_mib * 1024 * 1024,
         upload_threads=r.upload_threads,
     )
-    return ObjectRepository(store, Keyring.load(Path(r.key_file)), zstd_level=r.zstd_level,
-                            zstd_threads=r.zstd_threads)
+    return ObjectRepository(
+        store, Keyring.load(Path(r.key_file)), zstd_level=r.zstd_level, zstd_threads=r.zstd_threads
+    )
 
 
 def open_ledger(settings: Settings) -> Ledger:

@@ -36,7 +36,9 @@ def run_once(ctx: WorkerContext, event: Event, work: Callable[[], str]) -> str |
         log.info("%s %s: already done, skipped as a duplicate", event.type, key)
         return None
     if claim.status == "busy":
-        log.info("%s %s: running elsewhere until %s; will look again", event.type, key, claim.lease_expires_at)
+        log.info(
+            "%s %s: running elsewhere until %s; will look again", event.type, key, claim.lease_expires_at
+        )
         raise dramatiq.Retry(delay=BUSY_RETRY_MS)
 
     log.info("%s %s: started (attempt %d)", event.type, key, claim.attempts)

@@ -75,8 +75,9 @@ class PoolMetrics(dramatiq.Middleware):
             self.in_progress += 1
             self._started[message.message_id] = time.monotonic()
 
-    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
-                              exception: BaseException | None = None) -> None:
+    def after_process_message(
+        self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
         labels = (pool_of(message.queue_name), event_type_of(message.actor_name))
         with self._lock:
             self.in_progress -= 1

@@ -50,8 +50,12 @@ def run(options: WorkerOptions) -> int:
             from workers.metrics import serve_multiprocess_metrics
 
             serve_multiprocess_metrics(options.metrics_host or "127.0.0.1", options.metrics_port)
-            log.info("metrics for pools %s on http://%s:%d/metrics", ",".join(options.pools),
-                     options.metrics_host or "127.0.0.1", options.metrics_port)
+            log.info(
+                "metrics for pools %s on http://%s:%d/metrics",
+                ",".join(options.pools),
+                options.metrics_host or "127.0.0.1",
+                options.metrics_port,
+            )
         return _supervise(options)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -60,8 +64,10 @@ def run(options: WorkerOptions) -> int:
 def _supervise(options: WorkerOptions) -> int:
     # spawn: each child imports prometheus-client afresh, after PROMETHEUS_MULTIPROC_DIR is set.
     ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=_child, args=(options, i), name=f"deskvault-worker-{i}")
-                for i in range(options.processes)]
+    children = [
+        ctx.Process(target=_child, args=(options, i), name=f"{'+'.join(options.pools)}-{i}")
+        for i in range(options.processes)
+    ]
     stopping = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -110,8 +116,10 @@ def _child(options: WorkerOptions, index: int) -> None:
         while not stop.wait(IDLE_CHECK_SECONDS):
             if not options.burst:
                 continue
-            idle = pool_metrics.in_progress == 0 and worker.work_queue.qsize() == 0 and all(
-                sum(broker.get_queue_message_counts(pool)[:2]) == 0 for pool in options.pools
+            idle = (
+                pool_metrics.in_progress == 0
+                and worker.work_queue.qsize() == 0
+                and all(sum(broker.get_queue_message_counts(pool)[:2]) == 0 for pool in options.pools)
             )
             idle_checks = idle_checks + 1 if idle else 0
             if idle_checks >= IDLE_CHECKS_NEEDED:

@@ -68,8 +68,17 @@ class PgCluster:
         os.chmod(self.datadir, 0o700)
         hand_over(self.datadir)
         self._run(
-            self._server_cmd(str(self.pg_bin / "initdb"), "-D", str(self.datadir), "-U", "postgres",
-                             "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums"),
+            self._server_cmd(
+                str(self.pg_bin / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                "--data-checksums",
+            ),
             "initdb",
         )
         conf = (
@@ -101,10 +110,20 @@ class PgCluster:
         log_file.touch()
         hand_over(log_file)
         self._run(
-            self._server_cmd(str(self.pg_bin / "pg_ctl"), "-D", str(self.datadir), "-l", str(log_file),
-                             # Command-line settings win over the copied config of a restored cluster.
-                             "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=",
-                             "-w", "-t", str(int(timeout)), "start"),
+            self._server_cmd(
+                str(self.pg_bin / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(log_file),
+                # Command-line settings win over the copied config of a restored cluster.
+                "-o",
+                f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=",
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
+            ),
             f"starting PostgreSQL in {self.datadir} (log: {log_file})",
             timeout=timeout + 10,
         )
@@ -124,8 +143,24 @@ class PgCluster:
     def psql(self, sql: str, dbname: str = "postgres", timeout: float = 600) -> str:
         """Run SQL through psql (unaligned, tuples only) and return its output."""
         return self._run(
-            [str(self.pg_bin / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At",
-             "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", dbname, "-c", sql],
+            [
+                str(self.pg_bin / "psql"),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                dbname,
+                "-c",
+                sql,
+            ],
             f"psql on port {self.port} ({dbname})",
             timeout=timeout,
         )

@@ -58,7 +58,7 @@ def run_up(options: UpOptions) -> int:
     _ensure_demo_cluster(cluster)
     config = _write_config(state, options, s3, key_file, cluster)
     settings = load_settings(config)
-    open_repository(settings).ensure_bucket()
+    open_repository(settings).store.ensure_bucket()
     open_ledger(settings).migrate()
     _step("config: %s (other commands read it from ./.deskvault, or pass --config)", config)
     return _run_processes(config, settings, options)
@@ -70,16 +70,29 @@ def _step(message: str, *args: object) -> None:
 
 def _ensure_control_db() -> None:
     probe = subprocess.run(
-        ["psql", "-X", "-At", "-d", SYSTEM_PG, "-c",
-         f"SELECT 1 FROM pg_database WHERE datname = '{CONTROL_DB}'"],
-        capture_output=True, text=True,
+        [
+            "psql",
+            "-X",
+            "-At",
+            "-d",
+            SYSTEM_PG,
+            "-c",
+            f"SELECT 1 FROM pg_database WHERE datname = '{CONTROL_DB}'",
+        ],
+        capture_output=True,
+        text=True,
     )
     if probe.returncode != 0:
-        raise DeskvaultError(f"cannot reach PostgreSQL on 127.0.0.1:5432 for the control database: "
-                             f"{probe.stderr.strip()[:300]}; start it (see README)")
+        raise DeskvaultError(
+            f"cannot reach PostgreSQL on 127.0.0.1:5432 for the control database: "
+            f"{probe.stderr.strip()[:300]}; start it (see README)"
+        )
     if probe.stdout.strip() != "1":
-        subprocess.run(["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"CREATE DATABASE {CONTROL_DB}"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"CREATE DATABASE {CONTROL_DB}"],
+            check=True,
+            capture_output=True,
+        )
         _step("created control database %s on 127.0.0.1:5432", CONTROL_DB)
 
 
@@ -97,8 +110,9 @@ def _ensure_demo_cluster(cluster: PgCluster) -> None:
     _step("demo target %r: PostgreSQL on 127.0.0.1:%d (%s)", DEMO_TARGET, cluster.port, cluster.datadir)
 
 
-def _write_config(state: Path, options: UpOptions, s3: seaweedfs.S3Endpoint, key_file: Path,
-                  cluster: PgCluster) -> Path:
+def _write_config(
+    state: Path, options: UpOptions, s3: seaweedfs.S3Endpoint, key_file: Path, cluster: PgCluster
+) -> Path:
     config = state / "deskvault.toml"
     text = f"""# Written by `deskvault up` for local use; see deskvault.example.toml for every key.
 [broker]
@@ -131,8 +145,16 @@ def _run_processes(config: Path, settings: object, options: UpOptions) -> int:
     base = [sys.executable, "-m", "deskvault.cli", "--config", str(config), "--log-level", options.log_level]
     commands = {"scheduler": [*base, "scheduler"]}
     for i, pool in enumerate(POOLS):
-        commands[f"{pool} pool"] = [*base, "worker", "--pool", pool, "--threads", "2",
-                                    "--metrics-port", str(options.metrics_port + i)]
+        commands[f"{pool} pool"] = [
+            *base,
+            "worker",
+            "--pool",
+            pool,
+            "--threads",
+            "2",
+            "--metrics-port",
+            str(options.metrics_port + i),
+        ]
     procs = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
     for i, pool in enumerate(POOLS):
         _step("%s pool running; metrics on http://127.0.0.1:%d/metrics", pool, options.metrics_port + i)
@@ -145,7 +167,11 @@ def _run_processes(config: Path, settings: object, options: UpOptions) -> int:
     while not stop.wait(1.0):
         dead = [name for name, p in procs.items() if p.poll() is not None]
         if dead:
-            log.error("up: %s exited unexpectedly (code %s); stopping everything", dead[0], procs[dead[0]].returncode)
+            log.error(
+                "up: %s exited unexpectedly (code %s); stopping everything",
+                dead[0],
+                procs[dead[0]].returncode,
+            )
             exit_code = 1
             break
     for p in procs.values():
@@ -170,6 +196,10 @@ def _announce_first_backup(settings: object, stop: threading.Event) -> None:
         except DeskvaultError:
             continue
         if newest is not None:
-            _step("newest full backup of %r finished at %s; see `deskvault backups list --target %s`",
-                  DEMO_TARGET, newest.isoformat(), DEMO_TARGET)
+            _step(
+                "newest full backup of %r finished at %s; see `deskvault backups list --target %s`",
+                DEMO_TARGET,
+                newest.isoformat(),
+                DEMO_TARGET,
+            )
             return

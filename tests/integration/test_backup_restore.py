@@ -1,4 +1,4 @@
-"""A full backup of a real PostgreSQL cluster into SeaweedFS, restored and started: same data, no plaintext."""
+"""A full backup of a real PostgreSQL cluster in SeaweedFS, restored and started: same data, no plaintext."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from support import free_port, worker_context
 
 from deskvault.config import Settings
 from deskvault.local.demo_data import TABLES, table_fingerprint_sql
@@ -16,7 +17,6 @@ from deskvault.local.pgcluster import PgCluster
 from messages.events import BackupDue
 from workers import catalog
 from workers.engines.postgresql import restore_full
-from support import free_port, worker_context
 from workers.handlers.backup import handle_backup_due
 from workers.repository.errors import IntegrityError
 
@@ -32,18 +32,26 @@ def fingerprints(cluster: PgCluster, databases: tuple[str, ...]) -> dict[tuple[s
 @pytest.fixture
 def backed_up(make_settings, pg_target: PgCluster):
     """Given a target holding a marker row, when a full backup-due is handled, then this is the context."""
-    pg_target.psql(f"INSERT INTO kb_articles VALUES (999999, '{MARKER}', '{MARKER}', true, now()) "
-                   "ON CONFLICT DO NOTHING", "acme")
+    pg_target.psql(
+        f"INSERT INTO kb_articles VALUES (999999, '{MARKER}', '{MARKER}', true, now()) "
+        "ON CONFLICT DO NOTHING",
+        "acme",
+    )
     settings: Settings = make_settings()
     ctx = worker_context(settings)
-    event = BackupDue.new(target="main", kind="full", slot=datetime.now(UTC).replace(second=0, microsecond=0),
-                          idempotency_key=f"test-full-{uuid.uuid4().hex}")
+    event = BackupDue.new(
+        target="main",
+        kind="full",
+        slot=datetime.now(UTC).replace(second=0, microsecond=0),
+        idempotency_key=f"test-full-{uuid.uuid4().hex}",
+    )
     outcome = handle_backup_due(ctx, event)
     return settings, ctx, event, outcome
 
 
-def test_full_backup_restores_to_a_cluster_with_identical_tables(backed_up, pg_target: PgCluster,
-                                                                  scratch_dir: Path, tmp_path: Path) -> None:
+def test_full_backup_restores_to_a_cluster_with_identical_tables(
+    backed_up, pg_target: PgCluster, scratch_dir: Path, tmp_path: Path
+) -> None:
     settings, ctx, event, outcome = backed_up
     assert outcome.startswith("full backup ")
     manifest = catalog.newest_full(ctx.repository, "main")
@@ -55,9 +63,19 @@ def test_full_backup_restores_to_a_cluster_with_identical_tables(backed_up, pg_t
     # When it is restored with the CLI and started on another port
     into = scratch_dir / f"restored-{event.event_id[:8]}"
     cli = subprocess.run(
-        [".venv/bin/deskvault", "--config", str(settings.source), "restore", "--target", "main",
-         "--into", str(into)],
-        capture_output=True, text=True, timeout=300,
+        [
+            ".venv/bin/deskvault",
+            "--config",
+            str(settings.source),
+            "restore",
+            "--target",
+            "main",
+            "--into",
+            str(into),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert cli.returncode == 0, cli.stderr
     assert "restored and verified" in cli.stdout
@@ -72,12 +90,20 @@ def test_full_backup_restores_to_a_cluster_with_identical_tables(backed_up, pg_t
 
 
 def test_no_stored_object_contains_plaintext(backed_up) -> None:
-    settings, ctx, _, _ = backed_up
+    settings, _, _, _ = backed_up
     r = settings.repository
-    s3 = boto3.client("s3", endpoint_url=r.endpoint, aws_access_key_id=r.access_key,
-                      aws_secret_access_key=r.secret_key, region_name=r.region)
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=r.bucket, Prefix=r.prefix)
-            for o in page.get("Contents", [])]
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=r.endpoint,
+        aws_access_key_id=r.access_key,
+        aws_secret_access_key=r.secret_key,
+        region_name=r.region,
+    )
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=r.bucket, Prefix=r.prefix)
+        for o in page.get("Contents", [])
+    ]
     assert any(k.endswith("base.tar.dv") for k in keys) and any(k.endswith("manifest.dv") for k in keys)
     for key in keys:
         data = s3.get_object(Bucket=r.bucket, Key=key)["Body"].read()
@@ -86,7 +112,7 @@ def test_no_stored_object_contains_plaintext(backed_up) -> None:
 
 
 def test_the_same_event_twice_gives_one_backup(backed_up) -> None:
-    settings, ctx, event, _ = backed_up
+    _, ctx, event, _ = backed_up
     second = handle_backup_due(ctx, event)
     assert second is None  # skipped as a duplicate
     assert len(catalog.list_manifests(ctx.repository, "main")) == 1
@@ -95,8 +121,10 @@ def test_the_same_event_twice_gives_one_backup(backed_up) -> None:
 
 def test_a_committed_backup_found_after_a_lost_ledger_record_is_not_redone(backed_up, make_settings) -> None:
     # Given the manifest exists but the ledger never heard (the worker died just after committing)
-    settings, ctx, event, _ = backed_up
-    replay = BackupDue.new(target="main", kind="full", slot=event.slot, idempotency_key=event.idempotency_key + "-x")
+    _, ctx, event, _ = backed_up
+    replay = BackupDue.new(
+        target="main", kind="full", slot=event.slot, idempotency_key=event.idempotency_key + "-x"
+    )
     outcome = handle_backup_due(ctx, replay)
     assert "found already committed" in outcome
     assert len(catalog.list_manifests(ctx.repository, "main")) == 1
@@ -106,8 +134,13 @@ def test_a_tampered_backup_is_refused_and_leaves_no_folder(backed_up, scratch_di
     settings, ctx, _, _ = backed_up
     manifest = catalog.newest_full(ctx.repository, "main")
     r = settings.repository
-    s3 = boto3.client("s3", endpoint_url=r.endpoint, aws_access_key_id=r.access_key,
-                      aws_secret_access_key=r.secret_key, region_name=r.region)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=r.endpoint,
+        aws_access_key_id=r.access_key,
+        aws_secret_access_key=r.secret_key,
+        region_name=r.region,
+    )
     key = r.prefix + manifest["objects"][0]["key"]
     data = bytearray(s3.get_object(Bucket=r.bucket, Key=key)["Body"].read())
     data[len(data) // 2] ^= 0x01

@@ -67,6 +67,7 @@ def publish_raw(url: str, queue: str, body: bytes) -> None:
 def next_dead_letter(url: str, pool: str, timeout: float = 30.0) -> tuple[bytes, dict]:
     connection, channel = _channel(url)
     try:
+
         def get():
             method, properties, body = channel.basic_get(dead_letter_queue(pool), auto_ack=True)
             return (body, properties.headers or {}) if method else None
@@ -89,7 +90,10 @@ def test_pool_queues_are_quorum_queues_with_a_delivery_limit_and_dead_letter_que
     vhost = unquote(urlparse(settings.broker.url).path[1:])
     listing = subprocess.run(
         ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "--formatter", "json", "name", "type", "arguments"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     queues = {q["name"]: q for q in json.loads(listing.stdout)}
     for pool in POOLS:
@@ -109,12 +113,15 @@ def test_the_same_backup_due_published_twice_gives_one_backup(pools) -> None:
 
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         publisher.publish(event)
-        publisher.publish(BackupDue.new(target="main", kind="full", slot=slot,
-                                        idempotency_key=event.idempotency_key))
+        publisher.publish(
+            BackupDue.new(target="main", kind="full", slot=slot, idempotency_key=event.idempotency_key)
+        )
 
     job = job_done(ctx, event.idempotency_key)
-    wait_for(lambda: counter("deskvault_events_duplicate_total", pool="backup", type="backup-due") == before + 1,
-             what="the second delivery to be skipped as a duplicate")
+    wait_for(
+        lambda: counter("deskvault_events_duplicate_total", pool="backup", type="backup-due") == before + 1,
+        what="the second delivery to be skipped as a duplicate",
+    )
     assert job.attempts == 1
     assert job.outcome.startswith("full backup ")
     assert [m["backup_id"] for m in catalog.list_manifests(ctx.repository, "main")] == [
@@ -138,8 +145,15 @@ def test_garbage_is_dead_lettered_with_a_reason_and_the_worker_goes_on(pools) ->
 
 
 def _envelope_with(event_fields: dict, **envelope: object) -> bytes:
-    message = {"queue_name": "backup", "actor_name": "backup_due", "args": [event_fields], "kwargs": {},
-               "options": {}, "message_id": str(uuid.uuid4()), "message_timestamp": 1764300000000}
+    message = {
+        "queue_name": "backup",
+        "actor_name": "backup_due",
+        "args": [event_fields],
+        "kwargs": {},
+        "options": {},
+        "message_id": str(uuid.uuid4()),
+        "message_timestamp": 1764300000000,
+    }
     message.update(envelope)
     return json.dumps(message).encode()
 
@@ -160,8 +174,16 @@ def _valid_backup_fields() -> dict:
         (lambda f: f.update(target="nowhere"), "target: 'nowhere' is not configured"),
         (lambda f: f.update(target="x" * 70_000), "(payload)"),
     ],
-    ids=["missing", "version", "unknown-type", "wrong-type", "bad-timestamp", "extra", "unknown-target",
-         "oversized"],
+    ids=[
+        "missing",
+        "version",
+        "unknown-type",
+        "wrong-type",
+        "bad-timestamp",
+        "extra",
+        "unknown-target",
+        "oversized",
+    ],
 )
 def test_bad_events_are_dead_lettered_naming_the_field_without_side_effects(pools, mutate, reason) -> None:
     settings, ctx = pools
@@ -189,7 +211,9 @@ def test_an_envelope_for_another_pool_is_dead_lettered(pools) -> None:
 def test_each_pool_handles_its_events_honestly(pools) -> None:
     settings, ctx = pools
     snapshot = SnapshotDue.new(server="app1", slot=datetime(2026, 11, 28, 3, 0, tzinfo=UTC))
-    export = ExportRequested.new(tenant="acme", request_id=uuid.uuid4().hex, requested_by="admin@acme.example")
+    export = ExportRequested.new(
+        tenant="acme", request_id=uuid.uuid4().hex, requested_by="admin@acme.example"
+    )
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         publisher.publish(snapshot)
         publisher.publish(export)
@@ -203,15 +227,32 @@ def test_a_worker_process_in_burst_mode_handles_a_cli_published_event_and_exits(
     tenant = f"t{uuid.uuid4().hex[:10]}"
     base = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source)]
     published = subprocess.run(
-        [*base, "publish", "account-expired", "--tenant", tenant, "--plan", "trial",
-         "--expired-at", "2026-11-01T00:00:00Z", "--trial-started-at", "2026-10-01T00:00:00Z"],
-        capture_output=True, text=True, timeout=60,
+        [
+            *base,
+            "publish",
+            "account-expired",
+            "--tenant",
+            tenant,
+            "--plan",
+            "trial",
+            "--expired-at",
+            "2026-11-01T00:00:00Z",
+            "--trial-started-at",
+            "2026-10-01T00:00:00Z",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert published.returncode == 0, published.stderr
     key = json.loads(published.stdout)["idempotency_key"]
 
-    worker = subprocess.run([*base, "worker", "--pool", "lifecycle", "--burst", "--no-metrics"],
-                            capture_output=True, text=True, timeout=120)
+    worker = subprocess.run(
+        [*base, "worker", "--pool", "lifecycle", "--burst", "--no-metrics"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert worker.returncode == 0, worker.stderr[-2000:]
     job = worker_context(settings).ledger.job(key)
@@ -221,9 +262,24 @@ def test_a_worker_process_in_burst_mode_handles_a_cli_published_event_and_exits(
 def test_publish_rejects_bad_fields_naming_them(make_settings) -> None:
     settings = make_settings()
     result = subprocess.run(
-        [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "publish", "backup-due",
-         "--target", "main", "--kind", "weekly", "--slot", "2026-11-28T10:00:00Z"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "deskvault.cli",
+            "--config",
+            str(settings.source),
+            "publish",
+            "backup-due",
+            "--target",
+            "main",
+            "--kind",
+            "weekly",
+            "--slot",
+            "2026-11-28T10:00:00Z",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "kind:" in result.stderr

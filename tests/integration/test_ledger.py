@@ -111,8 +111,17 @@ def test_concurrent_claims_give_exactly_one_winner(ledger: Ledger, unique_key: s
 def test_account_events_are_recorded_once(ledger: Ledger, unique_key: str) -> None:
     tenant = "t" + unique_key[-10:]
     at = datetime(2026, 11, 1, tzinfo=UTC)
-    kwargs = dict(tenant=tenant, event_type="account-expired", event_id=unique_key, occurred_at=at,
-                  plan="paid", status="expired", expired_at=at, trial_started_at=None, detail="{}")
+    kwargs = dict(
+        tenant=tenant,
+        event_type="account-expired",
+        event_id=unique_key,
+        occurred_at=at,
+        plan="paid",
+        status="expired",
+        expired_at=at,
+        trial_started_at=None,
+        detail="{}",
+    )
 
     assert ledger.record_account_event(**kwargs) is True
     assert ledger.record_account_event(**kwargs) is False

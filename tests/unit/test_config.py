@@ -62,8 +62,11 @@ def test_config_file_named_by_env_var(tmp_path: Path) -> None:
         ("[targets.main]\nengine='postgresql'\n", {}, "targets.main.conninfo"),
         ("[targets.main]\nengine='oracle'\nconninfo='x'\n", {}, "targets.main.engine"),
         ("[targets.Main]\nengine='postgresql'\nconninfo='x'\n", {}, "targets.Main"),
-        ("[targets.main]\nengine='postgresql'\nconninfo='x'\n[targets.main.schedule]\nfull='0 25 * * *'\n",
-         {}, "targets.main.schedule.full"),
+        (
+            "[targets.main]\nengine='postgresql'\nconninfo='x'\n[targets.main.schedule]\nfull='0 25 * * *'\n",
+            {},
+            "targets.main.schedule.full",
+        ),
         ("[servers.app1]\nschedule='nope'\n", {}, "servers.app1.schedule"),
         ("", {"DESKVAULT_BROKER__DELIVERY_LIMIT": "five"}, "broker.delivery_limit"),
     ],

@@ -274,8 +274,12 @@ def test_default_frame_size_is_four_mebibytes() -> None:
 
 
 def test_the_context_is_authenticated(keyring: Keyring) -> None:
-    sealed = b"".join(encrypt_stream(keyring, [b"manifest of backup A"], FRAME, context=b"backups/a/manifest"))
+    sealed = b"".join(
+        encrypt_stream(keyring, [b"manifest of backup A"], FRAME, context=b"backups/a/manifest")
+    )
 
-    assert b"".join(decrypt_stream(keyring, [sealed], context=b"backups/a/manifest")) == b"manifest of backup A"
+    assert (
+        b"".join(decrypt_stream(keyring, [sealed], context=b"backups/a/manifest")) == b"manifest of backup A"
+    )
     with pytest.raises(IntegrityError):
         b"".join(decrypt_stream(keyring, [sealed], context=b"backups/b/manifest"))

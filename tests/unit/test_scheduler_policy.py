@@ -13,7 +13,8 @@ def settings(tmp_path: Path):
     path = tmp_path / "c.toml"
     path.write_text(
         "[targets.main]\nengine='postgresql'\nconninfo='host=x'\n"
-        "[targets.fast]\nengine='postgresql'\nconninfo='host=y'\n[targets.fast.schedule]\ndiff='*/15 * * * *'\n"
+        "[targets.fast]\nengine='postgresql'\nconninfo='host=y'\n"
+        "[targets.fast.schedule]\ndiff='*/15 * * * *'\n"
         "[servers.app1]\n"
     )
     return load_settings(path, env={})

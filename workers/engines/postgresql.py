@@ -53,8 +53,15 @@ class PostgresEngine:
         self.target = target
         self.bin = Path(target.pg_bin)
 
-    def full_backup(self, repo: ObjectRepository, *, backup_id: str, job_key: str, event_id: str,
-                    on_progress: Callable[[int], None] | None = None) -> BackupResult:
+    def full_backup(
+        self,
+        repo: ObjectRepository,
+        *,
+        backup_id: str,
+        job_key: str,
+        event_id: str,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> BackupResult:
         manifest_key = catalog.manifest_key(self.target.name, backup_id)
         if repo.exists(manifest_key):
             # An earlier attempt committed this backup and died before the ledger heard of it.
@@ -105,21 +112,37 @@ class PostgresEngine:
     def _basebackup_command(self, backup_id: str) -> list[str]:
         return [
             str(self.bin / "pg_basebackup"),
-            "--dbname", self.target.conninfo,
-            "--pgdata", "-",
-            "--format", "tar",
-            "--wal-method", "fetch",
-            "--checkpoint", "fast",
-            "--label", f"deskvault {backup_id}",
+            "--dbname",
+            self.target.conninfo,
+            "--pgdata",
+            "-",
+            "--format",
+            "tar",
+            "--wal-method",
+            "fetch",
+            "--checkpoint",
+            "fast",
+            "--label",
+            f"deskvault {backup_id}",
             "--no-password",
             "--verbose",
         ]
 
     def _server_version(self) -> int:
         proc = subprocess.run(
-            [str(self.bin / "psql"), "-X", "-At", "--no-password", "-d", self.target.conninfo,
-             "-c", "SHOW server_version_num"],
-            capture_output=True, text=True, timeout=60,
+            [
+                str(self.bin / "psql"),
+                "-X",
+                "-At",
+                "--no-password",
+                "-d",
+                self.target.conninfo,
+                "-c",
+                "SHOW server_version_num",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if proc.returncode != 0:
             raise EngineError(
@@ -168,8 +191,13 @@ class _BaseBackupStream:
                 self.stop_lsn = m.group(1)
 
 
-def restore_full(repo: ObjectRepository, manifest: dict[str, Any], into: Path, *,
-                 on_progress: Callable[[int, int], None] | None = None) -> None:
+def restore_full(
+    repo: ObjectRepository,
+    manifest: dict[str, Any],
+    into: Path,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Download, verify, decrypt and unpack a full backup into an empty folder PostgreSQL can start from."""
     if into.exists() and any(into.iterdir()):
         raise EngineError(f"{into} is not empty; restore into a new or empty folder")

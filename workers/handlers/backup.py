@@ -23,8 +23,11 @@ def handle_backup_due(ctx: WorkerContext, event: BackupDue) -> str | None:
         raise UnknownTarget(f"target: {event.target!r} is not configured (configured targets: {known})")
     if event.kind != "full":
         # Differential and log layers arrive with point-in-time recovery; say so rather than pretend.
-        return run_once(ctx, event, lambda: f"not done: {event.kind} backups are not built yet; "
-                                            "only full backups are taken")
+        return run_once(
+            ctx,
+            event,
+            lambda: f"not done: {event.kind} backups are not built yet; only full backups are taken",
+        )
     return run_once(ctx, event, lambda: _full_backup(ctx, event))
 
 
@@ -39,15 +42,23 @@ def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:
             next_report[0] += PROGRESS_EVERY
 
     result = PostgresEngine(target).full_backup(
-        ctx.repository, backup_id=backup_id, job_key=event.idempotency_key, event_id=event.event_id,
+        ctx.repository,
+        backup_id=backup_id,
+        job_key=event.idempotency_key,
+        event_id=event.event_id,
         on_progress=progress,
     )
     m = result.manifest
     ctx.ledger.record_backup(
-        target=event.target, backup_id=backup_id, kind="full",
+        target=event.target,
+        backup_id=backup_id,
+        kind="full",
         manifest_key=catalog.manifest_key(event.target, backup_id),
-        started_at=datetime.fromisoformat(m["started_at"]), finished_at=datetime.fromisoformat(m["finished_at"]),
-        start_lsn=m["start_lsn"], stop_lsn=m["stop_lsn"], plain_bytes=m["plain_size"],
+        started_at=datetime.fromisoformat(m["started_at"]),
+        finished_at=datetime.fromisoformat(m["finished_at"]),
+        start_lsn=m["start_lsn"],
+        stop_lsn=m["stop_lsn"],
+        plain_bytes=m["plain_size"],
         stored_bytes=m["stored_size"],
     )
     if result.created:
@@ -56,5 +67,7 @@ def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:
         datetime.fromisoformat(m["finished_at"]).timestamp()
     )
     verb = "stored" if result.created else "found already committed"
-    return (f"full backup {backup_id} {verb}: {m['plain_size']} bytes read, {m['stored_size']} stored, "
-            f"LSN {m['start_lsn']}..{m['stop_lsn']}")
+    return (
+        f"full backup {backup_id} {verb}: {m['plain_size']} bytes read, {m['stored_size']} stored, "
+        f"LSN {m['start_lsn']}..{m['stop_lsn']}"
+    )

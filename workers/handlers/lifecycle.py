@@ -16,11 +16,19 @@ from workers.jobs import run_once
 def handle_account_expired(ctx: WorkerContext, event: AccountExpired) -> str | None:
     def record() -> str:
         ctx.ledger.record_account_event(
-            tenant=event.tenant, event_type=event.type, event_id=event.event_id, occurred_at=event.occurred_at,
-            plan=event.plan, status="expired", expired_at=event.expired_at,
-            trial_started_at=event.trial_started_at, detail=json.dumps(event.to_dict()),
+            tenant=event.tenant,
+            event_type=event.type,
+            event_id=event.event_id,
+            occurred_at=event.occurred_at,
+            plan=event.plan,
+            status="expired",
+            expired_at=event.expired_at,
+            trial_started_at=event.trial_started_at,
+            detail=json.dumps(event.to_dict()),
         )
-        return f"recorded: tenant {event.tenant} ({event.plan}) expired at {event.expired_at:%Y-%m-%dT%H:%M:%SZ}"
+        return (
+            f"recorded: tenant {event.tenant} ({event.plan}) expired at {event.expired_at:%Y-%m-%dT%H:%M:%SZ}"
+        )
 
     return run_once(ctx, event, record)
 
@@ -28,8 +36,14 @@ def handle_account_expired(ctx: WorkerContext, event: AccountExpired) -> str | N
 def handle_account_reactivated(ctx: WorkerContext, event: AccountReactivated) -> str | None:
     def record() -> str:
         ctx.ledger.record_account_event(
-            tenant=event.tenant, event_type=event.type, event_id=event.event_id, occurred_at=event.occurred_at,
-            plan=None, status="active", expired_at=None, trial_started_at=None,
+            tenant=event.tenant,
+            event_type=event.type,
+            event_id=event.event_id,
+            occurred_at=event.occurred_at,
+            plan=None,
+            status="active",
+            expired_at=None,
+            trial_started_at=None,
             detail=json.dumps(event.to_dict()),
         )
         return f"recorded: tenant {event.tenant} reactivated"

@@ -21,8 +21,10 @@ def handle_snapshot_due(ctx: WorkerContext, event: SnapshotDue) -> str | None:
         raise UnknownTarget(f"server: {event.server!r} is not configured (configured servers: {known})")
 
     def record() -> str:
-        log.warning("snapshot-due for %s recorded, but server snapshots are not built yet: NO snapshot taken",
-                    event.server)
+        log.warning(
+            "snapshot-due for %s recorded, but server snapshots are not built yet: NO snapshot taken",
+            event.server,
+        )
         return "not done: server snapshots are not built yet; no snapshot was taken"
 
     return run_once(ctx, event, record)
@@ -30,8 +32,11 @@ def handle_snapshot_due(ctx: WorkerContext, event: SnapshotDue) -> str | None:
 
 def handle_export_requested(ctx: WorkerContext, event: ExportRequested) -> str | None:
     def record() -> str:
-        log.warning("export-requested %s for tenant %s recorded, but exports are not built yet: NO export made",
-                    event.request_id, event.tenant)
+        log.warning(
+            "export-requested %s for tenant %s recorded, but exports are not built yet: NO export made",
+            event.request_id,
+            event.tenant,
+        )
         return "not done: tenant exports are not built yet; no export was made"
 
     return run_once(ctx, event, record)

@@ -176,8 +176,16 @@ class Ledger:
             with self.transaction() as cur:
                 cur.execute(
                     "INSERT INTO dv_jobs (job_key, pool, event_type, event_id, state, attempts, lease_owner,"
-                    " lease_expires_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?)",
-                    job_key, pool, event_type, event_id, owner, _db(expires), _db(now), _db(now),
+                    " lease_expires_at, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, 'running', 1, ?, ?, ?, ?)",
+                    job_key,
+                    pool,
+                    event_type,
+                    event_id,
+                    owner,
+                    _db(expires),
+                    _db(now),
+                    _db(now),
                 )
             return Claim("claimed", attempts=1)
         except pyodbc.IntegrityError:
@@ -187,7 +195,12 @@ class Ledger:
                 "UPDATE dv_jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?,"
                 " lease_expires_at = ?, updated_at = ?, event_id = ?"
                 " WHERE job_key = ? AND (state = 'failed' OR (state = 'running' AND lease_expires_at < ?))",
-                owner, _db(expires), _db(now), event_id, job_key, _db(now),
+                owner,
+                _db(expires),
+                _db(now),
+                event_id,
+                job_key,
+                _db(now),
             )
             took_over = cur.rowcount == 1
             row = cur.execute(
@@ -206,7 +219,10 @@ class Ledger:
             cur.execute(
                 "UPDATE dv_jobs SET lease_expires_at = ?, updated_at = ?"
                 " WHERE job_key = ? AND lease_owner = ? AND state = 'running'",
-                _db(now + self.lease), _db(now), job_key, owner,
+                _db(now + self.lease),
+                _db(now),
+                job_key,
+                owner,
             )
             if cur.rowcount != 1:
                 raise LeaseLost(f"job {job_key}: lease lost to another worker")
@@ -217,15 +233,22 @@ class Ledger:
     def fail(self, job_key: str, owner: str, error: str) -> None:
         self._finish(job_key, owner, "failed", error=error)
 
-    def _finish(self, job_key: str, owner: str, state: str, *, outcome: str | None = None,
-                error: str | None = None) -> None:
+    def _finish(
+        self, job_key: str, owner: str, state: str, *, outcome: str | None = None, error: str | None = None
+    ) -> None:
         now = self._clock()
         with self.transaction() as cur:
             cur.execute(
                 "UPDATE dv_jobs SET state = ?, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?,"
                 " finished_at = ?, outcome = COALESCE(?, outcome), last_error = ?"
                 " WHERE job_key = ? AND lease_owner = ? AND state = 'running'",
-                state, _db(now), _db(now), outcome, error, job_key, owner,
+                state,
+                _db(now),
+                _db(now),
+                outcome,
+                error,
+                job_key,
+                owner,
             )
             if cur.rowcount != 1:
                 raise LeaseLost(f"job {job_key}: lease lost before it could be marked {state}")
@@ -248,9 +271,19 @@ class Ledger:
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
     # -- lifecycle records -----------------------------------------------------------------------------
-    def record_account_event(self, *, tenant: str, event_type: str, event_id: str, occurred_at: datetime,
-                             plan: str | None, status: str, expired_at: datetime | None,
-                             trial_started_at: datetime | None, detail: str) -> bool:
+    def record_account_event(
+        self,
+        *,
+        tenant: str,
+        event_type: str,
+        event_id: str,
+        occurred_at: datetime,
+        plan: str | None,
+        status: str,
+        expired_at: datetime | None,
+        trial_started_at: datetime | None,
+        detail: str,
+    ) -> bool:
         """Record an account event once; returns False if this event id was recorded before."""
         now = self._clock()
         try:
@@ -258,18 +291,34 @@ class Ledger:
                 cur.execute(
                     "INSERT INTO dv_account_events (event_id, tenant, event_type, occurred_at, recorded_at,"
                     " detail) VALUES (?, ?, ?, ?, ?, ?)",
-                    event_id, tenant, event_type, _db(occurred_at), _db(now), detail,
+                    event_id,
+                    tenant,
+                    event_type,
+                    _db(occurred_at),
+                    _db(now),
+                    detail,
                 )
                 updated = cur.execute(
                     "UPDATE dv_accounts SET plan = COALESCE(?, plan), status = ?, expired_at = ?,"
                     " trial_started_at = ?, updated_at = ?, last_event_id = ? WHERE tenant = ?",
-                    plan, status, _db(expired_at), _db(trial_started_at), _db(now), event_id, tenant,
+                    plan,
+                    status,
+                    _db(expired_at),
+                    _db(trial_started_at),
+                    _db(now),
+                    event_id,
+                    tenant,
                 ).rowcount
                 if updated == 0:
                     cur.execute(
                         "INSERT INTO dv_accounts (tenant, plan, status, expired_at, trial_started_at,"
                         " updated_at, last_event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        tenant, plan or "unknown", status, _db(expired_at), _db(trial_started_at), _db(now),
+                        tenant,
+                        plan or "unknown",
+                        status,
+                        _db(expired_at),
+                        _db(trial_started_at),
+                        _db(now),
                         event_id,
                     )
             return True
@@ -285,20 +334,45 @@ class Ledger:
             ).fetchone()
         if row is None:
             return None
-        return {"tenant": row[0], "plan": row[1], "status": row[2], "expired_at": _py(row[3]),
-                "trial_started_at": _py(row[4]), "last_event_id": row[5]}
+        return {
+            "tenant": row[0],
+            "plan": row[1],
+            "status": row[2],
+            "expired_at": _py(row[3]),
+            "trial_started_at": _py(row[4]),
+            "last_event_id": row[5],
+        }
 
     # -- catalog index (rebuildable from the bucket) ---------------------------------------------------
-    def record_backup(self, *, target: str, backup_id: str, kind: str, manifest_key: str,
-                      started_at: datetime, finished_at: datetime, start_lsn: str | None,
-                      stop_lsn: str | None, plain_bytes: int, stored_bytes: int) -> None:
+    def record_backup(
+        self,
+        *,
+        target: str,
+        backup_id: str,
+        kind: str,
+        manifest_key: str,
+        started_at: datetime,
+        finished_at: datetime,
+        start_lsn: str | None,
+        stop_lsn: str | None,
+        plain_bytes: int,
+        stored_bytes: int,
+    ) -> None:
         try:
             with self.transaction() as cur:
                 cur.execute(
                     "INSERT INTO dv_backups (target, backup_id, kind, manifest_key, started_at, finished_at,"
                     " start_lsn, stop_lsn, plain_bytes, stored_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    target, backup_id, kind, manifest_key, _db(started_at), _db(finished_at), start_lsn,
-                    stop_lsn, plain_bytes, stored_bytes,
+                    target,
+                    backup_id,
+                    kind,
+                    manifest_key,
+                    _db(started_at),
+                    _db(finished_at),
+                    start_lsn,
+                    stop_lsn,
+                    plain_bytes,
+                    stored_bytes,
                 )
         except pyodbc.IntegrityError:
             pass  # already indexed: a redelivery after the manifest was written
@@ -314,7 +388,10 @@ class Ledger:
     def was_emitted(self, subject: str, kind: str, slot: datetime) -> bool:
         with self.transaction() as cur:
             row = cur.execute(
-                "SELECT 1 FROM dv_schedule WHERE subject = ? AND kind = ? AND slot = ?", subject, kind, _db(slot)
+                "SELECT 1 FROM dv_schedule WHERE subject = ? AND kind = ? AND slot = ?",
+                subject,
+                kind,
+                _db(slot),
             ).fetchone()
         return row is not None
 
@@ -325,7 +402,11 @@ class Ledger:
                 cur.execute(
                     "INSERT INTO dv_schedule (subject, kind, slot, emitted_at, idempotency_key)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    subject, kind, _db(slot), _db(self._clock()), idempotency_key,
+                    subject,
+                    kind,
+                    _db(slot),
+                    _db(self._clock()),
+                    idempotency_key,
                 )
         except pyodbc.IntegrityError:
             pass

@@ -1,4 +1,4 @@
-"""The control database's tables and their migrations, in SQL that PostgreSQL, SQL Server and MariaDB all accept.
+"""The control database's tables and migrations, in SQL that PostgreSQL, SQL Server and MariaDB accept.
 
 Column types that differ between engines are written as `{ts}` and `{text}` and filled per dialect.
 """

@@ -72,7 +72,9 @@ class ObjectRepository:
                 yield chunk
 
         key_id = self.keyring.active_id
-        sealed = encrypt_stream(self.keyring, self._compressed(measured()), self.frame_size, context=key.encode())
+        sealed = encrypt_stream(
+            self.keyring, self._compressed(measured()), self.frame_size, context=key.encode()
+        )
         stored_size = self.store.upload_stream(key, sealed)
         return StoredObject(key, plain_size, stored_size, hasher.hexdigest(), key_id)
 
@@ -92,7 +94,9 @@ class ObjectRepository:
         plain = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         key_id = self.keyring.active_id
         sealed = b"".join(
-            encrypt_stream(self.keyring, [self._compressor().compress(plain)], self.frame_size, context=key.encode())
+            encrypt_stream(
+                self.keyring, [self._compressor().compress(plain)], self.frame_size, context=key.encode()
+            )
         )
         self.store.put_bytes(key, sealed, if_none_match=if_none_match)
         return StoredObject(key, len(plain), len(sealed), hashlib.sha256(plain).hexdigest(), key_id)
