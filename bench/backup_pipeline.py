@@ -8,7 +8,7 @@ stage run alone on the same data in the same run (goal >= 0.7). The stages alone
   upload    S3 multipart upload of the encrypted bytes
 Every rate is in plaintext bytes (the size of the tar) per second, so the stages compare directly.
 
-Run: .venv/bin/python bench/backup_pipeline.py [--scale 110] [--keep]
+Run: .venv/bin/python bench/backup_pipeline.py [--scale 220] [--zstd-level 3] [--zstd-threads 0] [--keep]
 Needs the services the tests use (RabbitMQ, PostgreSQL on 127.0.0.1:5432, SeaweedFS via .deskvault).
 """
 
@@ -47,9 +47,13 @@ CHUNK = MIB
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=int, default=110, help="demo data scale (110 ~ 1.1 GiB cluster)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scale", type=int, default=220, help="helpdesk data scale (220 ~ 1.06 GiB cluster)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch cluster and files")
+    parser.add_argument("--zstd-level", type=int, default=3)
+    parser.add_argument("--zstd-threads", type=int, default=0, help="0 = compress in the worker's thread")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="deskvault-bench-"))
@@ -68,27 +72,61 @@ def main() -> int:
         size = int(cluster.psql("SELECT sum(pg_database_size(datname)) FROM pg_database").strip())
         _log(f"target holds {size / MIB:.0f} MiB (generated in {time.monotonic() - t0:.0f}s)")
 
-        settings = _settings(scratch, cluster, vhost, control_db)
+        settings = _settings(scratch, cluster, vhost, control_db, args.zstd_level, args.zstd_threads)
         stages = _stages_alone(settings, cluster, scratch)
         pipeline = _pipeline(settings)
-        _report(size, stages, pipeline)
+        _report(settings, size, stages, pipeline)
         return 0
     finally:
         if not args.keep:
             cluster.destroy()
             shutil.rmtree(scratch, ignore_errors=True)
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
-        subprocess.run(["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c",
-                        f"DROP DATABASE IF EXISTS {control_db} WITH (FORCE)"], capture_output=True)
+        subprocess.run(
+            [
+                "psql",
+                "-X",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                f"DROP DATABASE IF EXISTS {control_db} WITH (FORCE)",
+            ],
+            capture_output=True,
+        )
 
 
-def _settings(scratch: Path, cluster: PgCluster, vhost: str, control_db: str):
+def _settings(
+    scratch: Path, cluster: PgCluster, vhost: str, control_db: str, zstd_level: int, zstd_threads: int
+):
     s3 = seaweedfs.ensure_running(ROOT / ".deskvault")
     subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-                   check=True, capture_output=True)
-    subprocess.run(["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c",
-                    f"CREATE DATABASE {control_db}"], check=True, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "psql",
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            f"CREATE DATABASE {control_db}",
+        ],
+        check=True,
+        capture_output=True,
+    )
     key_file = scratch / "keys.json"
     Keyring.create(key_file)
     config = scratch / "deskvault.toml"
@@ -104,6 +142,8 @@ endpoint = "{s3.endpoint_url}"
 access_key = "{s3.access_key}"
 secret_key = "{s3.secret_key}"
 key_file = "{key_file}"
+zstd_level = {zstd_level}
+zstd_threads = {zstd_threads}
 [targets.bench]
 engine = "postgresql"
 conninfo = "{cluster.conninfo}"
@@ -117,8 +157,19 @@ conninfo = "{cluster.conninfo}"
 def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, float]:
     """Seconds each stage takes on its own, over the same backup."""
     tar = scratch / "base.tar"
-    cmd = ["/usr/lib/postgresql/15/bin/pg_basebackup", "-d", cluster.conninfo, "-D", "-", "-F", "tar",
-           "-X", "fetch", "-c", "fast"]
+    cmd = [
+        "/usr/lib/postgresql/15/bin/pg_basebackup",
+        "-d",
+        cluster.conninfo,
+        "-D",
+        "-",
+        "-F",
+        "tar",
+        "-X",
+        "fetch",
+        "-c",
+        "fast",
+    ]
     t = time.monotonic()
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     read_s = time.monotonic() - t
@@ -135,7 +186,8 @@ def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, floa
         t = time.monotonic()
         compressor.copy_stream(src, dst, read_size=CHUNK, write_size=CHUNK)
         compress_s = time.monotonic() - t
-    _log(f"compress alone: {compress_s:.1f}s ({tar_size / MIB:.0f} -> {compressed_path.stat().st_size / MIB:.0f} MiB)")
+    compressed_mib = compressed_path.stat().st_size / MIB
+    _log(f"compress alone: {compress_s:.1f}s ({tar_size / MIB:.0f} -> {compressed_mib:.0f} MiB)")
 
     keyring = Keyring.load(Path(r.key_file))
     sealed_path = scratch / "base.tar.zst.dv"
@@ -155,29 +207,56 @@ def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, floa
     upload_s = time.monotonic() - t
     store.delete("stage-upload/base.tar.dv")
     _log(f"upload alone: {upload_s:.1f}s ({sealed_path.stat().st_size / MIB:.0f} MiB)")
-    return {"tar_bytes": tar_size, "read": read_s, "compress": compress_s, "encrypt": encrypt_s,
-            "upload": upload_s}
+    return {
+        "tar_bytes": tar_size,
+        "read": read_s,
+        "compress": compress_s,
+        "encrypt": encrypt_s,
+        "upload": upload_s,
+    }
 
 
 def _pipeline(settings) -> dict[str, float]:
     """A real worker process takes the backup from a published event; its peak RSS is measured."""
-    event = BackupDue.new(target="bench", kind="full", slot=datetime.now().astimezone().replace(second=0,
-                                                                                                microsecond=0))
+    event = BackupDue.new(
+        target="bench", kind="full", slot=datetime.now().astimezone().replace(second=0, microsecond=0)
+    )
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         publisher.publish(event)
     _log("pipeline: deskvault worker --pool backup --burst")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "deskvault.cli", "--config", settings.source, "--log-level", "WARNING",
-                    "worker", "--pool", "backup", "--threads", "1", "--burst", "--no-metrics"], check=True)
+    worker = [
+        sys.executable,
+        "-m",
+        "deskvault.cli",
+        "--config",
+        settings.source,
+        "--log-level",
+        "WARNING",
+        "worker",
+        "--pool",
+        "backup",
+        "--threads",
+        "1",
+        "--burst",
+        "--no-metrics",
+    ]
+    subprocess.run(worker, check=True)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     manifest = catalog.newest_full(open_repository(settings), "bench")
-    seconds = (datetime.fromisoformat(manifest["finished_at"])
-               - datetime.fromisoformat(manifest["started_at"])).total_seconds()
-    return {"seconds": seconds, "plain_bytes": manifest["plain_size"], "stored_bytes": manifest["stored_size"],
-            "peak_rss_mib": peak_kib / 1024, "rss_before_mib": before / 1024}
+    seconds = (
+        datetime.fromisoformat(manifest["finished_at"]) - datetime.fromisoformat(manifest["started_at"])
+    ).total_seconds()
+    return {
+        "seconds": seconds,
+        "plain_bytes": manifest["plain_size"],
+        "stored_bytes": manifest["stored_size"],
+        "peak_rss_mib": peak_kib / 1024,
+        "rss_before_mib": before / 1024,
+    }
 
 
-def _report(db_bytes: int, stages: dict[str, float], pipeline: dict[str, float]) -> None:
+def _report(settings, db_bytes: int, stages: dict[str, float], pipeline: dict[str, float]) -> None:
     tar = stages["tar_bytes"]
     rates = {name: tar / stages[name] / MIB for name in ("read", "compress", "encrypt", "upload")}
     slowest = min(rates, key=rates.__getitem__)
@@ -191,6 +270,7 @@ def _report(db_bytes: int, stages: dict[str, float], pipeline: dict[str, float])
         "pipeline_mib_per_s": round(pipe_rate, 1),
         "pipeline_vs_slowest_stage": round(pipe_rate / rates[slowest], 2),
         "worker_peak_rss_mib": round(pipeline["peak_rss_mib"], 1),
+        "zstd": {"level": settings.repository.zstd_level, "threads": settings.repository.zstd_threads},
         "goals": {"pipeline_vs_slowest_stage": ">= 0.7", "worker_peak_rss_mib": "< 256"},
     }
     print(json.dumps(result, indent=2))

@@ -118,7 +118,7 @@ def key_file(tmp_path: Path) -> Path:
 def make_settings(tmp_path: Path, key_file: Path, request: pytest.FixtureRequest) -> Callable[..., Settings]:
     """Settings pointing at the session's real services, with a fresh bucket prefix per call."""
 
-    def make(*, prefix: str | None = None, servers: dict[str, str] | None = None) -> Settings:
+    def make(*, servers: dict[str, str] | None = None, lease_seconds: int = 120) -> Settings:
         s3 = request.getfixturevalue("s3_endpoint")
         target = request.getfixturevalue("pg_target")
         text = f"""
@@ -128,9 +128,10 @@ min_backoff_ms = 200
 max_retries = 2
 [control_db]
 odbc = "{request.getfixturevalue("control_db_odbc")}"
+lease_seconds = {lease_seconds}
 [repository]
 bucket = "deskvault-test"
-prefix = "{prefix or f"t-{uuid.uuid4().hex[:12]}/"}"
+prefix = "t-{uuid.uuid4().hex[:12]}/"
 endpoint = "{s3.endpoint_url}"
 access_key = "{s3.access_key}"
 secret_key = "{s3.secret_key}"

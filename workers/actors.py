@@ -18,6 +18,7 @@ from workers.errors import PERMANENT_ERRORS
 from workers.handlers.backup import handle_backup_due
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
 from workers.handlers.pending import handle_export_requested, handle_snapshot_due
+from workers.jobs import JobBusy
 from workers.metrics import PoolMetrics
 
 HANDLERS: dict[str, Callable[..., Any]] = {
@@ -68,6 +69,15 @@ def build_broker(settings: Settings) -> tuple[DeskvaultBroker, PoolMetrics]:
             time_limit=TIME_LIMIT_MS[pool],
         )
     return broker, pool_metrics
+
+
+def _retry_when(max_retries: int) -> Callable[[int, BaseException], bool]:
+    """Retry failures up to the limit; waiting for a busy job is not a failure and never runs out."""
+
+    def retry(retries: int, exception: BaseException) -> bool:
+        return isinstance(exception, JobBusy) or retries < max_retries
+
+    return retry
 
 
 def _actor_body(event_type: str, handler: Callable[..., Any]) -> Callable[[Any], None]:

@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 
 import dramatiq
 
@@ -17,14 +18,23 @@ from workers.ledger.ledger import LeaseLost, LedgerError
 
 log = logging.getLogger(__name__)
 
-# A busy job is retried soon after its holder's lease would expire.
-BUSY_RETRY_MS = 15_000
+
+class JobBusy(dramatiq.Retry):
+    """Another live worker holds this job; look again once its lease could have run out.
+
+    Not dropped: if that worker died, this delivery is what finishes the job. Not counted against the
+    retry limit either (see workers.actors), since a long backup keeps a duplicate waiting for hours.
+    """
+
+
+# Margin after the holder's lease expiry before looking again, so a renewal has time to land.
+BUSY_MARGIN = timedelta(seconds=5)
 
 
 def run_once(ctx: WorkerContext, event: Event, work: Callable[[], str]) -> str | None:
     """Claim the event's job, run `work`, record its outcome; a finished job is skipped as a duplicate.
 
-    Returns the outcome, or None for a duplicate. Raises dramatiq.Retry while another live worker holds
+    Returns the outcome, or None for a duplicate. Raises JobBusy while another live worker holds
     the job; any exception from `work` marks the job failed (so a later delivery may take it) and
     propagates to dramatiq, which retries or dead-letters it.
     """
@@ -37,9 +47,12 @@ def run_once(ctx: WorkerContext, event: Event, work: Callable[[], str]) -> str |
         return None
     if claim.status == "busy":
         log.info(
-            "%s %s: running elsewhere until %s; will look again", event.type, key, claim.lease_expires_at
+            "%s %s: running elsewhere (lease until %s); will look again",
+            event.type,
+            key,
+            claim.lease_expires_at,
         )
-        raise dramatiq.Retry(delay=BUSY_RETRY_MS)
+        raise JobBusy(delay=_busy_delay_ms(ctx, claim.lease_expires_at))
 
     log.info("%s %s: started (attempt %d)", event.type, key, claim.attempts)
     with _lease_kept(ctx, key):
@@ -54,6 +67,11 @@ def run_once(ctx: WorkerContext, event: Event, work: Callable[[], str]) -> str |
     ctx.ledger.complete(key, ctx.owner, outcome)
     log.info("%s %s: done: %s", event.type, key, outcome)
     return outcome
+
+
+def _busy_delay_ms(ctx: WorkerContext, lease_expires_at: datetime | None) -> int:
+    wait = ctx.ledger.lease if lease_expires_at is None else lease_expires_at - ctx.ledger.now()
+    return int(max(wait + BUSY_MARGIN, BUSY_MARGIN).total_seconds() * 1000)
 
 
 @contextmanager

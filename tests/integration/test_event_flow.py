@@ -29,7 +29,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def pools(make_settings):
     """Given all four pools running in-process (2 threads) against RabbitMQ, PostgreSQL and SeaweedFS."""
-    settings = make_settings(servers={"app1": "0 3 * * *"})
+    # A short lease, so a duplicate that finds its job busy looks again within seconds.
+    settings = make_settings(servers={"app1": "0 3 * * *"}, lease_seconds=4)
     ctx = worker_context(settings)
     context.configure(ctx)
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
@@ -283,3 +284,44 @@ def test_publish_rejects_bad_fields_naming_them(make_settings) -> None:
     )
     assert result.returncode == 2
     assert "kind:" in result.stderr
+
+
+def test_a_job_whose_worker_died_is_finished_by_the_redelivery(make_settings) -> None:
+    # Given a worker that claimed an event's job and died (its lease of 2 s is not renewed)
+    settings = make_settings(lease_seconds=2)
+    ctx = worker_context(settings)
+    context.configure(ctx)
+    event = AccountExpired.new(
+        tenant="acme",
+        plan="paid",
+        expired_at=datetime(2026, 10, 1, tzinfo=UTC),
+        idempotency_key=f"crash-{uuid.uuid4().hex}",
+    )
+    assert (
+        ctx.ledger.claim(
+            event.idempotency_key,
+            pool="lifecycle",
+            event_type=event.type,
+            event_id=event.event_id,
+            owner="dead-worker",
+        ).status
+        == "claimed"
+    )
+    broker, _ = build_broker(settings)
+    worker = Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        # When RabbitMQ redelivers the event
+        publish_raw(settings.broker.url, "lifecycle", wrap(event))
+
+        # Then the live worker waits out the dead one's lease, takes the job over and does it once
+        job = wait_for(
+            lambda: (j := ctx.ledger.job(event.idempotency_key)) and j.state == "done" and j,
+            timeout=60,
+            what="the job to be taken over",
+        )
+        assert job.attempts == 2
+        assert job.lease_owner is None and job.outcome.startswith("recorded:")
+    finally:
+        worker.stop(timeout=10_000)
+        broker.close()

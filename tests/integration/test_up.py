@@ -39,9 +39,21 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
     }
     log = (scratch_dir / "up.log").open("w")
     up = subprocess.Popen(
-        [sys.executable, "-m", "deskvault.cli", "up", "--state-dir", str(state),
-         "--demo-port", str(demo_port), "--metrics-port", str(metrics_port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "deskvault.cli",
+            "up",
+            "--state-dir",
+            str(state),
+            "--demo-port",
+            str(demo_port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     config = state / "deskvault.toml"
     try:
@@ -52,9 +64,22 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
             if not config.exists():
                 return None
             listing = subprocess.run(
-                [sys.executable, "-m", "deskvault.cli", "--config", str(config), "backups", "list",
-                 "--target", "demo", "--json"],
-                capture_output=True, text=True, env=env, timeout=60,
+                [
+                    sys.executable,
+                    "-m",
+                    "deskvault.cli",
+                    "--config",
+                    str(config),
+                    "backups",
+                    "list",
+                    "--target",
+                    "demo",
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
             )
             if listing.returncode != 0:
                 return None
@@ -66,9 +91,16 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
 
         # and the backup pool's metrics count it
         def handled() -> float:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-            line = next((x for x in text.splitlines() if x.startswith(
-                'deskvault_events_handled_total{pool="backup",type="backup-due"}')), None)
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            line = next(
+                (
+                    x
+                    for x in text.splitlines()
+                    if x.startswith('deskvault_events_handled_total{pool="backup",type="backup-due"}')
+                ),
+                None,
+            )
             return float(line.split()[-1]) if line else 0.0
 
         assert wait_for(handled, timeout=30, what="backup-due counted as handled") >= 1

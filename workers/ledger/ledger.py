@@ -83,6 +83,9 @@ class Ledger:
         self._local = threading.local()
         self.dialect = ""
 
+    def now(self) -> datetime:
+        return self._clock()
+
     # -- connections ---------------------------------------------------------------------------------
     def _connection(self) -> pyodbc.Connection:
         conn = getattr(self._local, "conn", None)
