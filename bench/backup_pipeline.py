@@ -82,22 +82,7 @@ def main() -> int:
             cluster.destroy()
             shutil.rmtree(scratch, ignore_errors=True)
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
-        subprocess.run(
-            [
-                "psql",
-                "-X",
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                f"DROP DATABASE IF EXISTS {control_db} WITH (FORCE)",
-            ],
-            capture_output=True,
-        )
+        _system_psql(f"DROP DATABASE IF EXISTS {control_db} WITH (FORCE)", check=False)
 
 
 def _settings(
@@ -110,23 +95,7 @@ def _settings(
         check=True,
         capture_output=True,
     )
-    subprocess.run(
-        [
-            "psql",
-            "-X",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-c",
-            f"CREATE DATABASE {control_db}",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    _system_psql(f"CREATE DATABASE {control_db}")
     key_file = scratch / "keys.json"
     Keyring.create(key_file)
     config = scratch / "deskvault.toml"
@@ -286,6 +255,12 @@ def _warm(path: Path) -> None:
     """Read a file once so the timed stage reads it from the page cache, not the disk."""
     for _ in _file_chunks(path):
         pass
+
+
+def _system_psql(sql: str, *, check: bool = True) -> None:
+    """SQL on the machine's PostgreSQL, where the benchmark's control database lives."""
+    cmd = ["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql]
+    subprocess.run(cmd, check=check, capture_output=True)
 
 
 def _free_port() -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import boto3
 
 from deskvault.config import Settings
 from workers.context import WorkerContext, open_ledger, open_repository
@@ -26,6 +28,18 @@ def worker_context(settings: Settings) -> WorkerContext:
     repository = open_repository(settings)
     repository.store.ensure_bucket()
     return WorkerContext(settings=settings, ledger=ledger, repository=repository)
+
+
+def raw_s3(settings: Settings) -> Any:
+    """A plain boto3 client on the repository's bucket, to look at (or damage) stored bytes directly."""
+    r = settings.repository
+    return boto3.client(
+        "s3",
+        endpoint_url=r.endpoint,
+        aws_access_key_id=r.access_key,
+        aws_secret_access_key=r.secret_key,
+        region_name=r.region,
+    )
 
 
 def wait_for(probe: Callable[[], T | None], *, timeout: float = 30.0, what: str = "condition") -> T:

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 bash ops/local/bootstrap.sh
+.venv/bin/ruff check --quiet .
 exec .venv/bin/pytest "$@"

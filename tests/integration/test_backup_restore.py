@@ -7,9 +7,8 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import boto3
 import pytest
-from support import free_port, worker_context
+from support import free_port, raw_s3, worker_context
 
 from deskvault.config import Settings
 from deskvault.local.demo_data import TABLES, table_fingerprint_sql
@@ -92,13 +91,7 @@ def test_full_backup_restores_to_a_cluster_with_identical_tables(
 def test_no_stored_object_contains_plaintext(backed_up) -> None:
     settings, _, _, _ = backed_up
     r = settings.repository
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=r.endpoint,
-        aws_access_key_id=r.access_key,
-        aws_secret_access_key=r.secret_key,
-        region_name=r.region,
-    )
+    s3 = raw_s3(settings)
     keys = [
         o["Key"]
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=r.bucket, Prefix=r.prefix)
@@ -134,13 +127,7 @@ def test_a_tampered_backup_is_refused_and_leaves_no_folder(backed_up, scratch_di
     settings, ctx, _, _ = backed_up
     manifest = catalog.newest_full(ctx.repository, "main")
     r = settings.repository
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=r.endpoint,
-        aws_access_key_id=r.access_key,
-        aws_secret_access_key=r.secret_key,
-        region_name=r.region,
-    )
+    s3 = raw_s3(settings)
     key = r.prefix + manifest["objects"][0]["key"]
     data = bytearray(s3.get_object(Bucket=r.bucket, Key=key)["Body"].read())
     data[len(data) // 2] ^= 0x01

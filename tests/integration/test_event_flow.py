@@ -17,6 +17,7 @@ from support import wait_for, worker_context
 
 from messages.envelope import wrap
 from messages.events import AccountExpired, BackupDue, ExportRequested, SnapshotDue
+from messages.schema_files import load_schema
 from messages.topology import POOLS, dead_letter_queue, delay_queue
 from producers.publisher import Publisher
 from workers import catalog, context
@@ -325,3 +326,25 @@ def test_a_job_whose_worker_died_is_finished_by_the_redelivery(make_settings) ->
     finally:
         worker.stop(timeout=10_000)
         broker.close()
+
+
+def test_an_event_built_from_the_published_json_schema_example_is_handled(pools) -> None:
+    # Given a service in another language that only read messages/schemas/: its example event, wrapped
+    # in the documented envelope by hand, published with plain AMQP
+    settings, ctx = pools
+    event = dict(load_schema("account-reactivated")["examples"][0])
+    event.update(event_id=str(uuid.uuid4()), idempotency_key=f"schema-example-{uuid.uuid4().hex}")
+    envelope = {
+        "queue_name": "lifecycle",
+        "actor_name": "account_reactivated",
+        "args": [event],
+        "kwargs": {},
+        "options": {},
+        "message_id": str(uuid.uuid4()),
+        "message_timestamp": 1764300000000,
+    }
+    publish_raw(settings.broker.url, "lifecycle", json.dumps(envelope).encode())
+
+    # Then the lifecycle pool handles it
+    job = job_done(ctx, event["idempotency_key"])
+    assert job.outcome == f"recorded: tenant {event['tenant']} reactivated"

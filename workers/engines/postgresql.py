@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ from deskvault.local.pgcluster import hand_over
 from workers import catalog
 from workers.repository.errors import AlreadyExists
 from workers.repository.objects import ObjectRepository
+from workers.streams import ChunkReader, counted
 
 log = logging.getLogger(__name__)
 
@@ -207,43 +208,18 @@ def restore_full(
     total = entry["plain_size"]
     try:
         plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=total)
-        reader = _IteratorReader(plain, lambda done: on_progress(done, total) if on_progress else None)
+        if on_progress is not None:
+            plain = counted(plain, lambda done: on_progress(done, total))
+        reader = ChunkReader(plain)
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             tar.extractall(into, filter="tar")
-        reader.drain()  # reach the end of the stream, so the checksum and size are verified
+        while reader.read(READ_SIZE):
+            pass  # read to the end of the stream: that is where the checksum and size are verified
     except BaseException:
         # Never leave a half-restored folder that someone might start.
         shutil.rmtree(into, ignore_errors=True)
         raise
     hand_over(into)
-
-
-class _IteratorReader:
-    """A read()-able file over an iterator of byte chunks, for tarfile's streaming mode."""
-
-    def __init__(self, chunks: Iterable[bytes], on_progress: Callable[[int], Any]) -> None:
-        self._chunks = iter(chunks)
-        self._buffer = bytearray()
-        self._done = 0
-        self._on_progress = on_progress
-
-    def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            self._buffer += chunk
-            self._done += len(chunk)
-            self._on_progress(self._done)
-        if size < 0:
-            size = len(self._buffer)
-        out = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return out
-
-    def drain(self) -> None:
-        while self.read(READ_SIZE):
-            pass
 
 
 def _iso(dt: datetime) -> str:

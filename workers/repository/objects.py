@@ -13,6 +13,7 @@ from workers.repository.crypto import DEFAULT_FRAME_SIZE, decrypt_stream, encryp
 from workers.repository.errors import IntegrityError, RepositoryError
 from workers.repository.keyring import Keyring
 from workers.repository.s3 import S3Store, validate_key
+from workers.streams import ChunkReader
 
 # Decompressed output is handed out in pieces of at most this size, whatever the compression ratio.
 _OUTPUT_PIECE = 2**20
@@ -143,7 +144,7 @@ class ObjectRepository:
     ) -> Iterator[bytes]:
         hasher = hashlib.sha256()
         size = 0
-        reader = _ChunkReader(decrypt_stream(self.keyring, sealed, context=key.encode()))
+        reader = ChunkReader(decrypt_stream(self.keyring, sealed, context=key.encode()))
         pieces = zstandard.ZstdDecompressor().read_to_iter(reader, write_size=_OUTPUT_PIECE)
         try:
             for piece in pieces:
@@ -160,27 +161,3 @@ class ObjectRepository:
             raise IntegrityError(
                 f"its SHA-256 is {hasher.hexdigest()}, not the expected {expect_sha256}", key
             )
-
-
-class _ChunkReader:
-    """A `read(n)` file interface over an iterator of byte chunks, for zstandard's streaming reader."""
-
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = iter(chunks)
-        self._current = b""
-        self._offset = 0
-
-    def read(self, size: int = -1) -> bytes:
-        while self._offset >= len(self._current):
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return b""
-            self._current, self._offset = chunk, 0
-        if size < 0:
-            size = len(self._current) - self._offset
-        if self._offset == 0 and size >= len(self._current):
-            out = self._current
-        else:
-            out = self._current[self._offset : self._offset + size]
-        self._offset += len(out)
-        return out
