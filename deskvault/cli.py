@@ -73,10 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run worker pools")
     w.add_argument(
         "--pool",
-        action="append",
+        action="extend",
+        nargs="+",
         dest="pools",
         metavar="POOL",
-        help="backup, snapshot, lifecycle or export; repeat for several (default: all)",
+        help="backup, snapshot, lifecycle or export; several allowed (default: all)",
     )
     w.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
@@ -162,7 +163,7 @@ def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
 
     settings = _settings(args)
     ledger = open_ledger(settings)
-    ledger.check_schema()
+    ledger.migrate()
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         scheduler = Scheduler(settings, ledger, publisher, clock=utcnow)
         if args.once:

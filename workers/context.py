@@ -64,5 +64,5 @@ def current() -> WorkerContext:
 
 def build(settings: Settings) -> WorkerContext:
     ledger = open_ledger(settings)
-    ledger.check_schema()
+    ledger.migrate()  # deskvault owns its schema: a new control database is set up on first start
     return WorkerContext(settings=settings, ledger=ledger, repository=open_repository(settings))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from workers.ledger.ledger import LeaseLost, Ledger
 from workers.ledger.schema import SCHEMA_VERSION
+
+SYSTEM_PG = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +43,42 @@ def claim(ledger: Ledger, key: str, owner: str):
 
 def test_migrate_is_idempotent_and_reports_the_version(ledger: Ledger) -> None:
     assert ledger.migrate() == SCHEMA_VERSION
-    ledger.check_schema()
+    assert ledger.schema_version() == SCHEMA_VERSION
+
+
+def test_processes_starting_together_on_a_new_database_all_migrate_cleanly() -> None:
+    # Given a brand-new control database and five workers starting at the same moment
+    name = f"dvtest_fresh_{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"CREATE DATABASE {name}"],
+        check=True,
+        capture_output=True,
+    )
+    odbc = f"DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={name};UID=postgres;"
+    try:
+        versions: list[int] = []
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                versions.append(Ledger(odbc).migrate())
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=start) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        # Then every one of them finds the schema in place, created once
+        assert errors == []
+        assert versions == [SCHEMA_VERSION] * 5
+    finally:
+        subprocess.run(
+            ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"DROP DATABASE {name} WITH (FORCE)"],
+            capture_output=True,
+        )
 
 
 def test_first_claim_wins_and_a_finished_job_is_a_duplicate(ledger: Ledger, unique_key: str) -> None:

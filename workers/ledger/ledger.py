@@ -18,7 +18,7 @@ from typing import Any
 import pyodbc
 
 from deskvault.errors import DeskvaultError
-from workers.ledger.schema import MIGRATIONS, SCHEMA_VERSION, statements
+from workers.ledger.schema import MIGRATIONS, statements
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,6 @@ class Ledger:
         except pyodbc.Error:
             conn.rollback()
             return 0
-
-    def check_schema(self) -> None:
-        version = self.schema_version()
-        if version != SCHEMA_VERSION:
-            raise LedgerError(
-                f"control database schema is at version {version}, this deskvault needs {SCHEMA_VERSION}; "
-                "run `deskvault migrate`"
-            )
 
     # -- jobs ----------------------------------------------------------------------------------------
     def claim(self, job_key: str, *, pool: str, event_type: str, event_id: str, owner: str) -> Claim:

@@ -13,7 +13,7 @@ from workers.repository.crypto import DEFAULT_FRAME_SIZE, decrypt_stream, encryp
 from workers.repository.errors import IntegrityError, RepositoryError
 from workers.repository.keyring import Keyring
 from workers.repository.s3 import S3Store, validate_key
-from workers.streams import ChunkReader
+from workers.streams import ChunkReader, prefetched
 
 # Decompressed output is handed out in pieces of at most this size, whatever the compression ratio.
 _OUTPUT_PIECE = 2**20
@@ -73,8 +73,9 @@ class ObjectRepository:
                 yield chunk
 
         key_id = self.keyring.active_id
+        # Reading and hashing run a few chunks ahead in their own thread, off the compressing thread.
         sealed = encrypt_stream(
-            self.keyring, self._compressed(measured()), self.frame_size, context=key.encode()
+            self.keyring, self._compressed(prefetched(measured())), self.frame_size, context=key.encode()
         )
         stored_size = self.store.upload_stream(key, sealed)
         return StoredObject(key, plain_size, stored_size, hasher.hexdigest(), key_id)
