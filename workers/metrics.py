@@ -62,8 +62,14 @@ class PoolMetrics(dramatiq.Middleware):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.in_progress = 0
-        self._started: dict[str, float] = {}
+        # delivery (its proxy object, since a message id can arrive twice) -> monotonic start time; a
+        # message skipped before this hook ran is simply absent.
+        self._started: dict[int, float] = {}
+
+    @property
+    def in_progress(self) -> int:
+        with self._lock:
+            return len(self._started)
 
     def before_process_message(self, broker: Any, message: Any) -> None:
         labels = (pool_of(message.queue_name), event_type_of(message.actor_name))
@@ -72,16 +78,14 @@ class PoolMetrics(dramatiq.Middleware):
         ready_ms = message.options.get("eta", message.message_timestamp)
         WAIT_SECONDS.labels(*labels).observe(max(0.0, (now_ms - ready_ms) / 1000))
         with self._lock:
-            self.in_progress += 1
-            self._started[message.message_id] = time.monotonic()
+            self._started[id(message)] = time.monotonic()
 
     def after_process_message(
         self, broker: Any, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
         labels = (pool_of(message.queue_name), event_type_of(message.actor_name))
         with self._lock:
-            self.in_progress -= 1
-            started = self._started.pop(message.message_id, None)
+            started = self._started.pop(id(message), None)
         if started is not None:
             HANDLER_SECONDS.labels(*labels).observe(time.monotonic() - started)
         if exception is None:
@@ -91,8 +95,7 @@ class PoolMetrics(dramatiq.Middleware):
 
     def after_skip_message(self, broker: Any, message: Any) -> None:
         with self._lock:
-            self.in_progress -= 1
-            self._started.pop(message.message_id, None)
+            self._started.pop(id(message), None)
 
 
 def serve_multiprocess_metrics(host: str, port: int) -> None:

@@ -26,6 +26,7 @@ from deskvault.config import TargetSettings
 from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import hand_over
 from workers import catalog
+from workers.engines.conninfo import libpq_env, split_password
 from workers.repository.errors import AlreadyExists
 from workers.repository.objects import ObjectRepository
 from workers.streams import ChunkReader, counted
@@ -53,6 +54,8 @@ class PostgresEngine:
     def __init__(self, target: TargetSettings) -> None:
         self.target = target
         self.bin = Path(target.pg_bin)
+        self.conninfo, password = split_password(target.conninfo)
+        self.env = libpq_env(password)
 
     def full_backup(
         self,
@@ -71,7 +74,7 @@ class PostgresEngine:
         server_version = self._server_version()
         started_at = datetime.now(UTC)
         data_key = catalog.backup_prefix(self.target.name, backup_id) + "base.tar.dv"
-        stream = _BaseBackupStream(self._basebackup_command(backup_id))
+        stream = _BaseBackupStream(self._basebackup_command(backup_id), self.env)
         stored = repo.put_stream(data_key, stream.chunks(), on_progress=on_progress)
         finished_at = datetime.now(UTC)
 
@@ -114,7 +117,7 @@ class PostgresEngine:
         return [
             str(self.bin / "pg_basebackup"),
             "--dbname",
-            self.target.conninfo,
+            self.conninfo,
             "--pgdata",
             "-",
             "--format",
@@ -137,11 +140,12 @@ class PostgresEngine:
                 "-At",
                 "--no-password",
                 "-d",
-                self.target.conninfo,
+                self.conninfo,
                 "-c",
                 "SHOW server_version_num",
             ],
             capture_output=True,
+            env=self.env,
             text=True,
             timeout=60,
         )
@@ -156,15 +160,16 @@ class PostgresEngine:
 class _BaseBackupStream:
     """pg_basebackup's stdout as chunks; raises (aborting the upload) if pg_basebackup fails."""
 
-    def __init__(self, command: list[str]) -> None:
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
         self.command = command
+        self.env = env
         self.start_lsn: str | None = None
         self.stop_lsn: str | None = None
         self.timeline: int | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
 
     def chunks(self) -> Iterator[bytes]:
-        proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
         assert proc.stdout is not None and proc.stderr is not None
         reader = threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True)
         reader.start()

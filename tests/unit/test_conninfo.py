@@ -1,0 +1,40 @@
+"""A target's password is taken out of the conninfo that goes on a command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.engines.conninfo import libpq_env, split_password
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "rest", "password"),
+    [
+        ("host=db port=5432 user=backup", "host=db port=5432 user=backup", None),
+        ("host=db password=s3cret user=backup", "host=db user=backup", "s3cret"),
+        ("password = 's3 cr\\'et' host=db", "host=db", "s3 cr'et"),
+        ("host=db user=backup password=x", "host=db user=backup", "x"),
+        ("postgresql://backup:p%40ss@db:5432/postgres", "postgresql://backup@db:5432/postgres", "p@ss"),
+        ("postgresql://backup@db/postgres", "postgresql://backup@db/postgres", None),
+    ],
+)
+def test_split_password(conninfo: str, rest: str, password: str | None) -> None:
+    assert split_password(conninfo) == (rest, password)
+
+
+def test_the_password_travels_in_the_environment() -> None:
+    assert libpq_env("pw")["PGPASSWORD"] == "pw"
+    assert "PATH" in libpq_env(None)
+
+
+def test_the_backup_command_line_carries_no_password() -> None:
+    from deskvault.config import TargetSettings
+    from workers.engines.postgresql import PostgresEngine
+
+    engine = PostgresEngine(
+        TargetSettings(name="main", engine="postgresql", conninfo="host=db user=backup password=s3cret")
+    )
+    command = engine._basebackup_command("20261122T010000Z-full")
+    assert not any("s3cret" in arg for arg in command)
+    assert "host=db user=backup" in command
+    assert engine.env["PGPASSWORD"] == "s3cret"

@@ -1,0 +1,45 @@
+"""Keep a target's password out of process arguments: libpq tools get it through PGPASSWORD instead.
+
+A password inside a conninfo passed as `-d` would be visible to every user of the machine (`ps`), and
+in any error that echoes the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+# key = value, where value is a bare word or a single-quoted string with backslash escapes (libpq's rules)
+_KEYWORD_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def split_password(conninfo: str) -> tuple[str, str | None]:
+    """`(conninfo without its password, the password or None)`, for keyword or URI conninfos."""
+    if conninfo.startswith(("postgresql://", "postgres://")):
+        return _split_uri(conninfo)
+    match = _KEYWORD_PASSWORD.search(conninfo)
+    if match is None:
+        return conninfo, None
+    value = match.group(1)
+    if value.startswith("'"):
+        value = re.sub(r"\\(.)", r"\1", value[1:-1])
+    rest = (conninfo[: match.start()] + " " + conninfo[match.end() :]).strip()
+    return " ".join(rest.split()), value
+
+
+def _split_uri(uri: str) -> tuple[str, str | None]:
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.netloc.rsplit("@", 1)[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}")), unquote(parts.password)
+
+
+def libpq_env(password: str | None) -> dict[str, str]:
+    """The environment for a libpq tool: ours, plus PGPASSWORD when the conninfo carried a password."""
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = password
+    return env
