@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ def _child(options: WorkerOptions, index: int) -> None:
     from dramatiq import Worker
 
     from deskvault.config import load_settings
+    from deskvault.errors import DeskvaultError
     from deskvault.logs import setup_logging
     from workers import context
     from workers.actors import build_broker
@@ -104,8 +106,12 @@ def _child(options: WorkerOptions, index: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM
 
-    settings = load_settings(options.config)
-    context.configure(context.build(settings))
+    try:
+        settings = load_settings(options.config)
+        context.configure(context.build(settings))
+    except DeskvaultError as e:
+        log.error("worker %d cannot start: %s", index, e)
+        sys.exit(e.exit_code)
     broker, pool_metrics = build_broker(settings)
     queues = {q for pool in options.pools for q in (pool, delay_queue(pool))}
     worker = Worker(broker, queues=queues, worker_threads=options.threads)
