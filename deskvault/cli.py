@@ -88,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--no-metrics", action="store_true", help="serve no metrics")
     w.set_defaults(func=_cmd_worker)
 
+    ws = sub.add_parser("wal-stream", help="stream every target's WAL into the repository (the log layer)")
+    ws.add_argument(
+        "--target",
+        action="extend",
+        nargs="+",
+        dest="targets",
+        metavar="TARGET",
+        help="stream only these targets (default: all)",
+    )
+    ws.set_defaults(func=_cmd_wal_stream)
+
     pub = sub.add_parser(
         "publish",
         help="publish an event: deskvault publish backup-due --target demo --kind full",
@@ -106,10 +117,18 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--json", action="store_true", help="machine-readable output")
     bl.set_defaults(func=_cmd_backups_list)
 
-    r = sub.add_parser("restore", help="restore a target's newest full backup into a folder")
+    r = sub.add_parser("restore", help="restore a target to a point in time (default: latest) into a folder")
     r.add_argument("--target", required=True)
     r.add_argument("--into", required=True, type=Path, help="new or empty folder for the data directory")
-    r.add_argument("--backup-id", help="restore this backup instead of the newest full")
+    r.add_argument(
+        "--at",
+        metavar="TIME",
+        help="restore to this moment (RFC 3339, e.g. 2026-11-27T10:15:30Z); default: the latest",
+    )
+    r.add_argument(
+        "--start", action="store_true", help="start PostgreSQL, wait for recovery, report the time reached"
+    )
+    r.add_argument("--port", type=int, default=5439, help="port for --start (default 5439)")
     r.set_defaults(func=_cmd_restore)
 
     st = sub.add_parser("status", help="targets' newest backups, queue depths, job counts")
@@ -201,6 +220,35 @@ def _cmd_worker(args: argparse.Namespace, _extra: list[str]) -> int:
         return 2
 
 
+def _cmd_wal_stream(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.context import open_repository
+    from workers.walstream import WalStreamer
+
+    settings = _settings(args)
+    names = args.targets or sorted(settings.targets)
+    targets = [settings.target(name) for name in names]
+    repo = open_repository(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    threads = [
+        threading.Thread(
+            target=WalStreamer(
+                t, repo, Path(settings.wal.spool_dir) / t.name, settings.wal.upload_interval_seconds
+            ).run,
+            args=(stop,),
+            name=f"wal-{t.name}",
+        )
+        for t in targets
+    ]
+    for thread in threads:
+        thread.start()
+    log.info("streaming WAL of %s; uploads every %ds", ", ".join(names), settings.wal.upload_interval_seconds)
+    for thread in threads:
+        thread.join()
+    return 0
+
+
 def _cmd_publish(args: argparse.Namespace, extra: list[str]) -> int:
     from messages.events import build_event
     from producers.publisher import Publisher
@@ -265,32 +313,44 @@ def _mib(n: int) -> str:
 
 
 def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
-    from workers import catalog
+    from messages.events import parse_timestamp
     from workers.context import open_repository
-    from workers.engines.postgresql import restore_full
+    from workers.pitr import plan_restore, restore
 
     settings = _settings(args)
-    settings.target(args.target)
+    target = settings.target(args.target)
+    at = None
+    if args.at is not None:
+        try:
+            at = parse_timestamp(args.at)
+        except ValueError as e:
+            raise _usage(f"--at: {e}") from None
     repo = open_repository(settings)
-    manifest = catalog.newest_full(repo, args.target, args.backup_id)
+    plan = plan_restore(repo, args.target, at)
+    base = plan.base
     print(
-        f"restoring {args.target} backup {manifest['backup_id']} ({_mib(manifest['plain_size'])}, "
-        f"LSN {manifest['start_lsn']}..{manifest['stop_lsn']}) into {args.into}",
+        f"restoring {args.target} to {args.at or 'the latest archived moment'}: full {base['backup_id']} "
+        f"({_mib(base['plain_size'])}) + {len(plan.wal)} WAL file(s); restorable window "
+        f"{plan.window.earliest:%Y-%m-%dT%H:%M:%SZ} .. {plan.window.latest:%Y-%m-%dT%H:%M:%SZ}",
         flush=True,
     )
-    step = max(manifest["plain_size"] // 20, 1)
-    shown = [0]
-
-    def progress(done: int, total: int) -> None:
-        if done - shown[0] >= step or done == total:
-            shown[0] = done
-            print(f"  {done * 100 // max(total, 1):3d}%  {_mib(done)} of {_mib(total)}", flush=True)
-
-    restore_full(repo, manifest, args.into, on_progress=progress)
-    print(
-        f"restored and verified (sha256 {manifest['objects'][0]['sha256'][:16]}…). Start it with:\n"
-        f"  pg_ctl -D {args.into} start   (as the postgres user)"
+    result = restore(
+        repo,
+        plan,
+        args.into,
+        start=args.start,
+        port=args.port,
+        pg_bin=Path(target.pg_bin),
+        on_progress=lambda line: print(f"  {line}", flush=True),
     )
+    if args.start:
+        reached = f"{result.reached:%Y-%m-%dT%H:%M:%S.%fZ}" if result.reached else "(no transaction replayed)"
+        print(f"recovered and running on 127.0.0.1:{args.port}; last transaction replayed at {reached}")
+    else:
+        print(
+            f"restored and verified into {args.into} (WAL in {result.wal_dir}). Start it as the postgres "
+            f"user with: pg_ctl -D {args.into} start; it recovers, then promotes"
+        )
     return 0
 
 

@@ -67,6 +67,14 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class WalSettings:
+    # Where streamed WAL waits for upload; per target in a sub-folder. Must survive a restart.
+    spool_dir: str = ".deskvault/wal-spool"
+    # How often arrived WAL (and the segment being written) is uploaded: the archive's worst-case lag.
+    upload_interval_seconds: int = 5
+
+
+@dataclass(frozen=True)
 class ScheduleSettings:
     full: str = DEFAULT_SCHEDULE["full"]
     diff: str = DEFAULT_SCHEDULE["diff"]
@@ -94,6 +102,7 @@ class Settings:
     control_db: ControlDbSettings = ControlDbSettings()
     repository: RepositorySettings = RepositorySettings()
     metrics: MetricsSettings = MetricsSettings()
+    wal: WalSettings = WalSettings()
     targets: Mapping[str, TargetSettings] = field(default_factory=dict)
     servers: Mapping[str, ServerSettings] = field(default_factory=dict)
     source: str = "(defaults)"
@@ -114,6 +123,7 @@ SECTIONS = {
     "control_db": ControlDbSettings,
     "repository": RepositorySettings,
     "metrics": MetricsSettings,
+    "wal": WalSettings,
 }
 
 

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import build_settings, free_port
 
-from deskvault.config import Settings, load_settings
+from deskvault.config import Settings
 from deskvault.local.demo_data import helpdesk_sql
 from deskvault.local.pgcluster import ClusterError, PgCluster
 from workers.repository.keyring import Keyring
@@ -118,34 +118,19 @@ def key_file(tmp_path: Path) -> Path:
 def make_settings(tmp_path: Path, key_file: Path, request: pytest.FixtureRequest) -> Callable[..., Settings]:
     """Settings pointing at the session's real services, with a fresh bucket prefix per call."""
 
-    def make(*, servers: dict[str, str] | None = None, lease_seconds: int = 120) -> Settings:
-        s3 = request.getfixturevalue("s3_endpoint")
-        target = request.getfixturevalue("pg_target")
-        text = f"""
-[broker]
-url = "{request.getfixturevalue("rabbit_url")}"
-min_backoff_ms = 200
-max_retries = 2
-[control_db]
-odbc = "{request.getfixturevalue("control_db_odbc")}"
-lease_seconds = {lease_seconds}
-[repository]
-bucket = "deskvault-test"
-prefix = "t-{uuid.uuid4().hex[:12]}/"
-endpoint = "{s3.endpoint_url}"
-access_key = "{s3.access_key}"
-secret_key = "{s3.secret_key}"
-key_file = "{key_file}"
-part_size_mib = 5
-[targets.main]
-engine = "postgresql"
-conninfo = "{target.conninfo}"
-"""
-        for name, schedule in (servers or {}).items():
-            text += f'[servers.{name}]\nschedule = "{schedule}"\n'
-        path = tmp_path / f"deskvault-{uuid.uuid4().hex[:6]}.toml"
-        path.write_text(text)
-        return load_settings(path, env={})
+    def make(
+        *, servers: dict[str, str] | None = None, lease_seconds: int = 120, target: PgCluster | None = None
+    ) -> Settings:
+        return build_settings(
+            tmp_path,
+            key_file,
+            request.getfixturevalue("s3_endpoint"),
+            request.getfixturevalue("rabbit_url"),
+            request.getfixturevalue("control_db_odbc"),
+            target or request.getfixturevalue("pg_target"),
+            servers=servers,
+            lease_seconds=lease_seconds,
+        )
 
     return make
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
 
-from deskvault.config import Settings
+from deskvault.config import Settings, load_settings
 from workers.context import WorkerContext, open_ledger, open_repository
 
 T = TypeVar("T")
@@ -19,6 +21,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def build_settings(
+    directory: Path,
+    key_file: Path,
+    s3: Any,
+    rabbit_url: str,
+    control_db_odbc: str,
+    target: Any,
+    *,
+    servers: dict[str, str] | None = None,
+    lease_seconds: int = 120,
+) -> Settings:
+    """A config file for the test services (a fresh bucket prefix each time), loaded like deskvault does."""
+    text = f"""
+[broker]
+url = "{rabbit_url}"
+min_backoff_ms = 200
+max_retries = 2
+[control_db]
+odbc = "{control_db_odbc}"
+lease_seconds = {lease_seconds}
+[repository]
+bucket = "deskvault-test"
+prefix = "t-{uuid.uuid4().hex[:12]}/"
+endpoint = "{s3.endpoint_url}"
+access_key = "{s3.access_key}"
+secret_key = "{s3.secret_key}"
+key_file = "{key_file}"
+part_size_mib = 5
+[wal]
+spool_dir = "{directory / f"wal-spool-{uuid.uuid4().hex[:6]}"}"
+upload_interval_seconds = 1
+[targets.main]
+engine = "postgresql"
+conninfo = "{target.conninfo}"
+"""
+    for name, schedule in (servers or {}).items():
+        text += f'[servers.{name}]\nschedule = "{schedule}"\n'
+    path = directory / f"deskvault-{uuid.uuid4().hex[:6]}.toml"
+    path.write_text(text)
+    return load_settings(path, env={})
 
 
 def worker_context(settings: Settings) -> WorkerContext:

@@ -9,7 +9,7 @@ A backup without a manifest is incomplete and is never restored from.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from workers.repository.errors import RepositoryError
@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.dv"
 MANIFEST_FORMAT = 1
+
+
+def iso(moment: datetime) -> str:
+    """Timestamps as manifests store them: UTC, microseconds, `Z`."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def backup_prefix(target: str, backup_id: str) -> str:

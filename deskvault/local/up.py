@@ -132,6 +132,9 @@ key_file = "{key_file}"
 [metrics]
 port = {options.metrics_port}
 
+[wal]
+spool_dir = "{state / "wal-spool"}"
+
 [targets.{DEMO_TARGET}]
 engine = "postgresql"
 conninfo = "{cluster.conninfo}"
@@ -143,7 +146,8 @@ conninfo = "{cluster.conninfo}"
 
 def _run_processes(config: Path, settings: object, options: UpOptions) -> int:
     base = [sys.executable, "-m", "deskvault.cli", "--config", str(config), "--log-level", options.log_level]
-    commands = {"scheduler": [*base, "scheduler"]}
+    # WAL streaming starts first, so the first full backup's WAL is already being archived.
+    commands = {"wal streamer": [*base, "wal-stream"], "scheduler": [*base, "scheduler"]}
     for i, pool in enumerate(POOLS):
         commands[f"{pool} pool"] = [
             *base,

@@ -27,6 +27,7 @@ from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import hand_over
 from workers import catalog
 from workers.engines.conninfo import libpq_env, split_password
+from workers.engines.walnames import parse_size
 from workers.repository.errors import AlreadyExists
 from workers.repository.objects import ObjectRepository
 from workers.streams import ChunkReader, counted
@@ -71,7 +72,8 @@ class PostgresEngine:
             # An earlier attempt committed this backup and died before the ledger heard of it.
             return BackupResult(repo.get_json(manifest_key), created=False)
 
-        server_version = self._server_version()
+        server_version = int(self.query("SHOW server_version_num"))
+        segment_size = self.wal_segment_size()
         started_at = datetime.now(UTC)
         data_key = catalog.backup_prefix(self.target.name, backup_id) + "base.tar.dv"
         stream = _BaseBackupStream(self._basebackup_command(backup_id), self.env)
@@ -86,11 +88,12 @@ class PostgresEngine:
             "backup_id": backup_id,
             "parent": None,
             "server_version_num": server_version,
+            "wal_segment_size": segment_size,
             "timeline": stream.timeline,
             "start_lsn": stream.start_lsn,
             "stop_lsn": stream.stop_lsn,
-            "started_at": _iso(started_at),
-            "finished_at": _iso(finished_at),
+            "started_at": catalog.iso(started_at),
+            "finished_at": catalog.iso(finished_at),
             "job_key": job_key,
             "event_id": event_id,
             "objects": [
@@ -132,29 +135,29 @@ class PostgresEngine:
             "--verbose",
         ]
 
-    def _server_version(self) -> int:
+    def query(self, sql: str) -> str:
+        """One SQL statement through psql on the target; its unaligned output."""
         proc = subprocess.run(
-            [
-                str(self.bin / "psql"),
-                "-X",
-                "-At",
-                "--no-password",
-                "-d",
-                self.conninfo,
-                "-c",
-                "SHOW server_version_num",
-            ],
+            [str(self.bin / "psql"), "-X", "-At", "--no-password", "-d", self.conninfo, "-c", sql],
             capture_output=True,
             env=self.env,
             text=True,
-            timeout=60,
+            timeout=120,
         )
         if proc.returncode != 0:
             raise EngineError(
-                f"target {self.target.name}: cannot connect ({proc.stderr.strip()[:300]}); check "
-                f"targets.{self.target.name}.conninfo and that the server is running"
+                f"target {self.target.name}: {sql!r} failed ({proc.stderr.strip()[:300]}); check "
+                f"targets.{self.target.name}.conninfo, the role's rights and that the server is running"
             )
-        return int(proc.stdout.strip())
+        return proc.stdout.strip()
+
+    def wal_segment_size(self) -> int:
+        return parse_size(self.query("SHOW wal_segment_size"))
+
+    def switch_wal(self) -> tuple[str, str]:
+        """Close the current WAL segment; returns (the segment it closed, the switch LSN)."""
+        name, lsn = self.query("SELECT pg_walfile_name(l), l FROM pg_switch_wal() AS l").split("|")
+        return name, lsn
 
 
 class _BaseBackupStream:
@@ -225,7 +228,3 @@ def restore_full(
         shutil.rmtree(into, ignore_errors=True)
         raise
     hand_over(into)
-
-
-def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -10,6 +10,7 @@ from workers import catalog, metrics
 from workers.context import WorkerContext
 from workers.engines.postgresql import PostgresEngine
 from workers.errors import UnknownTarget
+from workers.handlers.log_backup import take_log_backup
 from workers.jobs import run_once
 
 log = logging.getLogger(__name__)
@@ -21,13 +22,11 @@ def handle_backup_due(ctx: WorkerContext, event: BackupDue) -> str | None:
     if event.target not in ctx.settings.targets:
         known = ", ".join(sorted(ctx.settings.targets)) or "none"
         raise UnknownTarget(f"target: {event.target!r} is not configured (configured targets: {known})")
-    if event.kind != "full":
-        # Differential and log layers arrive with point-in-time recovery; say so rather than pretend.
-        return run_once(
-            ctx,
-            event,
-            lambda: f"not done: {event.kind} backups are not built yet; only full backups are taken",
-        )
+    if event.kind == "log":
+        return run_once(ctx, event, lambda: take_log_backup(ctx, event))
+    if event.kind == "diff":
+        # The differential layer is not built yet; say so rather than pretend.
+        return run_once(ctx, event, lambda: "not done: differential backups are not built yet")
     return run_once(ctx, event, lambda: _full_backup(ctx, event))
 
 

@@ -7,6 +7,8 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NoReturn
 
 import boto3
@@ -40,6 +42,13 @@ def validate_key(key: str) -> str:
         if segment in ("", ".", ".."):
             raise ValueError(f"object key {key!r} must not contain empty, '.' or '..' segments")
     return key
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    key: str
+    size: int
+    uploaded_at: datetime
 
 
 class S3Store:
@@ -269,6 +278,10 @@ class S3Store:
 
     def list_keys(self, prefix: str = "") -> Iterator[str]:
         """Relative keys starting with `prefix`, in S3's (lexicographic) order."""
+        return (entry.key for entry in self.list_entries(prefix))
+
+    def list_entries(self, prefix: str = "") -> Iterator[ListedObject]:
+        """Relative keys starting with `prefix` with their stored size and upload time, in key order."""
         if prefix:
             # Checked as if a key followed, so partial names ("2026-1") and folders ("db/") both pass.
             validate_key(prefix + "x")
@@ -276,7 +289,7 @@ class S3Store:
         with self._errors("list", prefix or "(all)"):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 for item in page.get("Contents", ()):
-                    yield item["Key"][len(self.prefix) :]
+                    yield ListedObject(item["Key"][len(self.prefix) :], item["Size"], item["LastModified"])
 
     def delete(self, key: str) -> None:
         """Remove the object at `key`; deleting a missing key is not an error."""

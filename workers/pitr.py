@@ -1,0 +1,235 @@
+"""Point-in-time restore: choose what a moment needs, refuse what cannot be reached, lay it out.
+
+A restore to T needs the newest full backup finished at or before T and every WAL segment from that
+backup's start up to the one holding T, without a gap. All of it is checked against the catalog before
+anything is downloaded. The WAL is then downloaded (in parallel) next to the data directory and the
+recovery settings point PostgreSQL at it: its `restore_command` is a plain `cp`, because the server's
+own user runs that command and need not be able to run deskvault.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from deskvault.errors import DeskvaultError
+from deskvault.local.pgcluster import PgCluster, hand_over
+from workers import catalog
+from workers.engines.postgresql import restore_full
+from workers.engines.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from workers.repository.objects import ObjectRepository
+from workers.walarchive import PARTIAL, WalEntry, list_wal
+
+log = logging.getLogger(__name__)
+
+# S3 upload times have one-second resolution: a partial segment is trusted up to a second before it.
+UPLOAD_TIME_MARGIN = timedelta(seconds=1)
+DOWNLOAD_THREADS = 4
+COMMIT_RE = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
+
+
+class Unreachable(DeskvaultError):
+    """The requested point in time cannot be restored from this repository."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Window:
+    earliest: datetime
+    latest: datetime
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    target: str
+    at: datetime | None
+    base: dict[str, Any]
+    wal: tuple[WalEntry, ...]
+    segment_size: int
+    window: Window
+
+
+def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> RestorePlan:
+    """What restoring `target` to `at` (None: the latest moment) needs; Unreachable says why not."""
+    fulls = [m for m in catalog.list_manifests(repo, target) if m["kind"] == "full"]
+    if not fulls:
+        raise Unreachable(f"target {target} has no full backup yet; nothing can be restored")
+    segment_size = fulls[-1].get("wal_segment_size") or DEFAULT_SEGMENT_SIZE
+    entries = list_wal(repo, target, segment_size)
+    window = Window(_finished(fulls[0]), _latest(fulls[-1], entries, segment_size))
+    if at is not None:
+        at = at.astimezone(UTC)
+        if at < window.earliest:
+            raise Unreachable(
+                f"{_show(at)} is before the oldest full backup of {target} finished "
+                f"({_show(window.earliest)}); the restorable window is {_show_window(window)}"
+            )
+    base = [m for m in fulls if at is None or _finished(m) <= at][-1]
+    run, gap = _contiguous_run(base, entries, segment_size)
+    wal = _needed(run, at)
+    if at is not None and (wal is None or at > window.latest):
+        if gap is not None:
+            raise Unreachable(
+                f"{_show(at)} lies across a gap in the WAL archive of {target}: segment "
+                f"{gap.name(segment_size)} is missing; the restorable window is {_show_window(window)}"
+            )
+        raise Unreachable(
+            f"{_show(at)} is after the newest archived WAL of {target}; the restorable window is "
+            f"{_show_window(window)}"
+        )
+    return RestorePlan(target, at, base, tuple(wal or run), segment_size, window)
+
+
+def _finished(manifest: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(manifest["finished_at"])
+
+
+def _contiguous_run(
+    base: dict[str, Any], entries: list[WalEntry], segment_size: int
+) -> tuple[list[WalEntry], Segment | None]:
+    """The archived WAL from the base's start with no hole, and the first missing segment after it."""
+    by_segment = {(e.segment, e.partial): e for e in entries if e.segment is not None}
+    segment = Segment.of(base["timeline"], parse_lsn(base["start_lsn"]), segment_size)
+    run: list[WalEntry] = []
+    while True:
+        if (complete := by_segment.get((segment, False))) is not None:
+            run.append(complete)
+        elif (partial := by_segment.get((segment, True))) is not None:
+            run.append(partial)
+            return run, None  # the segment being written: nothing can follow it yet
+        else:
+            later = [e for e in entries if e.segment is not None and e.segment > segment]
+            return run, segment if later else None
+        segment = Segment(segment.timeline, segment.segno + 1)
+
+
+def _needed(run: list[WalEntry], at: datetime | None) -> list[WalEntry] | None:
+    """The run up to the first file uploaded after `at` (it holds `at`); None if the run ends earlier."""
+    if at is None:
+        return run
+    for i, entry in enumerate(run):
+        if entry.uploaded_at - UPLOAD_TIME_MARGIN >= at:
+            return run[: i + 1]
+    return None
+
+
+def _latest(newest_full: dict[str, Any], entries: list[WalEntry], segment_size: int) -> datetime:
+    run, _ = _contiguous_run(newest_full, entries, segment_size)
+    if not run:
+        return _finished(newest_full)
+    return max(_finished(newest_full), run[-1].uploaded_at - UPLOAD_TIME_MARGIN)
+
+
+def _show(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _show_window(window: Window) -> str:
+    return f"{_show(window.earliest)} .. {_show(window.latest)}"
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    into: Path
+    wal_dir: Path
+    recovery_target: datetime | None
+    reached: datetime | None  # with start=True: the last transaction replayed
+
+
+def restore(
+    repo: ObjectRepository,
+    plan: RestorePlan,
+    into: Path,
+    *,
+    start: bool = False,
+    port: int = 0,
+    pg_bin: Path | None = None,
+    on_progress: Callable[[str], None] = log.info,
+) -> RestoreResult:
+    """Lay out the base, the WAL and the recovery settings; with `start`, recover and report the time."""
+    wal_dir = into.parent / f"{into.name}.wal"
+    if wal_dir.exists() and any(wal_dir.iterdir()):
+        raise DeskvaultError(f"{wal_dir} is not empty; restore into a new folder")
+    on_progress(f"restoring base backup {plan.base['backup_id']}")
+    restore_full(repo, plan.base, into)
+    _download_wal(repo, plan, wal_dir, on_progress)
+    pg = pg_bin or Path("/usr/lib/postgresql/15/bin")
+    target = plan.at
+    if target is not None and (last := last_commit_time(wal_dir, pg)) is not None and target >= last:
+        # No commit after T is archived: recovering to the end gives exactly the state at T, whereas
+        # PostgreSQL refuses a target time it never sees passed.
+        target = None
+    _write_recovery_settings(into, wal_dir, target)
+    hand_over(wal_dir)
+    hand_over(into)
+    reached = None
+    if start:
+        cluster = PgCluster(into, port, pg)
+        cluster.start(timeout=600)
+        reached = _wait_recovered(cluster)
+    return RestoreResult(into, wal_dir, target, reached)
+
+
+def _download_wal(
+    repo: ObjectRepository, plan: RestorePlan, wal_dir: Path, on_progress: Callable[[str], None]
+) -> None:
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    total = len(plan.wal)
+    done = 0
+
+    def fetch(entry: WalEntry) -> None:
+        # A partial segment is restored under its segment's name: it is all there is of that segment.
+        path = wal_dir / entry.filename.removesuffix(PARTIAL)
+        with path.open("wb") as f:
+            for chunk in repo.get_stream(entry.key):
+                f.write(chunk)
+
+    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+        for _ in pool.map(fetch, plan.wal):
+            done += 1
+            if done == total or done % max(total // 10, 1) == 0:
+                on_progress(f"WAL {done}/{total} segments downloaded and verified")
+
+
+def last_commit_time(wal_dir: Path, pg_bin: Path) -> datetime | None:
+    """The newest commit timestamp in the downloaded WAL, scanning the last segments first."""
+    for segment in sorted(wal_dir.iterdir(), reverse=True):
+        proc = subprocess.run(
+            [str(pg_bin / "pg_waldump"), "--path", str(wal_dir), segment.name], capture_output=True, text=True
+        )
+        stamps = COMMIT_RE.findall(proc.stdout)
+        if stamps:
+            return datetime.fromisoformat(stamps[-1]).replace(tzinfo=UTC)
+    return None
+
+
+def _write_recovery_settings(into: Path, wal_dir: Path, target: datetime | None) -> None:
+    lines = [
+        "# Written by deskvault restore",
+        f'restore_command = \'cp "{wal_dir}/%f" "%p"\'',
+        "recovery_target_timeline = 'current'",
+    ]
+    if target is not None:
+        lines += [f"recovery_target_time = '{target.isoformat()}'", "recovery_target_action = 'promote'"]
+    with (into / "postgresql.auto.conf").open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    (into / "recovery.signal").touch()
+
+
+def _wait_recovered(cluster: PgCluster, timeout: float = 600) -> datetime | None:
+    deadline = time.monotonic() + timeout
+    while cluster.psql("SELECT pg_is_in_recovery()").strip() == "t":
+        if time.monotonic() > deadline:
+            raise DeskvaultError(f"recovery did not finish within {timeout:.0f}s; see the server log")
+        time.sleep(0.5)
+    reached = cluster.psql("SELECT pg_last_xact_replay_timestamp()").strip()
+    return datetime.fromisoformat(reached).astimezone(UTC) if reached else None

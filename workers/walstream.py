@@ -1,0 +1,187 @@
+"""The log layer: stream each target's WAL over replication and archive it within seconds.
+
+`pg_receivewal` receives WAL as it is written, over a replication connection (the same access
+`pg_basebackup` needs; nothing on the database host changes, and no process there has to run deskvault).
+A physical replication slot makes the server keep WAL until it has been received, so a streamer that was
+down leaves no gap. Every `upload_interval` seconds this module uploads what arrived to the repository
+(compressed and encrypted like every object): complete segments once, and the segment still being
+written as `<segment>.partial`, overwritten each time -- so a committed transaction is in the bucket
+seconds after its commit, whether or not its segment is full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from deskvault.config import TargetSettings
+from workers.engines.conninfo import libpq_env, split_password
+from workers.repository.objects import ObjectRepository
+from workers.walarchive import PARTIAL, archivable, wal_key
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MAX = 60.0
+READ_SIZE = 4 * 1024 * 1024
+
+
+def slot_name(target: str) -> str:
+    return "deskvault_" + target.replace("-", "_")
+
+
+class WalStreamer:
+    """Runs pg_receivewal for one target and uploads its output."""
+
+    def __init__(
+        self, target: TargetSettings, repo: ObjectRepository, spool: Path, upload_interval: float = 5.0
+    ) -> None:
+        self.target = target
+        self.repo = repo
+        self.spool = spool
+        self.upload_interval = upload_interval
+        self.conninfo, password = split_password(target.conninfo)
+        self.env = libpq_env(password)
+        self._partial_seen: dict[str, tuple[int, int]] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Stream and upload until `stop` is set; pg_receivewal is restarted with backoff if it exits."""
+        self.spool.mkdir(parents=True, exist_ok=True)
+        backoff, restart_at = 1.0, 0.0
+        try:
+            while not stop.is_set():
+                if self._proc is not None and self._proc.poll() is not None:
+                    log.warning(
+                        "wal %s: pg_receivewal exited (code %s); restarting in %.0fs",
+                        self.target.name,
+                        self._proc.returncode,
+                        backoff,
+                    )
+                    self._proc = None
+                    restart_at, backoff = time.monotonic() + backoff, min(backoff * 2, RESTART_BACKOFF_MAX)
+                if self._proc is None and time.monotonic() >= restart_at and not self._start_receiver():
+                    restart_at, backoff = time.monotonic() + backoff, min(backoff * 2, RESTART_BACKOFF_MAX)
+                try:
+                    self.upload_ready()
+                except Exception as e:  # the files stay in the spool; the next round retries
+                    log.error("wal %s: upload failed: %s", self.target.name, e)
+                stop.wait(self.upload_interval)
+        finally:
+            self._stop_receiver()
+            self.upload_ready()
+
+    def _start_receiver(self) -> bool:
+        slot = slot_name(self.target.name)
+        bin_dir = Path(self.target.pg_bin)
+        create = subprocess.run(
+            [
+                str(bin_dir / "pg_receivewal"),
+                "--dbname",
+                self.conninfo,
+                "--slot",
+                slot,
+                "--create-slot",
+                "--if-not-exists",
+                "--no-password",
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+        )
+        if create.returncode != 0:
+            log.error(
+                "wal %s: cannot create replication slot %s: %s",
+                self.target.name,
+                slot,
+                create.stderr.strip()[:300],
+            )
+            return False
+        self._proc = subprocess.Popen(
+            [
+                str(bin_dir / "pg_receivewal"),
+                "--dbname",
+                self.conninfo,
+                "--slot",
+                slot,
+                "--directory",
+                str(self.spool),
+                "--no-loop",
+                "--no-password",
+                "--status-interval",
+                "1",
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        threading.Thread(target=self._log_stderr, args=(self._proc,), daemon=True).start()
+        log.info("wal %s: streaming into %s (slot %s)", self.target.name, self.spool, slot)
+        return True
+
+    def _log_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.info("wal %s: %s", self.target.name, line.decode("utf-8", "replace").rstrip())
+
+    def _stop_receiver(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+    def upload_ready(self) -> int:
+        """Upload what arrived since the last call; returns how many files were uploaded."""
+        uploaded = 0
+        for path in sorted(self.spool.iterdir()):
+            if not archivable(path.name):
+                continue
+            if path.name.endswith(PARTIAL):
+                uploaded += self._upload_partial(path)
+            else:
+                self._upload_complete(path)
+                uploaded += 1
+        return uploaded
+
+    def _upload_complete(self, path: Path) -> None:
+        key = wal_key(self.target.name, path.name)
+        if self.repo.exists(key) and not self._same_as_archived(path, key):
+            # Two clusters writing one target's archive, or a damaged file: keep both for an operator.
+            raise RuntimeError(f"{key} is already archived with other contents; kept {path} for inspection")
+        stored = self.repo.put_stream(key, _file_chunks(path))
+        log.info("wal %s: archived %s (%d bytes stored)", self.target.name, path.name, stored.stored_size)
+        # Its partial object, if any, is superseded by the complete segment.
+        self.repo.delete(wal_key(self.target.name, path.name + PARTIAL))
+        self._partial_seen.pop(path.name + PARTIAL, None)
+        path.unlink()
+
+    def _upload_partial(self, path: Path) -> int:
+        stat = path.stat()
+        state = (stat.st_size, stat.st_mtime_ns)
+        if self._partial_seen.get(path.name) == state:
+            return 0
+        self.repo.put_stream(wal_key(self.target.name, path.name), _file_chunks(path))
+        self._partial_seen[path.name] = state
+        return 1
+
+    def _same_as_archived(self, path: Path, key: str) -> bool:
+        archived = hashlib.sha256()
+        for chunk in self.repo.get_stream(key):
+            archived.update(chunk)
+        local = hashlib.sha256()
+        for chunk in _file_chunks(path):
+            local.update(chunk)
+        return archived.digest() == local.digest()
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(READ_SIZE):
+            yield chunk
