@@ -286,25 +286,34 @@ def _usage(message: str) -> DeskvaultError:
 
 
 def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:
-    from workers import catalog
     from workers.context import open_repository
+    from workers.inventory import inventory
 
     settings = _settings(args)
     settings.target(args.target)
-    manifests = catalog.list_manifests(open_repository(settings), args.target)
+    found = inventory(open_repository(settings), args.target)
     if args.json:
-        print(json.dumps({"target": args.target, "backups": manifests}, indent=2))
+        print(json.dumps(found, indent=2))
         return 0
-    if not manifests:
+    if not found["backups"]:
         print(f"no backups of {args.target} yet")
         return 0
     print(f"{'BACKUP':<26} {'KIND':<5} {'FINISHED':<28} {'LSN RANGE':<24} {'SIZE':>10} {'STORED':>10}")
-    for m in manifests:
+    for m in found["backups"]:
         lsns = f"{m['start_lsn']}..{m['stop_lsn']}"
         print(
             f"{m['backup_id']:<26} {m['kind']:<5} {m['finished_at']:<28} {lsns:<24} "
             f"{_mib(m['plain_size']):>10} {_mib(m['stored_size']):>10}"
         )
+    wal = found["wal"]
+    print(
+        f"\nWAL: {wal['segments']} segments {wal['first'] or ''}..{wal['last'] or ''}"
+        f"{', writing ' + wal['partial'] if wal['partial'] else ''}; newest upload {wal['newest_upload']}"
+    )
+    if wal["gaps"]:
+        print(f"WAL GAPS: {', '.join(wal['gaps'])} -- take a full backup")
+    window = found["restorable_window"]
+    print(f"restorable: {window['earliest']} .. {window['latest']}" if window else "restorable: nothing yet")
     return 0
 
 

@@ -61,7 +61,7 @@ def run_up(options: UpOptions) -> int:
     open_repository(settings).store.ensure_bucket()
     open_ledger(settings).migrate()
     _step("config: %s (other commands read it from ./.deskvault, or pass --config)", config)
-    return _run_processes(config, settings, options)
+    return _run_processes(config, settings, options, cluster)
 
 
 def _step(message: str, *args: object) -> None:
@@ -144,10 +144,16 @@ conninfo = "{cluster.conninfo}"
     return config
 
 
-def _run_processes(config: Path, settings: object, options: UpOptions) -> int:
+def _run_processes(config: Path, settings: object, options: UpOptions, cluster: PgCluster) -> int:
     base = [sys.executable, "-m", "deskvault.cli", "--config", str(config), "--log-level", options.log_level]
-    # WAL streaming starts first, so the first full backup's WAL is already being archived.
-    commands = {"wal streamer": [*base, "wal-stream"], "scheduler": [*base, "scheduler"]}
+    procs = {"wal streamer": subprocess.Popen([*base, "wal-stream"])}
+    try:
+        # WAL streaming must run before the first full backup, or the archive would start after it.
+        _wait_streaming(cluster, procs["wal streamer"])
+    except BaseException:
+        procs["wal streamer"].terminate()
+        raise
+    commands = {"scheduler": [*base, "scheduler"]}
     for i, pool in enumerate(POOLS):
         commands[f"{pool} pool"] = [
             *base,
@@ -159,7 +165,7 @@ def _run_processes(config: Path, settings: object, options: UpOptions) -> int:
             "--metrics-port",
             str(options.metrics_port + i),
         ]
-    procs = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+    procs.update({name: subprocess.Popen(cmd) for name, cmd in commands.items()})
     for i, pool in enumerate(POOLS):
         _step("%s pool running; metrics on http://127.0.0.1:%d/metrics", pool, options.metrics_port + i)
     stop = threading.Event()
@@ -190,6 +196,15 @@ def _run_processes(config: Path, settings: object, options: UpOptions) -> int:
             p.kill()
     _step("stopped (SeaweedFS and the demo cluster keep running; `deskvault up` reuses them)")
     return exit_code
+
+
+def _wait_streaming(cluster: PgCluster, streamer: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while cluster.psql("SELECT count(*) FROM pg_stat_replication").strip() == "0":
+        if streamer.poll() is not None or time.monotonic() > deadline:
+            raise DeskvaultError("the WAL streamer did not connect to the demo target; see its log above")
+        time.sleep(0.5)
+    _step("WAL of %r streams into the repository", DEMO_TARGET)
 
 
 def _announce_first_backup(settings: object, stop: threading.Event) -> None:

@@ -6,6 +6,9 @@ T must hold exactly the rows whose commit time is at or before T.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -131,6 +134,39 @@ def test_unreachable_moments_are_refused_before_anything_is_downloaded(history) 
         plan_restore(ctx.repository, "main", window.earliest - timedelta(seconds=1))
     with pytest.raises(Unreachable, match="after the newest archived WAL"):
         plan_restore(ctx.repository, "main", datetime.now(UTC) + timedelta(hours=1))
+
+
+def test_the_listing_shows_the_chain_the_wal_and_the_window(history) -> None:
+    settings, _, times = history
+    listing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deskvault.cli",
+            "--config",
+            str(settings.source),
+            "backups",
+            "list",
+            "--target",
+            "main",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listing.returncode == 0, listing.stderr
+    found = json.loads(listing.stdout)
+    assert [b["kind"] for b in found["backups"]] == ["full", "log"]
+    assert found["chains"] == [{"full": found["backups"][0]["backup_id"], "diffs": []}]
+    assert found["wal"]["segments"] >= 2 and found["wal"]["gaps"] == []
+    window = found["restorable_window"]
+    assert (
+        datetime.fromisoformat(window["earliest"])
+        < times[1]
+        < times[8]
+        <= datetime.fromisoformat(window["latest"])
+    )
 
 
 def test_a_gap_in_the_archive_is_named(history) -> None:
