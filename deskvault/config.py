@@ -87,6 +87,10 @@ class TargetSettings:
     engine: str
     conninfo: str
     pg_bin: str = "/usr/lib/postgresql/15/bin"
+    # The target's data directory, readable by deskvault: differential backups copy changed files from it.
+    data_directory: str = ""
+    # A differential with no full to extend: "refuse" (dead-lettered with the reason) or "full" (take one).
+    diff_without_full: str = "refuse"
     schedule: ScheduleSettings = ScheduleSettings()
 
 
@@ -191,6 +195,8 @@ def _target(name: str, value: Any) -> TargetSettings:
     for kind in ("full", "diff", "log"):
         _check_cron(getattr(schedule, kind), f"{where}.schedule.{kind}")
     target = _section(TargetSettings, {"name": name, **value}, where, schedule=schedule)
+    if target.diff_without_full not in ("refuse", "full"):
+        raise ConfigError(f'{where}.diff_without_full: must be "refuse" or "full"')
     if target.engine not in ENGINES:
         raise ConfigError(
             f"{where}.engine: {target.engine!r} is not supported (supported: {', '.join(ENGINES)})"

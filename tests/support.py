@@ -57,6 +57,7 @@ upload_interval_seconds = 1
 [targets.main]
 engine = "postgresql"
 conninfo = "{target.conninfo}"
+data_directory = "{target.datadir}"
 """
     for name, schedule in (servers or {}).items():
         text += f'[servers.{name}]\nschedule = "{schedule}"\n'

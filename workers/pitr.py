@@ -23,6 +23,7 @@ from typing import Any
 from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import PgCluster, hand_over
 from workers import catalog
+from workers.engines.pgdiff import apply_diff
 from workers.engines.postgresql import restore_full
 from workers.engines.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
 from workers.repository.objects import ObjectRepository
@@ -53,6 +54,7 @@ class RestorePlan:
     target: str
     at: datetime | None
     base: dict[str, Any]
+    diff: dict[str, Any] | None  # the newest differential of `base` at or before `at`
     wal: tuple[WalEntry, ...]
     segment_size: int
     window: Window
@@ -60,7 +62,8 @@ class RestorePlan:
 
 def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> RestorePlan:
     """What restoring `target` to `at` (None: the latest moment) needs; Unreachable says why not."""
-    fulls = [m for m in catalog.list_manifests(repo, target) if m["kind"] == "full"]
+    manifests = catalog.list_manifests(repo, target)
+    fulls = [m for m in manifests if m["kind"] == "full"]
     if not fulls:
         raise Unreachable(f"target {target} has no full backup yet; nothing can be restored")
     segment_size = fulls[-1].get("wal_segment_size") or DEFAULT_SEGMENT_SIZE
@@ -74,7 +77,14 @@ def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> Re
                 f"({_show(window.earliest)}); the restorable window is {_show_window(window)}"
             )
     base = [m for m in fulls if at is None or _finished(m) <= at][-1]
-    run, gap = _contiguous_run(base, entries, segment_size)
+    diffs = [
+        m
+        for m in manifests
+        if m["kind"] == "diff" and m["parent"] == base["backup_id"] and (at is None or _finished(m) <= at)
+    ]
+    diff = diffs[-1] if diffs else None
+    # Replay starts at the checkpoint of the newest backup used, so the WAL is needed from there.
+    run, gap = _contiguous_run(diff or base, entries, segment_size)
     wal = _needed(run, at)
     if at is not None and (wal is None or at > window.latest):
         if gap is not None:
@@ -86,7 +96,7 @@ def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> Re
             f"{_show(at)} is after the newest archived WAL of {target}; the restorable window is "
             f"{_show_window(window)}"
         )
-    return RestorePlan(target, at, base, tuple(wal or run), segment_size, window)
+    return RestorePlan(target, at, base, diff, tuple(wal or run), segment_size, window)
 
 
 def _finished(manifest: dict[str, Any]) -> datetime:
@@ -161,6 +171,9 @@ def restore(
         raise DeskvaultError(f"{wal_dir} is not empty; restore into a new folder")
     on_progress(f"restoring base backup {plan.base['backup_id']}")
     restore_full(repo, plan.base, into)
+    if plan.diff is not None:
+        on_progress(f"applying differential backup {plan.diff['backup_id']}")
+        apply_diff(repo, plan.diff, into)
     _download_wal(repo, plan, wal_dir, on_progress)
     pg = pg_bin or Path("/usr/lib/postgresql/15/bin")
     target = plan.at

@@ -20,6 +20,7 @@ from support import build_settings, free_port, wait_for, worker_context
 
 from deskvault.local.pgcluster import PgCluster
 from messages.events import BackupDue
+from workers import catalog
 from workers.handlers.backup import handle_backup_due
 from workers.pitr import Unreachable, plan_restore, restore
 from workers.repository.keyring import Keyring
@@ -35,6 +36,10 @@ def source(scratch_dir: Path):
     cluster.initdb(extra_conf="track_commit_timestamp = on\n")
     cluster.start()
     cluster.psql("CREATE TABLE marks (id int PRIMARY KEY, note text NOT NULL)")
+    cluster.psql("CHECKPOINT")
+    # Files touched within a second of a full's start always go into the next differential (their
+    # modification time cannot prove them unchanged); a cluster this young would make every file one.
+    time.sleep(2)
     yield cluster
     cluster.destroy()
 
@@ -62,7 +67,7 @@ def commit_times(cluster: PgCluster) -> dict[int, datetime]:
 
 @pytest.fixture(scope="module")
 def history(source: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
-    """Given a target streamed to the archive through full -> writes -> log backup -> writes."""
+    """Given a target streamed to the archive through full, writes, differential, writes, log, writes."""
     directory = tmp_path_factory.mktemp("pitr")
     key_file = directory / "keys.json"
     Keyring.create(key_file)
@@ -80,12 +85,14 @@ def history(source: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, contro
         )
         assert backup(ctx, "full").startswith("full backup ")
         commit_rows(source, range(1, 5))
-        assert backup(ctx, "log").startswith("log backup ")
+        assert backup(ctx, "diff").startswith("diff backup ")
         commit_rows(source, range(5, 9))
+        assert backup(ctx, "log").startswith("log backup ")
+        commit_rows(source, range(9, 13))
         times = commit_times(source)
         # the newest commit is in the bucket within seconds, in the partial segment
         wait_for(
-            lambda: plan_restore(ctx.repository, "main", None).window.latest > times[8],
+            lambda: plan_restore(ctx.repository, "main", None).window.latest > times[12],
             timeout=30,
             what="the last commit to reach the archive",
         )
@@ -108,7 +115,9 @@ def restored_ids(ctx, at: datetime | None, scratch_dir: Path) -> tuple[set[int],
 
 
 @pytest.mark.parametrize(
-    "between", [(2, 3), (4, 5), (7, 8)], ids=["early", "just-after-the-log-backup", "inside-the-last-segment"]
+    "between",
+    [(2, 3), (6, 7), (8, 9), (11, 12)],
+    ids=["before-the-diff", "after-the-diff", "around-the-log-backup", "inside-the-last-segment"],
 )
 def test_restore_to_a_moment_between_two_commits_one_second_apart(history, scratch_dir, between) -> None:
     _, ctx, times = history
@@ -119,6 +128,27 @@ def test_restore_to_a_moment_between_two_commits_one_second_apart(history, scrat
 
     assert ids == {i for i, t in times.items() if t <= at}
     assert reached is not None and before - timedelta(milliseconds=1) <= reached <= at
+
+
+def test_just_after_the_differential_it_is_used_and_exact(history, scratch_dir) -> None:
+    _, ctx, times = history
+    diff = next(m for m in catalog.list_manifests(ctx.repository, "main") if m["kind"] == "diff")
+    finished = datetime.fromisoformat(diff["finished_at"])
+    at = finished + (times[5] - finished) / 2  # the next commit follows within milliseconds
+    assert times[4] < at < times[5]
+
+    assert plan_restore(ctx.repository, "main", at).diff["backup_id"] == diff["backup_id"]
+    assert plan_restore(ctx.repository, "main", times[4]).diff is None  # before it: full + WAL only
+    ids, _ = restored_ids(ctx, at, scratch_dir)
+    assert ids == {1, 2, 3, 4}
+
+
+def test_the_differential_holds_only_what_changed(history) -> None:
+    _, ctx, _ = history
+    full, diff = (m for m in catalog.list_manifests(ctx.repository, "main") if m["kind"] in ("full", "diff"))
+    assert diff["parent"] == full["backup_id"]
+    assert 0 < diff["plain_size"] < full["plain_size"] / 4
+    assert "START WAL LOCATION" in diff["backup_label"]
 
 
 def test_restore_without_a_time_gives_every_archived_commit(history, scratch_dir) -> None:
@@ -157,14 +187,16 @@ def test_the_listing_shows_the_chain_the_wal_and_the_window(history) -> None:
     )
     assert listing.returncode == 0, listing.stderr
     found = json.loads(listing.stdout)
-    assert [b["kind"] for b in found["backups"]] == ["full", "log"]
-    assert found["chains"] == [{"full": found["backups"][0]["backup_id"], "diffs": []}]
+    assert [b["kind"] for b in found["backups"]] == ["full", "diff", "log"]
+    assert found["chains"] == [
+        {"full": found["backups"][0]["backup_id"], "diffs": [found["backups"][1]["backup_id"]]}
+    ]
     assert found["wal"]["segments"] >= 2 and found["wal"]["gaps"] == []
     window = found["restorable_window"]
     assert (
         datetime.fromisoformat(window["earliest"])
         < times[1]
-        < times[8]
+        < times[12]
         <= datetime.fromisoformat(window["latest"])
     )
 
@@ -177,4 +209,4 @@ def test_a_gap_in_the_archive_is_named(history) -> None:
     missing = next(e for e in segments if e.segment > base_start)
     ctx.repository.delete(missing.key)
     with pytest.raises(Unreachable, match=f"gap in the WAL archive.*{missing.filename}"):
-        plan_restore(ctx.repository, "main", times[8])
+        plan_restore(ctx.repository, "main", times[12])

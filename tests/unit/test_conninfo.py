@@ -38,3 +38,13 @@ def test_the_backup_command_line_carries_no_password() -> None:
     assert not any("s3cret" in arg for arg in command)
     assert "host=db user=backup" in command
     assert engine.env["PGPASSWORD"] == "s3cret"
+
+
+def test_odbc_connection_string_names_the_same_server() -> None:
+    from workers.engines.conninfo import odbc_connection_string
+
+    odbc = odbc_connection_string("host=127.0.0.1 port=55432 user=postgres dbname=postgres password=p}w")
+    assert odbc == (
+        "DRIVER={PostgreSQL Unicode};SERVER=127.0.0.1;PORT=55432;DATABASE=postgres;UID=postgres;PWD={p}}w};"
+    )
+    assert "SERVER=db;PORT=6543;DATABASE=app;UID=u" in odbc_connection_string("postgresql://u@db:6543/app")

@@ -43,3 +43,46 @@ def libpq_env(password: str | None) -> dict[str, str]:
     if password is not None:
         env["PGPASSWORD"] = password
     return env
+
+
+# libpq keyword -> psqlODBC keyword, for the settings the low-level backup session needs.
+_ODBC_KEYS = {
+    "host": "SERVER",
+    "hostaddr": "SERVER",
+    "port": "PORT",
+    "user": "UID",
+    "dbname": "DATABASE",
+    "sslmode": "SSLMode",
+}
+
+
+def odbc_connection_string(conninfo: str) -> str:
+    """The same server through psqlODBC (used where one session must span several statements)."""
+    rest, password = split_password(conninfo)
+    if rest.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(rest)
+        values = {
+            "host": parts.hostname or "",
+            "port": str(parts.port or 5432),
+            "user": parts.username or "",
+            "dbname": parts.path.lstrip("/") or "postgres",
+        }
+    else:
+        values = dict(_keyword_pairs(rest))
+    pairs = {"DRIVER": "{PostgreSQL Unicode}", "SERVER": "127.0.0.1", "PORT": "5432", "DATABASE": "postgres"}
+    for key, value in values.items():
+        if key in _ODBC_KEYS:
+            pairs[_ODBC_KEYS[key]] = value
+    if password is not None:
+        pairs["PWD"] = "{" + password.replace("}", "}}") + "}"
+    return ";".join(f"{k}={v}" for k, v in pairs.items()) + ";"
+
+
+def _keyword_pairs(conninfo: str) -> list[tuple[str, str]]:
+    pairs = []
+    for match in re.finditer(r"(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", conninfo):
+        value = match.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        pairs.append((match.group(1), value))
+    return pairs

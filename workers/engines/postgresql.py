@@ -9,6 +9,7 @@ memory ever holds the whole backup.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import re
@@ -27,9 +28,10 @@ from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import hand_over
 from workers import catalog
 from workers.engines.conninfo import libpq_env, split_password
+from workers.engines.tarwatch import TarMemberWatcher
 from workers.engines.walnames import parse_size
 from workers.repository.errors import AlreadyExists
-from workers.repository.objects import ObjectRepository
+from workers.repository.objects import ObjectRepository, StoredObject
 from workers.streams import ChunkReader, counted
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,18 @@ class PostgresEngine:
         server_version = int(self.query("SHOW server_version_num"))
         segment_size = self.wal_segment_size()
         started_at = datetime.now(UTC)
-        data_key = catalog.backup_prefix(self.target.name, backup_id) + "base.tar.dv"
+        prefix = catalog.backup_prefix(self.target.name, backup_id)
         stream = _BaseBackupStream(self._basebackup_command(backup_id), self.env)
-        stored = repo.put_stream(data_key, stream.chunks(), on_progress=on_progress)
+        # PostgreSQL's own backup_manifest lists every file with its size and time: the differential
+        # layer compares the data directory against it.
+        watcher = TarMemberWatcher("backup_manifest")
+        stored = repo.put_stream(
+            prefix + "base.tar.dv", watcher.tee(stream.chunks()), on_progress=on_progress
+        )
+        file_list_key = None
+        if watcher.captured is not None:
+            file_list_key = prefix + "files.dv"
+            repo.put_json(file_list_key, json.loads(watcher.captured))
         finished_at = datetime.now(UTC)
 
         manifest = {
@@ -96,25 +107,12 @@ class PostgresEngine:
             "finished_at": catalog.iso(finished_at),
             "job_key": job_key,
             "event_id": event_id,
-            "objects": [
-                {
-                    "name": "base.tar",
-                    "key": stored.key,
-                    "plain_size": stored.plain_size,
-                    "stored_size": stored.stored_size,
-                    "sha256": stored.sha256,
-                    "key_id": stored.key_id,
-                }
-            ],
+            "file_list": file_list_key,
+            "objects": [object_entry("base.tar", stored)],
             "plain_size": stored.plain_size,
             "stored_size": stored.stored_size,
         }
-        try:
-            repo.put_json(manifest_key, manifest, if_none_match=True)
-        except AlreadyExists:
-            # Two deliveries raced past the ledger (e.g. after a lease expiry); the first commit wins.
-            return BackupResult(repo.get_json(manifest_key), created=False)
-        return BackupResult(manifest, created=True)
+        return commit(repo, manifest_key, manifest)
 
     def _basebackup_command(self, backup_id: str) -> list[str]:
         return [
@@ -158,6 +156,28 @@ class PostgresEngine:
         """Close the current WAL segment; returns (the segment it closed, the switch LSN)."""
         name, lsn = self.query("SELECT pg_walfile_name(l), l FROM pg_switch_wal() AS l").split("|")
         return name, lsn
+
+
+def object_entry(name: str, stored: StoredObject) -> dict[str, Any]:
+    """How a manifest lists one of its data objects."""
+    return {
+        "name": name,
+        "key": stored.key,
+        "plain_size": stored.plain_size,
+        "stored_size": stored.stored_size,
+        "sha256": stored.sha256,
+        "key_id": stored.key_id,
+    }
+
+
+def commit(repo: ObjectRepository, manifest_key: str, manifest: dict[str, Any]) -> BackupResult:
+    """Write the manifest, the backup's commit point, unless another attempt already committed it."""
+    try:
+        repo.put_json(manifest_key, manifest, if_none_match=True)
+    except AlreadyExists:
+        # Two deliveries raced past the ledger (e.g. after a lease expiry); the first commit wins.
+        return BackupResult(repo.get_json(manifest_key), created=False)
+    return BackupResult(manifest, created=True)
 
 
 class _BaseBackupStream:

@@ -1,15 +1,17 @@
-"""backup-due: take the backup the event asks for and index it."""
+"""backup-due: take the backup the event asks for (full, differential or log) and index it."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 
 from messages.events import BackupDue
 from workers import catalog, metrics
 from workers.context import WorkerContext
-from workers.engines.postgresql import PostgresEngine
-from workers.errors import UnknownTarget
+from workers.engines.pgdiff import diff_backup
+from workers.engines.postgresql import BackupResult, PostgresEngine
+from workers.errors import PermanentError, UnknownTarget
 from workers.handlers.log_backup import take_log_backup
 from workers.jobs import run_once
 
@@ -25,34 +27,66 @@ def handle_backup_due(ctx: WorkerContext, event: BackupDue) -> str | None:
     if event.kind == "log":
         return run_once(ctx, event, lambda: take_log_backup(ctx, event))
     if event.kind == "diff":
-        # The differential layer is not built yet; say so rather than pretend.
-        return run_once(ctx, event, lambda: "not done: differential backups are not built yet")
+        return run_once(ctx, event, lambda: _diff_backup(ctx, event))
     return run_once(ctx, event, lambda: _full_backup(ctx, event))
 
 
 def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:
     target = ctx.settings.target(event.target)
     backup_id = catalog.backup_id_for("full", event.slot)
-    next_report = [PROGRESS_EVERY]
-
-    def progress(done: int) -> None:
-        if done >= next_report[0]:
-            log.info("backup %s/%s: %d MiB read", event.target, backup_id, done // 2**20)
-            next_report[0] += PROGRESS_EVERY
-
     result = PostgresEngine(target).full_backup(
         ctx.repository,
         backup_id=backup_id,
         job_key=event.idempotency_key,
         event_id=event.event_id,
-        on_progress=progress,
+        on_progress=_progress(event.target, backup_id),
     )
+    return _recorded(ctx, event.target, result)
+
+
+def _diff_backup(ctx: WorkerContext, event: BackupDue) -> str:
+    target = ctx.settings.target(event.target)
+    fulls = [m for m in catalog.list_manifests(ctx.repository, target.name) if m["kind"] == "full"]
+    if not fulls:
+        if target.diff_without_full == "full":
+            log.info("diff %s: no full backup yet; taking a full instead", target.name)
+            return _full_backup(ctx, event)
+        raise PermanentError(
+            f"kind: no full backup of {target.name} for a differential to extend; take a full first, or set "
+            f'targets.{target.name}.diff_without_full = "full"'
+        )
+    backup_id = catalog.backup_id_for("diff", event.slot)
+    result = diff_backup(
+        target,
+        ctx.repository,
+        backup_id=backup_id,
+        full=fulls[-1],
+        job_key=event.idempotency_key,
+        event_id=event.event_id,
+        on_progress=_progress(event.target, backup_id),
+    )
+    return _recorded(ctx, event.target, result)
+
+
+def _progress(target: str, backup_id: str) -> Callable[[int], None]:
+    next_report = [PROGRESS_EVERY]
+
+    def progress(done: int) -> None:
+        if done >= next_report[0]:
+            log.info("backup %s/%s: %d MiB read", target, backup_id, done // 2**20)
+            next_report[0] += PROGRESS_EVERY
+
+    return progress
+
+
+def _recorded(ctx: WorkerContext, target: str, result: BackupResult) -> str:
+    """Index the committed backup, count it, and describe it for the ledger."""
     m = result.manifest
     ctx.ledger.record_backup(
-        target=event.target,
-        backup_id=backup_id,
-        kind="full",
-        manifest_key=catalog.manifest_key(event.target, backup_id),
+        target=target,
+        backup_id=m["backup_id"],
+        kind=m["kind"],
+        manifest_key=catalog.manifest_key(target, m["backup_id"]),
         started_at=datetime.fromisoformat(m["started_at"]),
         finished_at=datetime.fromisoformat(m["finished_at"]),
         start_lsn=m["start_lsn"],
@@ -61,12 +95,13 @@ def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:
         stored_bytes=m["stored_size"],
     )
     if result.created:
-        metrics.BACKUP_BYTES.labels(event.target, "full").inc(m["plain_size"])
-    metrics.BACKUP_LAST_SUCCESS.labels(event.target, "full").set(
+        metrics.BACKUP_BYTES.labels(target, m["kind"]).inc(m["plain_size"])
+    metrics.BACKUP_LAST_SUCCESS.labels(target, m["kind"]).set(
         datetime.fromisoformat(m["finished_at"]).timestamp()
     )
     verb = "stored" if result.created else "found already committed"
+    base = f" on full {m['parent']}" if m["kind"] == "diff" else ""
     return (
-        f"full backup {backup_id} {verb}: {m['plain_size']} bytes read, {m['stored_size']} stored, "
-        f"LSN {m['start_lsn']}..{m['stop_lsn']}"
+        f"{m['kind']} backup {m['backup_id']}{base} {verb}: {m['plain_size']} bytes read, "
+        f"{m['stored_size']} stored, LSN {m['start_lsn']}..{m['stop_lsn']}"
     )

@@ -1,0 +1,225 @@
+"""PostgreSQL differential backups: the files changed since the last full, under the low-level backup API.
+
+`pg_backup_start` (with a fast checkpoint) and `pg_backup_stop` bracket the copy in one session, so the
+backup label is consistent; WAL from the label's checkpoint repairs any page written while it was copied.
+A file counts as unchanged only if its size and modification time equal those in the full's own
+`backup_manifest` AND it was last modified before that full began -- a file touched in the second the
+full started might otherwise look unchanged. Files of the full that are gone are listed as deleted.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import os
+import stat
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyodbc
+
+from deskvault.config import TargetSettings
+from workers import catalog
+from workers.engines.conninfo import odbc_connection_string
+from workers.engines.postgresql import BackupResult, EngineError, commit, object_entry
+from workers.errors import PermanentError
+from workers.repository.objects import ObjectRepository
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1024 * 1024
+# Like pg_basebackup: folders whose contents a backup never needs, and files it never copies.
+SKIP_CONTENTS = {
+    "pg_wal",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+}
+SKIP_FILES = {
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "recovery.signal",
+    "standby.signal",
+    "backup_manifest",
+}
+SKIP_ANYWHERE = {"pg_internal.init"}  # relation cache files, rebuilt at start
+
+
+def diff_backup(
+    target: TargetSettings,
+    repo: ObjectRepository,
+    *,
+    backup_id: str,
+    full: dict[str, Any],
+    job_key: str,
+    event_id: str,
+    on_progress: Callable[[int], None] | None = None,
+) -> BackupResult:
+    manifest_key = catalog.manifest_key(target.name, backup_id)
+    if repo.exists(manifest_key):
+        return BackupResult(repo.get_json(manifest_key), created=False)
+    if not target.data_directory:
+        raise PermanentError(
+            f"targets.{target.name}.data_directory is not set: differential backups copy changed files "
+            "from the data directory, so deskvault must be able to read it"
+        )
+    if not full.get("file_list"):
+        raise PermanentError(f"full backup {full['backup_id']} has no file list; take a new full backup")
+    known = _full_files(repo.get_json(full["file_list"]))
+    full_started = datetime.fromisoformat(full["started_at"]).timestamp()
+    datadir = Path(target.data_directory)
+
+    try:
+        session = pyodbc.connect(odbc_connection_string(target.conninfo), autocommit=True, timeout=30)
+    except pyodbc.Error as e:
+        raise EngineError(f"target {target.name}: cannot open a backup session ({e.args[-1]})") from None
+    try:
+        cur = session.cursor()
+        started_at = datetime.now(UTC)
+        start_lsn = cur.execute("SELECT pg_backup_start(?, true)::text", f"deskvault {backup_id}").fetchone()[
+            0
+        ]
+        timeline = cur.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
+        changed, deleted = _compare(datadir, known, full_started)
+        log.info(
+            "diff %s/%s: %d changed files, %d deleted since full %s",
+            target.name,
+            backup_id,
+            len(changed),
+            len(deleted),
+            full["backup_id"],
+        )
+        data_key = catalog.backup_prefix(target.name, backup_id) + "changed.tar.dv"
+        stored = repo.put_stream(data_key, _tar_stream(datadir, changed), on_progress=on_progress)
+        stop_lsn, label, spcmap = cur.execute(
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
+        ).fetchone()
+    finally:
+        session.close()  # closing the session also ends a backup that failed midway
+    manifest = {
+        "format": catalog.MANIFEST_FORMAT,
+        "target": target.name,
+        "engine": "postgresql",
+        "kind": "diff",
+        "backup_id": backup_id,
+        "parent": full["backup_id"],
+        "server_version_num": full.get("server_version_num"),
+        "wal_segment_size": full.get("wal_segment_size"),
+        "timeline": int(timeline),
+        "start_lsn": start_lsn,
+        "stop_lsn": stop_lsn,
+        "started_at": catalog.iso(started_at),
+        "finished_at": catalog.iso(datetime.now(UTC)),
+        "job_key": job_key,
+        "event_id": event_id,
+        "backup_label": label,
+        "tablespace_map": spcmap or "",
+        "changed_files": len(changed),
+        "deleted_files": deleted,
+        "objects": [object_entry("changed.tar", stored)],
+        "plain_size": stored.plain_size,
+        "stored_size": stored.stored_size,
+    }
+    return commit(repo, catalog.manifest_key(target.name, backup_id), manifest)
+
+
+def _full_files(pg_manifest: Any) -> dict[str, tuple[int, int]]:
+    """path -> (size, modification time in whole seconds) from PostgreSQL's backup_manifest."""
+    files = {}
+    for entry in pg_manifest["Files"]:
+        stamp = time.strptime(entry["Last-Modified"], "%Y-%m-%d %H:%M:%S %Z")
+        files[entry["Path"]] = (int(entry["Size"]), calendar.timegm(stamp))
+    return files
+
+
+def _compare(
+    datadir: Path, known: dict[str, tuple[int, int]], full_started: float
+) -> tuple[list[tuple[str, int]], list[str]]:
+    changed: list[tuple[str, int]] = []
+    present = set()
+    for path, size, mtime in _walk(datadir):
+        present.add(path)
+        before = known.get(path)
+        if before is None or before != (size, int(mtime)) or mtime >= full_started - 1:
+            changed.append((path, size))
+    deleted = sorted(p for p in known if p not in present and not _skipped(p))
+    return changed, deleted
+
+
+def _walk(datadir: Path) -> Iterator[tuple[str, int, float]]:
+    for root, dirs, files in os.walk(datadir):
+        rel_root = os.path.relpath(root, datadir)
+        if rel_root in SKIP_CONTENTS:
+            dirs.clear()
+            continue
+        dirs[:] = [d for d in dirs if d != "pgsql_tmp"]
+        for name in files:
+            rel = name if rel_root == "." else f"{rel_root}/{name}"
+            if _skipped(rel):
+                continue
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue  # dropped while we looked: the WAL replays the drop
+            if stat.S_ISREG(st.st_mode):
+                yield rel, st.st_size, st.st_mtime
+
+
+def _skipped(path: str) -> bool:
+    top, _, _ = path.partition("/")
+    name = path.rsplit("/", 1)[-1]
+    return top in SKIP_CONTENTS or path in SKIP_FILES or name in SKIP_ANYWHERE or name.startswith("pgsql_tmp")
+
+
+def _tar_stream(datadir: Path, files: list[tuple[str, int]]) -> Iterator[bytes]:
+    """A tar of `files`, each cut or zero-padded to the size it had when listed (like pg_basebackup)."""
+    for path, size in files:
+        info = tarfile.TarInfo(path)
+        info.size = size
+        info.mode = 0o600
+        info.mtime = int(time.time())
+        yield info.tobuf(format=tarfile.GNU_FORMAT)
+        left = size
+        try:
+            with open(datadir / path, "rb") as f:
+                while left and (chunk := f.read(min(READ_SIZE, left))):
+                    left -= len(chunk)
+                    yield chunk
+        except FileNotFoundError:
+            pass  # dropped during the backup: zeros now, the WAL replays the drop
+        if left:
+            yield bytes(left)
+        if size % tarfile.BLOCKSIZE:
+            yield bytes(tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE)
+    yield bytes(2 * tarfile.BLOCKSIZE)
+
+
+def apply_diff(repo: ObjectRepository, diff: dict[str, Any], into: Path) -> None:
+    """Lay a differential over a restored full: changed files, deletions, and the diff's backup label."""
+    from workers.streams import ChunkReader
+
+    (entry,) = diff["objects"]
+    reader = ChunkReader(
+        repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=entry["plain_size"])
+    )
+    with tarfile.open(fileobj=reader, mode="r|") as tar:
+        tar.extractall(into, filter="tar")
+    while reader.read(READ_SIZE):
+        pass  # the end of the stream is where its checksum is verified
+    for path in diff["deleted_files"]:
+        (into / path).unlink(missing_ok=True)
+    (into / "backup_label").write_text(diff["backup_label"])
+    if diff["tablespace_map"]:
+        (into / "tablespace_map").write_text(diff["tablespace_map"])
+    (into / "backup_manifest").unlink(missing_ok=True)  # the full's; it does not describe this state
