@@ -117,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     bl.add_argument("--json", action="store_true", help="machine-readable output")
     bl.set_defaults(func=_cmd_backups_list)
 
+    bv = bsub.add_parser("verify", help="read back and check every object of a target, and the WAL chain")
+    bv.add_argument("--target", required=True)
+    bv.set_defaults(func=_cmd_backups_verify)
+
     r = sub.add_parser("restore", help="restore a target to a point in time (default: latest) into a folder")
     r.add_argument("--target", required=True)
     r.add_argument("--into", required=True, type=Path, help="new or empty folder for the data directory")
@@ -314,6 +318,32 @@ def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:
         print(f"WAL GAPS: {', '.join(wal['gaps'])} -- take a full backup")
     window = found["restorable_window"]
     print(f"restorable: {window['earliest']} .. {window['latest']}" if window else "restorable: nothing yet")
+    return 0
+
+
+def _cmd_backups_verify(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.context import open_repository
+    from workers.verify import verify
+
+    settings = _settings(args)
+    settings.target(args.target)
+    step = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done - step[0] >= max(total // 10, 1):
+            step[0] = done
+            print(f"  {done}/{total} objects checked", flush=True)
+
+    report = verify(open_repository(settings), args.target, progress)
+    for problem in report.problems:
+        print(f"BAD {problem.key}: {problem.detail}")
+    if report.problems:
+        print(
+            f"{len(report.problems)} problem(s) in {report.objects} objects of {args.target}; restore from "
+            "another chain, or take a full backup now"
+        )
+        return 1
+    print(f"OK: {report.objects} objects of {args.target} verified ({_mib(report.plain_bytes)}), no WAL gaps")
     return 0
 
 

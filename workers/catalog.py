@@ -40,8 +40,16 @@ def backup_id_for(kind: str, slot: datetime) -> str:
 
 
 def list_manifests(repo: ObjectRepository, target: str) -> list[dict[str, Any]]:
-    """Every committed backup of a target, oldest first."""
-    manifests = []
+    """Every committed backup of a target, oldest first (unreadable manifests are logged and left out)."""
+    return scan_manifests(repo, target)[0]
+
+
+def scan_manifests(repo: ObjectRepository, target: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Every committed backup of a target, oldest first, and the manifests that failed to read (key -> why).
+
+    A damaged manifest makes its backup unusable, not the chain: restores plan around it and say so.
+    """
+    manifests, damaged = [], {}
     for key in repo.list_keys(f"targets/{target}/backups/"):
         if not key.endswith("/" + MANIFEST_NAME):
             continue
@@ -49,7 +57,8 @@ def list_manifests(repo: ObjectRepository, target: str) -> list[dict[str, Any]]:
             manifests.append(repo.get_json(key))
         except RepositoryError as e:
             log.error("skipping unreadable manifest %s: %s", key, e)
-    return sorted(manifests, key=lambda m: (m["finished_at"], m["backup_id"]))
+            damaged[key] = str(e)
+    return sorted(manifests, key=lambda m: (m["finished_at"], m["backup_id"])), damaged
 
 
 def newest_full(repo: ObjectRepository, target: str, backup_id: str | None = None) -> dict[str, Any]:

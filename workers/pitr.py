@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deskvault.errors import DeskvaultError
-from deskvault.local.pgcluster import PgCluster, hand_over
+from deskvault.local.pgcluster import DEFAULT_PG_BIN, PgCluster, hand_over
 from workers import catalog
 from workers.engines.pgdiff import apply_diff
 from workers.engines.postgresql import restore_full
@@ -58,11 +59,16 @@ class RestorePlan:
     wal: tuple[WalEntry, ...]
     segment_size: int
     window: Window
+    skipped: tuple[str, ...] = ()  # damaged manifests planned around: "key: why"
+    # Upload times only bound what a segment holds (a re-upload makes a segment look newer), so the
+    # rest of the archived run is fetched too if the planned WAL turns out to end before `at`.
+    more_wal: tuple[WalEntry, ...] = ()
+    gap: Segment | None = None
 
 
 def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> RestorePlan:
     """What restoring `target` to `at` (None: the latest moment) needs; Unreachable says why not."""
-    manifests = catalog.list_manifests(repo, target)
+    manifests, damaged = catalog.scan_manifests(repo, target)
     fulls = [m for m in manifests if m["kind"] == "full"]
     if not fulls:
         raise Unreachable(f"target {target} has no full backup yet; nothing can be restored")
@@ -96,7 +102,20 @@ def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> Re
             f"{_show(at)} is after the newest archived WAL of {target}; the restorable window is "
             f"{_show_window(window)}"
         )
-    return RestorePlan(target, at, base, diff, tuple(wal or run), segment_size, window)
+    skipped = tuple(f"{key}: {why}" for key, why in damaged.items())
+    wal = wal or run
+    return RestorePlan(
+        target,
+        at,
+        base,
+        diff,
+        tuple(wal),
+        segment_size,
+        window,
+        skipped,
+        more_wal=tuple(run[len(wal) :]),
+        gap=gap,
+    )
 
 
 def _finished(manifest: dict[str, Any]) -> datetime:
@@ -167,36 +186,66 @@ def restore(
 ) -> RestoreResult:
     """Lay out the base, the WAL and the recovery settings; with `start`, recover and report the time."""
     wal_dir = into.parent / f"{into.name}.wal"
-    if wal_dir.exists() and any(wal_dir.iterdir()):
-        raise DeskvaultError(f"{wal_dir} is not empty; restore into a new folder")
+    for folder in (into, wal_dir):
+        # Checked before anything is written: on failure below, these folders are removed whole.
+        if folder.exists() and any(folder.iterdir()):
+            raise DeskvaultError(f"{folder} is not empty; restore into a new or empty folder")
+    try:
+        target = _lay_out(repo, plan, into, wal_dir, pg_bin or DEFAULT_PG_BIN, on_progress)
+    except BaseException:
+        # Never leave a half-restored folder that someone might start.
+        shutil.rmtree(into, ignore_errors=True)
+        shutil.rmtree(wal_dir, ignore_errors=True)
+        raise
+    reached = None
+    if start:
+        cluster = PgCluster(into, port, pg_bin or DEFAULT_PG_BIN)
+        cluster.start(timeout=600)
+        reached = _wait_recovered(cluster)
+    return RestoreResult(into, wal_dir, target, reached)
+
+
+def _lay_out(
+    repo: ObjectRepository,
+    plan: RestorePlan,
+    into: Path,
+    wal_dir: Path,
+    pg_bin: Path,
+    on_progress: Callable[[str], None],
+) -> datetime | None:
+    """Base, differential, WAL and recovery settings; returns the recovery target time it set."""
     on_progress(f"restoring base backup {plan.base['backup_id']}")
     restore_full(repo, plan.base, into)
     if plan.diff is not None:
         on_progress(f"applying differential backup {plan.diff['backup_id']}")
         apply_diff(repo, plan.diff, into)
-    _download_wal(repo, plan, wal_dir, on_progress)
-    pg = pg_bin or Path("/usr/lib/postgresql/15/bin")
+    _download_wal(repo, plan.wal, wal_dir, on_progress)
     target = plan.at
-    if target is not None and (last := last_commit_time(wal_dir, pg)) is not None and target >= last:
+    last = last_commit_time(wal_dir, pg_bin)
+    if target is not None and (last is None or last <= target):
+        if plan.more_wal:
+            _download_wal(repo, plan.more_wal, wal_dir, on_progress)
+            last = last_commit_time(wal_dir, pg_bin)
+        elif plan.gap is not None:
+            raise Unreachable(
+                f"{_show(target)} lies across a gap in the WAL archive of {plan.target}: segment "
+                f"{plan.gap.name(plan.segment_size)} is missing and the WAL before it ends earlier"
+            )
+    if target is not None and last is not None and target >= last:
         # No commit after T is archived: recovering to the end gives exactly the state at T, whereas
         # PostgreSQL refuses a target time it never sees passed.
         target = None
     _write_recovery_settings(into, wal_dir, target)
     hand_over(wal_dir)
     hand_over(into)
-    reached = None
-    if start:
-        cluster = PgCluster(into, port, pg)
-        cluster.start(timeout=600)
-        reached = _wait_recovered(cluster)
-    return RestoreResult(into, wal_dir, target, reached)
+    return target
 
 
 def _download_wal(
-    repo: ObjectRepository, plan: RestorePlan, wal_dir: Path, on_progress: Callable[[str], None]
+    repo: ObjectRepository, entries: tuple[WalEntry, ...], wal_dir: Path, on_progress: Callable[[str], None]
 ) -> None:
     wal_dir.mkdir(parents=True, exist_ok=True)
-    total = len(plan.wal)
+    total = len(entries)
     done = 0
 
     def fetch(entry: WalEntry) -> None:
@@ -207,7 +256,7 @@ def _download_wal(
                 f.write(chunk)
 
     with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-        for _ in pool.map(fetch, plan.wal):
+        for _ in pool.map(fetch, entries):
             done += 1
             if done == total or done % max(total // 10, 1) == 0:
                 on_progress(f"WAL {done}/{total} segments downloaded and verified")

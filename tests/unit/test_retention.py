@@ -18,7 +18,9 @@ def backup_id(kind: str, at: datetime) -> str:
     return f"{at:%Y%m%dT%H%M%SZ}-{kind}"
 
 
-def make_backup(kind: str, at: datetime, start: int, stop: int, parent: str | None = None, tl: int = 1) -> Backup:
+def make_backup(
+    kind: str, at: datetime, start: int, stop: int, parent: str | None = None, tl: int = 1
+) -> Backup:
     bid = backup_id(kind, at)
     keys = (f"targets/t/backups/{bid}/base.tar.dv", f"targets/t/backups/{bid}/manifest.dv")
     return Backup(bid, kind, parent, tl, start, stop, at, keys)
@@ -47,7 +49,9 @@ def weekly_chain(n_fulls: int) -> tuple[list[Backup], list[WalObject]]:
         backups.append(full)
         for j in (1, 2):
             diff_at = at + timedelta(days=2 * j)
-            backups.append(make_backup("diff", diff_at, 16 * i + 2 + 4 * j, 16 * i + 3 + 4 * j, full.backup_id))
+            backups.append(
+                make_backup("diff", diff_at, 16 * i + 2 + 4 * j, 16 * i + 3 + 4 * j, full.backup_id)
+            )
     wal = [segment(1, s) for s in range(2, 16 * n_fulls + 1)]
     return backups, wal
 
@@ -83,7 +87,9 @@ def test_default_policy_expires_the_two_oldest_fulls_their_diffs_and_older_wal()
     first = backups[0].backup_id
     assert result.reasons[first] == f"full {first}: older than 35 days and not among the newest 5 fulls"
     assert result.reasons[backups[1].backup_id] == f"diff {backups[1].backup_id}: its full {first} expired"
-    assert result.reasons[wal[0].key].startswith(f"WAL {wal[0].key}: before the start of full {third.backup_id}")
+    assert result.reasons[wal[0].key].startswith(
+        f"WAL {wal[0].key}: before the start of full {third.backup_id}"
+    )
     assert "segment 0x22" in result.reasons[wal[0].key]
     assert set(result.reasons) == ids(backups) | set(result.expired_wal)
 
@@ -181,7 +187,9 @@ def test_history_files_and_later_timelines_are_kept() -> None:
     wal = [segment(1, s) for s in range(0x10, 0x38)] + [segment(1, 0x30, partial=True)]
     wal += [segment(2, s) for s in range(0x30, 0x40)] + [history(2)]
     # When the oldest full expires
-    result = plan([old, new, after], wal, Policy(full_count=2, full_max_age=timedelta(0)), T0 + timedelta(weeks=3))
+    result = plan(
+        [old, new, after], wal, Policy(full_count=2, full_max_age=timedelta(0)), T0 + timedelta(weeks=3)
+    )
     # Then WAL before the newer full's start expires; the .partial, timeline 2 and the history file stay
     assert result.expired_backups == (old.backup_id,)
     assert result.kept_from == (1, 0x20)
@@ -190,7 +198,9 @@ def test_history_files_and_later_timelines_are_kept() -> None:
     assert segment(1, 0x30, partial=True).key not in result.expired_keys
 
     # And once only the timeline-2 full is kept, timeline 1 (partial included) expires but not its history
-    result = plan([old, new, after], wal, Policy(full_count=1, full_max_age=timedelta(0)), T0 + timedelta(weeks=3))
+    result = plan(
+        [old, new, after], wal, Policy(full_count=1, full_max_age=timedelta(0)), T0 + timedelta(weeks=3)
+    )
     assert result.kept_from == (2, 0x34)
     assert set(result.expired_wal) == {w.key for w in wal if w.timeline == 1} | {
         w.key for w in wal if w.timeline == 2 and w.segno is not None and w.segno < 0x34
@@ -239,7 +249,10 @@ def test_describe_reads_like_a_dry_run() -> None:
     result = plan(backups, wal, Policy(), T0 + timedelta(weeks=6, days=1))
     lines = describe(result)
     first = backups[0].backup_id
-    assert lines[0] == f"would delete full {first} (2 objects): older than 35 days and not among the newest 5 fulls"
+    assert (
+        lines[0]
+        == f"would delete full {first} (2 objects): older than 35 days and not among the newest 5 fulls"
+    )
     assert f"would delete diff {backups[1].backup_id} (2 objects): its full {first} expired" in lines
     assert lines[-2:] == [
         "would delete 32 WAL objects before timeline 1 segment 0x22",
@@ -297,7 +310,7 @@ class Scenario:
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
-    """1–12 fulls with 0–4 diffs each, segments increasing with time, sometimes a promotion in between."""
+    """1-12 fulls with 0-4 diffs each, segments increasing with time, now and then a promotion."""
     at = T0
     seg = draw(st.integers(0, 600))
     timeline = 1
@@ -354,7 +367,7 @@ def order(b: Backup) -> tuple[datetime, str]:
 
 
 def needed_at(t: datetime, backups: list[Backup], wal: list[WalObject]) -> set[str]:
-    """What restoring to ``t`` reads: the newest full and its newest diff by ``t``, and WAL from the full on."""
+    """What restoring to ``t`` reads: the newest full and diff by then, and WAL from the full on."""
     full = max((b for b in backups if b.kind == "full" and b.finished_at <= t), key=order)
     diffs = [b for b in backups if b.parent == full.backup_id and b.finished_at <= t]
     keys = set(full.keys) | (set(max(diffs, key=order).keys) if diffs else set())
@@ -362,13 +375,17 @@ def needed_at(t: datetime, backups: list[Backup], wal: list[WalObject]) -> set[s
     for w in wal:
         if w.timeline < full.timeline:
             continue
-        if w.segno is None and w.timeline > full.timeline or w.segno is not None and w.segno >= full.start_segno:
+        if (w.segno is None and w.timeline > full.timeline) or (
+            w.segno is not None and w.segno >= full.start_segno
+        ):
             keys.add(w.key)
     return keys
 
 
 def oldest_kept_full(scenario: Scenario, result: Plan) -> Backup:
-    return min((b for b in scenario.backups if b.kind == "full" and b.backup_id in result.kept_backups), key=order)
+    return min(
+        (b for b in scenario.backups if b.kind == "full" and b.backup_id in result.kept_backups), key=order
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -399,6 +416,14 @@ def test_plan_invariants(scenario: Scenario) -> None:
     assert not set(result.kept_backups) & set(result.expired_backups)
     assert set(result.kept_backups) | set(result.expired_backups) == every
     assert len(result.kept_backups) + len(result.expired_backups) == len(every)
+    # Rule 1 restated: a full is kept if among the newest full_count or at most full_max_age old
+    fulls = sorted((b for b in scenario.backups if b.kind == "full"), key=order, reverse=True)
+    for rank, full in enumerate(fulls):
+        young = scenario.now - full.finished_at <= scenario.policy.full_max_age
+        assert (full.backup_id in result.kept_backups) == (rank < scenario.policy.full_count or young)
+    # Rule 2: a diff goes with its full
+    for diff in (b for b in scenario.backups if b.kind == "diff"):
+        assert (diff.backup_id in result.kept_backups) == (diff.parent in result.kept_backups)
     # Outputs are sorted and every expired thing has a reason
     for seq in (result.kept_backups, result.expired_backups, result.expired_keys, result.expired_wal):
         assert list(seq) == sorted(set(seq))
