@@ -121,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     bv.add_argument("--target", required=True)
     bv.set_defaults(func=_cmd_backups_verify)
 
+    be = bsub.add_parser("expire", help="delete what the retention policy no longer keeps")
+    be.add_argument("--target", required=True)
+    be.add_argument("--dry-run", action="store_true", help="show what would be deleted; delete nothing")
+    be.set_defaults(func=_cmd_backups_expire)
+
     r = sub.add_parser("restore", help="restore a target to a point in time (default: latest) into a folder")
     r.add_argument("--target", required=True)
     r.add_argument("--into", required=True, type=Path, help="new or empty folder for the data directory")
@@ -344,6 +349,23 @@ def _cmd_backups_verify(args: argparse.Namespace, _extra: list[str]) -> int:
         )
         return 1
     print(f"OK: {report.objects} objects of {args.target} verified ({_mib(report.plain_bytes)}), no WAL gaps")
+    return 0
+
+
+def _cmd_backups_expire(args: argparse.Namespace, _extra: list[str]) -> int:
+    from datetime import UTC, datetime
+
+    from workers.context import open_repository
+    from workers.expire import expire
+
+    settings = _settings(args)
+    result = expire(
+        open_repository(settings), settings.target(args.target), datetime.now(UTC), dry_run=args.dry_run
+    )
+    for line in result.lines:
+        print(line)
+    if not args.dry_run:
+        print(f"deleted {result.deleted} object(s), aborted {result.aborted_uploads} stale upload(s)")
     return 0
 
 

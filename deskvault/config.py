@@ -91,6 +91,10 @@ class TargetSettings:
     data_directory: str = ""
     # A differential with no full to extend: "refuse" (dead-lettered with the reason) or "full" (take one).
     diff_without_full: str = "refuse"
+    # Retention: a full is kept while it is among the newest N or younger than the age; its differentials
+    # and the WAL from the oldest kept full on are kept with it.
+    retention_full_count: int = 5
+    retention_full_max_age_days: int = 35
     schedule: ScheduleSettings = ScheduleSettings()
 
 
@@ -195,6 +199,10 @@ def _target(name: str, value: Any) -> TargetSettings:
     for kind in ("full", "diff", "log"):
         _check_cron(getattr(schedule, kind), f"{where}.schedule.{kind}")
     target = _section(TargetSettings, {"name": name, **value}, where, schedule=schedule)
+    if target.retention_full_count < 1:
+        raise ConfigError(
+            f"{where}.retention_full_count: must be at least 1 (the newest full is always kept)"
+        )
     if target.diff_without_full not in ("refuse", "full"):
         raise ConfigError(f'{where}.diff_without_full: must be "refuse" or "full"')
     if target.engine not in ENGINES:

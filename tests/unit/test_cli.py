@@ -15,6 +15,7 @@ COMMANDS = [
     ["backups"],
     ["backups", "list"],
     ["backups", "verify"],
+    ["backups", "expire"],
     ["restore"],
     ["wal-stream"],
     ["status"],

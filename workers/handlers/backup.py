@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 from messages.events import BackupDue
 from workers import catalog, metrics
@@ -12,6 +12,7 @@ from workers.context import WorkerContext
 from workers.engines.pgdiff import diff_backup
 from workers.engines.postgresql import BackupResult, PostgresEngine
 from workers.errors import PermanentError, UnknownTarget
+from workers.expire import expire
 from workers.handlers.log_backup import take_log_backup
 from workers.jobs import run_once
 
@@ -41,7 +42,12 @@ def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:
         event_id=event.event_id,
         on_progress=_progress(event.target, backup_id),
     )
-    return _recorded(ctx, event.target, result)
+    outcome = _recorded(ctx, event.target, result)
+    # A new full is what lets older chains go: apply the retention policy now.
+    expired = expire(ctx.repository, target, datetime.now(UTC), dry_run=False)
+    if expired.plan.expired_backups:
+        outcome += f"; retention expired {', '.join(expired.plan.expired_backups)}"
+    return outcome
 
 
 def _diff_backup(ctx: WorkerContext, event: BackupDue) -> str:

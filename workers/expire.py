@@ -1,0 +1,133 @@
+"""Apply the retention policy to a target's repository: list it, plan with `workers.retention`, delete.
+
+A backup's manifest is deleted before its data, so a crash midway leaves unreferenced data (cleaned up
+by the next run, once it is a day old) and never a manifest pointing at missing objects. Multipart
+uploads abandoned for more than a day (a worker killed mid-upload) are aborted too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from deskvault.config import TargetSettings
+from workers import catalog
+from workers.engines.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from workers.repository.objects import ObjectRepository
+from workers.retention import Backup, Plan, Policy, WalObject, describe, plan
+from workers.walarchive import list_wal
+
+log = logging.getLogger(__name__)
+
+STALE = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class ExpireResult:
+    plan: Plan
+    lines: list[str]
+    deleted: int
+    aborted_uploads: int
+    orphans: int
+
+
+def policy_for(target: TargetSettings) -> Policy:
+    return Policy(
+        full_count=target.retention_full_count,
+        full_max_age=timedelta(days=target.retention_full_max_age_days),
+    )
+
+
+def expire(repo: ObjectRepository, target: TargetSettings, now: datetime, *, dry_run: bool) -> ExpireResult:
+    manifests, _ = catalog.scan_manifests(repo, target.name)
+    fulls = [m for m in manifests if m["kind"] == "full"]
+    segment_size = (fulls[-1].get("wal_segment_size") if fulls else None) or DEFAULT_SEGMENT_SIZE
+    keys_by_backup: dict[str, list[str]] = {}
+    for key in repo.list_keys(f"targets/{target.name}/backups/"):
+        keys_by_backup.setdefault(key.split("/")[3], []).append(key)
+    backups = [
+        _backup(m, keys_by_backup.get(m["backup_id"], []), segment_size)
+        for m in manifests
+        if m["kind"] in ("full", "diff")
+    ]
+    wal = [
+        WalObject(
+            e.key, e.segment.timeline if e.segment else 0, e.segment.segno if e.segment else None, e.partial
+        )
+        for e in list_wal(repo, target.name, segment_size)
+    ]
+    decided = plan(backups, wal, policy_for(target), now)
+    # Log manifests describe WAL of a chain; they go with the chain's full.
+    expired = set(decided.expired_backups)
+    logs = [m for m in manifests if m["kind"] == "log" and m.get("parent") in expired]
+    doomed = [catalog.manifest_key(target.name, b) for b in sorted(expired)]
+    doomed += [catalog.manifest_key(target.name, m["backup_id"]) for m in logs]
+    doomed += [k for k in decided.expired_keys if k not in doomed]
+    lines = describe(decided) + [
+        f"would delete log manifest {m['backup_id']}: its full expired" for m in logs
+    ]
+    orphans = _orphans(repo, target.name, manifests, now)
+    stale_uploads = _stale_uploads(repo, target.name, now)
+    if dry_run:
+        lines += [f"would delete unreferenced object {k}" for k in orphans]
+        lines += [
+            f"would abort multipart upload of {k} (started {started:%Y-%m-%d %H:%M})"
+            for k, _, started in stale_uploads
+        ]
+        return ExpireResult(decided, lines, 0, 0, 0)
+    for key in doomed + orphans:
+        repo.delete(key)
+    for key, upload_id, _ in stale_uploads:
+        repo.store.client.abort_multipart_upload(Bucket=repo.store.bucket, Key=key, UploadId=upload_id)
+    if doomed or orphans or stale_uploads:
+        log.info(
+            "expire %s: deleted %d objects (%d unreferenced), aborted %d stale uploads",
+            target.name,
+            len(doomed) + len(orphans),
+            len(orphans),
+            len(stale_uploads),
+        )
+    return ExpireResult(
+        decided,
+        [line.replace("would delete", "deleted") for line in lines],
+        len(doomed) + len(orphans),
+        len(stale_uploads),
+        len(orphans),
+    )
+
+
+def _backup(manifest: dict, keys: list[str], segment_size: int) -> Backup:
+    timeline = manifest["timeline"]
+    return Backup(
+        backup_id=manifest["backup_id"],
+        kind=manifest["kind"],
+        parent=manifest["parent"] if manifest["kind"] == "diff" else None,
+        timeline=timeline,
+        start_segno=Segment.of(timeline, parse_lsn(manifest["start_lsn"]), segment_size).segno,
+        stop_segno=Segment.of(timeline, parse_lsn(manifest["stop_lsn"]), segment_size).segno,
+        finished_at=datetime.fromisoformat(manifest["finished_at"]),
+        keys=tuple(sorted(keys)),
+    )
+
+
+def _orphans(repo: ObjectRepository, target: str, manifests: list[dict], now: datetime) -> list[str]:
+    """Data of backups that never committed (or whose manifest was deleted), once a day old."""
+    committed = {m["backup_id"] for m in manifests}
+    return [
+        entry.key
+        for entry in repo.store.list_entries(f"targets/{target}/backups/")
+        if entry.key.split("/")[3] not in committed and now - entry.uploaded_at > STALE
+    ]
+
+
+def _stale_uploads(repo: ObjectRepository, target: str, now: datetime) -> list[tuple[str, str, datetime]]:
+    store = repo.store
+    prefix = store.prefix + f"targets/{target}/"
+    found = []
+    paginator = store.client.get_paginator("list_multipart_uploads")
+    for page in paginator.paginate(Bucket=store.bucket, Prefix=prefix):
+        for upload in page.get("Uploads", ()):
+            if now - upload["Initiated"] > STALE:
+                found.append((upload["Key"], upload["UploadId"], upload["Initiated"]))
+    return found
