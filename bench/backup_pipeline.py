@@ -34,7 +34,7 @@ import zstandard  # noqa: E402
 from deskvault.config import load_settings  # noqa: E402
 from deskvault.local import seaweedfs  # noqa: E402
 from deskvault.local.demo_data import helpdesk_sql  # noqa: E402
-from deskvault.local.pgcluster import PgCluster  # noqa: E402
+from deskvault.local.pgcluster import PgCluster, free_port  # noqa: E402
 from messages.events import BackupDue  # noqa: E402
 from producers.publisher import Publisher  # noqa: E402
 from workers import catalog  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> int:
     scratch.chmod(0o755)
     vhost = f"deskvault-bench-{uuid.uuid4().hex[:6]}"
     control_db = f"dvbench_{uuid.uuid4().hex[:8]}"
-    cluster = PgCluster(scratch / "pg", _free_port())
+    cluster = PgCluster(scratch / "pg", free_port())
     try:
         _log(f"creating a target cluster with helpdesk data at scale {args.scale} (takes a few minutes)")
         cluster.initdb()
@@ -261,14 +261,6 @@ def _system_psql(sql: str, *, check: bool = True) -> None:
     """SQL on the machine's PostgreSQL, where the benchmark's control database lives."""
     cmd = ["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql]
     subprocess.run(cmd, check=check, capture_output=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _log(message: str) -> None:

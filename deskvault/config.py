@@ -26,6 +26,7 @@ DEFAULT_SCHEDULE = {
     "diff": "0 */2 * * *",
     "log": "0 * * * *",
     "snapshot": "0 3 * * *",
+    "drill": "0 5 * * 6",  # Saturday 05:00: a restore drill per target each week
 }
 
 
@@ -79,6 +80,7 @@ class ScheduleSettings:
     full: str = DEFAULT_SCHEDULE["full"]
     diff: str = DEFAULT_SCHEDULE["diff"]
     log: str = DEFAULT_SCHEDULE["log"]
+    drill: str = DEFAULT_SCHEDULE["drill"]
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ def _target(name: str, value: Any) -> TargetSettings:
         raise ConfigError(f"{where}: must be a table")
     value = dict(value)
     schedule = _section(ScheduleSettings, value.pop("schedule", {}), f"{where}.schedule")
-    for kind in ("full", "diff", "log"):
+    for kind in ("full", "diff", "log", "drill"):
         _check_cron(getattr(schedule, kind), f"{where}.schedule.{kind}")
     target = _section(TargetSettings, {"name": name, **value}, where, schedule=schedule)
     if target.retention_full_count < 1:

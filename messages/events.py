@@ -371,8 +371,35 @@ class ExportRequested(Event):
         return f"export-requested:{self.tenant}:{self.request_id}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class RestoreDrill(Event):
+    """A database is due for a restore drill (restore a moment of it, check the copy) for a schedule slot."""
+
+    type: ClassVar[str] = "restore-drill"
+
+    target: str = field(metadata=_NAME)
+    slot: datetime = field(metadata=_AT)
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        target: str,
+        slot: datetime,
+        idempotency_key: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> RestoreDrill:
+        """A valid restore-drill event; by default one idempotency key per target and minute slot."""
+        return cls._create({"target": target, "slot": slot}, idempotency_key, occurred_at, event_id)
+
+    def default_idempotency_key(self) -> str:
+        return f"restore-drill:{self.target}:{_minute(self.slot)}"
+
+
 EVENT_CLASSES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (BackupDue, SnapshotDue, AccountExpired, AccountReactivated, ExportRequested)
+    cls.type: cls
+    for cls in (BackupDue, SnapshotDue, AccountExpired, AccountReactivated, ExportRequested, RestoreDrill)
 }
 
 

@@ -6,7 +6,7 @@ Producers and workers both declare queues from here, so the two can never disagr
 
 from __future__ import annotations
 
-POOLS: tuple[str, ...] = ("backup", "snapshot", "lifecycle", "export")
+POOLS: tuple[str, ...] = ("backup", "snapshot", "lifecycle", "export", "verify")
 
 # Event type -> the pool (and so the queue) that handles it.
 EVENT_POOL: dict[str, str] = {
@@ -15,6 +15,7 @@ EVENT_POOL: dict[str, str] = {
     "account-expired": "lifecycle",
     "account-reactivated": "lifecycle",
     "export-requested": "export",
+    "restore-drill": "verify",
 }
 
 # How many times RabbitMQ redelivers a message whose worker died before it is dead-lettered.

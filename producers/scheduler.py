@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from deskvault.config import Settings
-from messages.events import BackupDue, Event, SnapshotDue
+from messages.events import BackupDue, Event, RestoreDrill, SnapshotDue
 from producers.cron import Cron
 from producers.publisher import Publisher
 from workers.ledger.ledger import Ledger
@@ -42,6 +42,8 @@ def due_now(settings: Settings, now: datetime) -> list[Due]:
         for kind in BACKUP_KINDS:
             slot = Cron.parse(getattr(target.schedule, kind)).latest_at_or_before(now)
             due.append(Due(f"target:{name}", kind, slot, BackupDue.new(target=name, kind=kind, slot=slot)))
+        slot = Cron.parse(target.schedule.drill).latest_at_or_before(now)
+        due.append(Due(f"target:{name}", "drill", slot, RestoreDrill.new(target=name, slot=slot)))
     for name, server in sorted(settings.servers.items()):
         slot = Cron.parse(server.schedule).latest_at_or_before(now)
         due.append(Due(f"server:{name}", "snapshot", slot, SnapshotDue.new(server=name, slot=slot)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -12,15 +11,11 @@ from typing import Any, TypeVar
 import boto3
 
 from deskvault.config import Settings, load_settings
+from deskvault.local.pgcluster import free_port
 from workers.context import WorkerContext, open_ledger, open_repository
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["build_settings", "free_port", "raw_s3", "wait_for", "worker_context"]
 
 
 def build_settings(

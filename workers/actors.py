@@ -16,6 +16,7 @@ from workers import context
 from workers.broker import DeskvaultBroker
 from workers.errors import PERMANENT_ERRORS
 from workers.handlers.backup import handle_backup_due
+from workers.handlers.drill import handle_restore_drill
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
 from workers.handlers.pending import handle_export_requested, handle_snapshot_due
 from workers.jobs import JobBusy
@@ -27,11 +28,13 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     "account-expired": handle_account_expired,
     "account-reactivated": handle_account_reactivated,
     "export-requested": handle_export_requested,
+    "restore-drill": handle_restore_drill,
 }
 
 # A backup of a large target takes hours; everything else takes seconds.
 TIME_LIMIT_MS = {
     "backup": 12 * 3600 * 1000,
+    "verify": 12 * 3600 * 1000,
     "snapshot": 3600 * 1000,
     "export": 6 * 3600 * 1000,
     "lifecycle": 10 * 60 * 1000,

@@ -105,3 +105,18 @@ def serve_multiprocess_metrics(host: str, port: int) -> None:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     start_http_server(port, addr=host, registry=registry)
+
+
+RESTORE_VERIFIED = Gauge(
+    "deskvault_restore_verified_timestamp_seconds",
+    "When a restore drill last proved the target restorable",
+    ["target"],
+    multiprocess_mode="max",
+)
+DRILLS = Counter("deskvault_restore_drills_total", "Restore drills run, by outcome", ["target", "outcome"])
+DRILL_SECONDS = Histogram(
+    "deskvault_restore_drill_duration_seconds",
+    "How long a restore drill took",
+    ["target"],
+    buckets=DURATION_BUCKETS,
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,6 +22,13 @@ DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 class ClusterError(DeskvaultError):
     """A local PostgreSQL cluster could not be created, started or queried."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def server_user() -> str | None:

@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -17,13 +18,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from support import build_settings, free_port, raw_s3, wait_for, worker_context
 
 from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import PgCluster
-from messages.events import BackupDue
+from messages.events import BackupDue, RestoreDrill
 from workers import catalog
 from workers.handlers.backup import handle_backup_due
+from workers.handlers.drill import handle_restore_drill
 from workers.pitr import Unreachable, plan_restore, restore
 from workers.repository.keyring import Keyring
 from workers.walarchive import list_wal
@@ -278,6 +281,30 @@ def test_one_flipped_byte_is_named_by_verify_and_by_restore(history, scratch_dir
             assert not into.exists()
     finally:
         s3.put_object(Bucket=settings.repository.bucket, Key=full_key, Body=original)
+
+
+def test_a_restore_drill_runs_end_to_end_and_moves_its_metric(history) -> None:
+    _, ctx, _ = history
+    before = (
+        REGISTRY.get_sample_value("deskvault_restore_verified_timestamp_seconds", {"target": "main"}) or 0
+    )
+    event = RestoreDrill.new(
+        target="main",
+        slot=datetime.now(UTC).replace(second=0, microsecond=0),
+        idempotency_key=f"drill-{uuid.uuid4().hex}",
+    )
+
+    outcome = handle_restore_drill(ctx, event)
+
+    assert outcome.startswith("drill passed: main restored to ")
+    assert "pg_amcheck clean" in outcome and "public.marks=" in outcome
+    after = REGISTRY.get_sample_value("deskvault_restore_verified_timestamp_seconds", {"target": "main"})
+    assert after is not None and after > before
+    drill = ctx.ledger.drills("main")[-1]
+    assert drill["succeeded"] and drill["drill_id"] == event.idempotency_key
+    window = plan_restore(ctx.repository, "main", None).window
+    assert window.earliest <= drill["point_in_time"] <= window.latest
+    assert not list(Path(tempfile.gettempdir()).glob("deskvault-drill-main-*"))  # torn down
 
 
 def test_a_gap_in_the_archive_is_named(history, scratch_dir) -> None:

@@ -44,6 +44,7 @@ def schedulers(make_settings, control_db_odbc):
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         publisher._open()
         drain(settings.broker.url, "backup")
+        drain(settings.broker.url, "verify")
         yield settings, ledger, publisher
 
 
@@ -54,13 +55,15 @@ def test_two_replicas_publish_each_slot_once_and_catch_up_only_the_newest(schedu
     second = Scheduler(settings, ledger, publisher, clock)
 
     published = first.tick()
-    assert {(e.kind, e.slot) for e in published} == {
-        ("full", datetime(2031, 3, 2, 1, 0, tzinfo=UTC)),
-        ("diff", datetime(2031, 3, 5, 10, 0, tzinfo=UTC)),
-        ("log", datetime(2031, 3, 5, 10, 0, tzinfo=UTC)),
+    assert {(e.type, getattr(e, "kind", None), e.slot) for e in published} == {
+        ("backup-due", "full", datetime(2031, 3, 2, 1, 0, tzinfo=UTC)),
+        ("backup-due", "diff", datetime(2031, 3, 5, 10, 0, tzinfo=UTC)),
+        ("backup-due", "log", datetime(2031, 3, 5, 10, 0, tzinfo=UTC)),
+        ("restore-drill", None, datetime(2031, 3, 1, 5, 0, tzinfo=UTC)),  # last Saturday 05:00
     }
     assert second.tick() == []  # the other replica sees the slots as emitted
     assert len(drain(settings.broker.url, "backup")) == 3
+    assert len(drain(settings.broker.url, "verify")) == 1
 
     # After 9 hours of downtime only the newest missed diff and log slots are emitted, once each.
     clock.now += timedelta(hours=9)

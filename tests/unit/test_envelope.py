@@ -18,6 +18,7 @@ from messages import (
     Event,
     ExportRequested,
     InvalidEnvelope,
+    RestoreDrill,
     SnapshotDue,
     check_envelope,
     decode_event,
@@ -101,6 +102,7 @@ SAMPLES: dict[str, Event] = {
     "account-expired": AccountExpired.new(tenant="acme", plan="paid", expired_at=SLOT),
     "account-reactivated": AccountReactivated.new(tenant="acme"),
     "export-requested": ExportRequested.new(tenant="acme", request_id="r1", requested_by="ann"),
+    "restore-drill": RestoreDrill.new(target="helpdesk_main", slot=SLOT),
 }
 
 
@@ -121,6 +123,21 @@ def test_every_wrapped_event_passes_the_check_on_its_pool_and_delay_queue(event_
     assert decode_event(fields["args"][0]) == event
 
 
+def test_a_restore_drill_is_addressed_to_the_verify_pool() -> None:
+    # Given a wrapped restore-drill event
+    fields = json.loads(wrap(SAMPLES["restore-drill"]))
+    # Then it goes to the verify queue and its actor, and only the verify pool accepts it
+    assert (fields["queue_name"], fields["actor_name"]) == ("verify", "restore_drill")
+    check_envelope(fields, "verify")
+    assert refused(fields, "backup").field == "envelope.queue_name"
+
+
+def test_the_verify_pool_refuses_actors_of_other_pools() -> None:
+    error = refused(envelope(queue_name="verify"), "verify")
+    assert error.field == "envelope.actor_name"
+    assert "(restore_drill)" in error.reason
+
+
 def test_dramatiq_retry_options_are_accepted() -> None:
     options = {"retries": 2, "eta": 1795838460000, "traceback": "Traceback (most recent call last): ..."}
     check_envelope(envelope(options=options), "backup.DQ")
@@ -137,6 +154,7 @@ def test_dramatiq_retry_options_are_accepted() -> None:
         pytest.param(envelope(queue_name="backup.XQ"), "envelope.queue_name", id="dead-letter-queue"),
         pytest.param(envelope(queue_name=["backup"]), "envelope.queue_name", id="queue-not-string"),
         pytest.param(envelope(actor_name="snapshot_due"), "envelope.actor_name", id="actor-of-other-pool"),
+        pytest.param(envelope(actor_name="restore_drill"), "envelope.actor_name", id="actor-of-verify-pool"),
         pytest.param(envelope(actor_name="backup-due"), "envelope.actor_name", id="event-type-not-actor"),
         pytest.param(envelope(actor_name=["backup_due"]), "envelope.actor_name", id="actor-not-string"),
         pytest.param(envelope(args={}), "envelope.args", id="args-object"),

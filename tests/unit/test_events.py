@@ -19,6 +19,7 @@ from messages import (
     Event,
     ExportRequested,
     InvalidEvent,
+    RestoreDrill,
     SnapshotDue,
     build_event,
     decode_event,
@@ -45,6 +46,8 @@ def sample(event_type: str) -> Event:
         )
     if event_type == "account-reactivated":
         return AccountReactivated.new(tenant="acme", **fixed)
+    if event_type == "restore-drill":
+        return RestoreDrill.new(target="helpdesk_main", slot=SLOT, **fixed)
     return ExportRequested.new(
         tenant="acme", request_id="EXP-42", requested_by="Zoë <z@acme.example>", as_of=SLOT, **fixed
     )
@@ -184,6 +187,9 @@ def test_an_unknown_field_is_named(event_type: str) -> None:
         ("account-expired", "trial_started_at", False, "expected string, got boolean"),
         ("export-requested", "as_of", 0, "expected string, got integer"),
         ("export-requested", "event_id", 1, "expected string, got integer"),
+        ("restore-drill", "target", 7, "expected string, got integer"),
+        ("restore-drill", "slot", None, "expected string, got null"),
+        ("restore-drill", "slot", 1795838400, "expected string, got integer"),
     ],
 )
 def test_a_value_of_the_wrong_json_type_is_named(
@@ -232,6 +238,11 @@ def test_a_value_of_the_wrong_json_type_is_named(
         ("export-requested", "requested_by", "x" * 257),
         ("export-requested", "requested_by", "\ud800"),
         ("export-requested", "as_of", "2026-11-28T04:00:00"),
+        ("restore-drill", "target", "Helpdesk"),
+        ("restore-drill", "target", "-leading-dash"),
+        ("restore-drill", "target", "a" * 64),
+        ("restore-drill", "slot", "2026-11-28T04:00:00"),
+        ("restore-drill", "slot", "2026-02-30T04:00:00Z"),
     ],
 )
 def test_a_value_that_breaks_its_rule_is_named(event_type: str, field: str, value: str) -> None:
@@ -409,6 +420,14 @@ def test_errors_show_field_and_reason_carry_exit_code_2_and_survive_pickling() -
             ExportRequested.new(tenant="acme", request_id="EXP-1", requested_by="ann"),
             "export-requested:acme:EXP-1",
         ),
+        (
+            RestoreDrill.new(target="crm", slot=SLOT.replace(second=59)),
+            "restore-drill:crm:2026-11-28T04:00Z",
+        ),
+        (
+            RestoreDrill.new(target="crm", slot=SLOT.astimezone(timezone(timedelta(hours=1)))),
+            "restore-drill:crm:2026-11-28T04:00Z",
+        ),
     ],
 )
 def test_new_derives_the_idempotency_key_from_the_business_fields(event: Event, key: str) -> None:
@@ -453,6 +472,8 @@ def test_an_overlong_default_key_is_shortened_deterministically() -> None:
         (lambda: AccountExpired.new(tenant="acme", plan="trial", expired_at=SLOT), "trial_started_at"),
         (lambda: ExportRequested.new(tenant="acme", request_id="r", requested_by="\t"), "requested_by"),
         (lambda: AccountReactivated.new(tenant="acme", idempotency_key=""), "idempotency_key"),
+        (lambda: RestoreDrill.new(target="Bad Name", slot=SLOT), "target"),
+        (lambda: RestoreDrill.new(target="crm", slot=datetime(2026, 11, 28)), "slot"),
     ],
 )
 def test_new_never_builds_an_invalid_event(build: Any, field: str) -> None:
@@ -466,6 +487,13 @@ def test_event_fields_lists_what_a_producer_supplies() -> None:
     assert list(specs) == ["tenant", "request_id", "requested_by", "as_of"]
     assert [spec.kind for spec in specs.values()] == ["text", "text", "text", "timestamp"]
     assert [spec.optional for spec in specs.values()] == [False, False, False, True]
+
+
+def test_event_fields_lists_a_restore_drills_target_and_slot() -> None:
+    specs = event_fields("restore-drill")
+    assert list(specs) == ["target", "slot"]
+    assert [spec.kind for spec in specs.values()] == ["text", "timestamp"]
+    assert not any(spec.optional for spec in specs.values())
 
 
 def test_build_event_reads_command_line_text() -> None:
@@ -482,6 +510,13 @@ def test_build_event_reads_command_line_text() -> None:
     assert isinstance(event, ExportRequested)
     assert event.as_of == SLOT
     assert event.idempotency_key == "export-requested:acme:EXP-9"
+
+
+def test_build_event_builds_a_restore_drill_with_the_default_key() -> None:
+    event = build_event("restore-drill", {"target": "crm", "slot": "2026-11-28T05:00:30+01:00"})
+    assert isinstance(event, RestoreDrill)
+    assert event.slot == SLOT.replace(second=30)
+    assert event.idempotency_key == "restore-drill:crm:2026-11-28T04:00Z"
 
 
 def test_build_event_accepts_the_common_fields_and_leaves_optionals_out() -> None:
@@ -514,6 +549,8 @@ def test_build_event_accepts_the_common_fields_and_leaves_optionals_out() -> Non
             {"tenant": "acme", "request_id": "r", "requested_by": "a", "as-of": ""},
             "as_of",
         ),
+        ("restore-drill", {"target": "crm"}, "slot"),
+        ("restore-drill", {"target": "crm", "slot": "2026-11-28T04:00:00Z", "kind": "full"}, "kind"),
     ],
 )
 def test_build_event_names_the_bad_flag(event_type: str, values: dict[str, str], field: str) -> None:
@@ -541,6 +578,18 @@ def test_any_valid_backup_due_round_trips(
 ) -> None:
     try:
         event = BackupDue.new(target=target, kind=kind, slot=slot, occurred_at=occurred_at)
+    except InvalidEvent as error:
+        # Only a moment that cannot be expressed in UTC (the calendar's very edges) may be refused.
+        assert error.field in ("slot", "occurred_at")
+        return
+    assert decode_event(event.to_dict()) == event
+    assert decode_event(json.dumps(event.to_dict())) == event
+
+
+@given(target=names, slot=moments, occurred_at=moments)
+def test_any_valid_restore_drill_round_trips(target: str, slot: datetime, occurred_at: datetime) -> None:
+    try:
+        event = RestoreDrill.new(target=target, slot=slot, occurred_at=occurred_at)
     except InvalidEvent as error:
         # Only a moment that cannot be expressed in UTC (the calendar's very edges) may be refused.
         assert error.field in ("slot", "occurred_at")

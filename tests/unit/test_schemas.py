@@ -21,6 +21,7 @@ from messages import (
     Event,
     ExportRequested,
     InvalidEvent,
+    RestoreDrill,
     SnapshotDue,
     check_envelope,
     decode_event,
@@ -54,6 +55,7 @@ def samples() -> list[Event]:
         AccountReactivated.new(tenant="acme"),
         ExportRequested.new(tenant="acme", request_id="EXP-1", requested_by="Zoë <z@acme.example>"),
         ExportRequested.new(tenant="acme", request_id="EXP-2", requested_by="ann", as_of=SLOT),
+        RestoreDrill.new(target="helpdesk_main", slot=SLOT),
     ]
 
 
@@ -148,6 +150,13 @@ def test_wrapped_events_meet_the_envelope_schema(event: Event) -> None:
         pytest.param("export-requested", {"request_id": "r" * 129}, id="long-request-id"),
         pytest.param("export-requested", {"requested_by": "ann\nbob"}, id="control-character"),
         pytest.param("export-requested", {"requested_by": "x" * 257}, id="long-requested-by"),
+        pytest.param("restore-drill", {"slot": ...}, id="drill-missing-slot"),
+        pytest.param("restore-drill", {"colour": "red"}, id="drill-extra-field"),
+        pytest.param("restore-drill", {"kind": "full"}, id="drill-with-backup-kind"),
+        pytest.param("restore-drill", {"target": "Helpdesk Main"}, id="bad-drill-target"),
+        pytest.param("restore-drill", {"target": 7}, id="drill-target-not-string"),
+        pytest.param("restore-drill", {"slot": "2026-11-29T02:00:00"}, id="drill-naive-slot"),
+        pytest.param("restore-drill", {"type": "backup-due"}, id="drill-as-other-type"),
     ],
 )
 def test_payloads_the_decoder_rejects_the_schema_rejects_too(
@@ -168,6 +177,9 @@ def test_payloads_the_decoder_rejects_the_schema_rejects_too(
         ({"queue_name": "snapshot"}, "queue of another pool"),
         ({"actor_name": "snapshot_due"}, "actor of another pool"),
         ({"actor_name": "account_expired", "queue_name": "lifecycle"}, "event does not fit the actor"),
+        ({"queue_name": "verify"}, "verify queue for a backup actor"),
+        ({"actor_name": "restore_drill"}, "verify actor on the backup queue"),
+        ({"actor_name": "restore_drill", "queue_name": "verify"}, "backup event for the drill actor"),
         ({"kwargs": {"target": "crm"}}, "kwargs not empty"),
         ({"args": []}, "no event"),
         ({"message_timestamp": "now"}, "timestamp not an integer"),
@@ -195,3 +207,10 @@ moments = st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2200, 
 def test_any_valid_backup_due_meets_its_schema(target: str, kind: str, slot: datetime) -> None:
     event = BackupDue.new(target=target, kind=kind, slot=slot)
     validator("backup-due").validate(event.to_dict())
+
+
+@given(target=names, slot=moments)
+def test_any_valid_restore_drill_meets_its_and_the_envelope_schema(target: str, slot: datetime) -> None:
+    event = RestoreDrill.new(target=target, slot=slot)
+    validator("restore-drill").validate(event.to_dict())
+    validator("envelope").validate(json.loads(wrap(event)))

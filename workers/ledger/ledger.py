@@ -379,6 +379,52 @@ class Ledger:
             ).fetchone()
         return _py(row[0]) if row else None
 
+    # -- restore drills -----------------------------------------------------------------------------------
+    def record_drill(
+        self,
+        *,
+        target: str,
+        drill_id: str,
+        point_in_time: datetime,
+        succeeded: bool,
+        duration_seconds: int,
+        detail: str,
+    ) -> None:
+        try:
+            with self.transaction() as cur:
+                cur.execute(
+                    "INSERT INTO dv_drills (target, drill_id, point_in_time, succeeded, duration_seconds,"
+                    " finished_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    target,
+                    drill_id,
+                    _db(point_in_time),
+                    int(succeeded),
+                    duration_seconds,
+                    _db(self._clock()),
+                    detail,
+                )
+        except pyodbc.IntegrityError:
+            pass  # recorded by an earlier attempt
+
+    def drills(self, target: str) -> list[dict[str, Any]]:
+        with self.transaction() as cur:
+            rows = cur.execute(
+                "SELECT drill_id, point_in_time, succeeded, duration_seconds, finished_at, detail"
+                " FROM dv_drills WHERE target = ? ORDER BY finished_at",
+                target,
+            ).fetchall()
+        return [
+            {
+                "drill_id": r[0],
+                "point_in_time": _py(r[1]),
+                "succeeded": bool(r[2]),
+                "duration_seconds": int(r[3]),
+                "finished_at": _py(r[4]),
+                "detail": r[5],
+            }
+            for r in rows
+        ]
+
     # -- scheduler -----------------------------------------------------------------------------------
     def was_emitted(self, subject: str, kind: str, slot: datetime) -> bool:
         with self.transaction() as cur:

@@ -74,6 +74,24 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     ),
 ]
 
+MIGRATIONS.append(
+    (
+        2,
+        [
+            """CREATE TABLE dv_drills (
+                target VARCHAR(63) NOT NULL,
+                drill_id VARCHAR(64) NOT NULL,
+                point_in_time {ts} NOT NULL,
+                succeeded INTEGER NOT NULL,
+                duration_seconds INTEGER NOT NULL,
+                finished_at {ts} NOT NULL,
+                detail {text},
+                PRIMARY KEY (target, drill_id)
+            )""",
+        ],
+    )
+)
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
