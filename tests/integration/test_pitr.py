@@ -17,6 +17,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pika
 import pytest
 from prometheus_client import REGISTRY
 from support import build_settings, free_port, raw_s3, wait_for, worker_context
@@ -25,6 +26,7 @@ from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import PgCluster
 from messages.events import BackupDue, RestoreDrill
 from workers import catalog
+from workers.errors import HandlerError
 from workers.handlers.backup import handle_backup_due
 from workers.handlers.drill import handle_restore_drill
 from workers.pitr import Unreachable, plan_restore, restore
@@ -309,7 +311,7 @@ def test_a_restore_drill_runs_end_to_end_and_moves_its_metric(history) -> None:
 
 def test_a_gap_in_the_archive_is_named(history, scratch_dir) -> None:
     # Runs last in this module: it removes a segment from the archive.
-    _, ctx, times = history
+    settings, ctx, times = history
     base_start = plan_restore(ctx.repository, "main", None).wal[0].segment
     segments = [e for e in list_wal(ctx.repository, "main") if e.segment is not None and not e.partial]
     missing = next(e for e in segments if e.segment > base_start)
@@ -320,3 +322,13 @@ def test_a_gap_in_the_archive_is_named(history, scratch_dir) -> None:
     with pytest.raises(Unreachable, match=f"gap in the WAL archive.*{missing.filename}"):
         restore(ctx.repository, plan_restore(ctx.repository, "main", times[12]), into)
     assert not into.exists()
+
+    # and the hourly log backup sees the broken chain and asks for a full at once, keyed by the gap
+    with pytest.raises(HandlerError, match="a full backup was requested"):
+        backup(ctx, "log")
+    connection = pika.BlockingConnection(pika.URLParameters(settings.broker.url))
+    channel, queued = connection.channel(), []
+    while (message := channel.basic_get("backup", auto_ack=True))[0] is not None:
+        queued.append(json.loads(message[2])["args"][0])
+    connection.close()
+    assert f"backup-due:main:full:gap-{missing.filename}" in [e["idempotency_key"] for e in queued]

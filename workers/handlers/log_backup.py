@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime
 
 from messages.events import BackupDue
+from producers.publisher import Publisher
 from workers import catalog
 from workers.context import WorkerContext
 from workers.engines.postgresql import PostgresEngine
@@ -32,18 +33,22 @@ def take_log_backup(ctx: WorkerContext, event: BackupDue) -> str:
     closed, switch_lsn = engine.switch_wal()
     _wait_archived(ctx, target.name, closed)
 
-    oldest = fulls[0]
+    oldest, newest = fulls[0], fulls[-1]
     segment_size = oldest.get("wal_segment_size") or engine.wal_segment_size()
     start = Segment.of(oldest["timeline"], parse_lsn(oldest["start_lsn"]), segment_size)
+    newest_start = Segment.of(newest["timeline"], parse_lsn(newest["start_lsn"]), segment_size)
     end = Segment.parse(closed, segment_size)
     entries = list_wal(ctx.repository, target.name, segment_size)
-    gap = first_gap(entries, start, end)
+    gap = first_gap(entries, newest_start, end)
     if gap is not None:
+        # The current chain is broken: only a new full can start a whole one. Ask for it now.
+        _request_full(ctx, target.name, gap.name(segment_size))
         raise HandlerError(
-            f"WAL archive of {target.name} has a gap: segment {gap.name(segment_size)} is missing between "
-            f"the oldest full {oldest['backup_id']} and {closed}; point-in-time recovery across it is "
-            "impossible -- take a full backup now and check that `deskvault wal-stream` runs"
+            f"WAL archive of {target.name} has a gap: segment {gap.name(segment_size)} is missing after the "
+            f"newest full {newest['backup_id']}; a full backup was requested to start a new chain -- check "
+            "that `deskvault wal-stream` runs"
         )
+    older_gap = first_gap(entries, start, newest_start) if start < newest_start else None
     uploaded = {e.filename: e.uploaded_at for e in entries}
     backup_id = catalog.backup_id_for("log", event.slot)
     manifest = {
@@ -62,6 +67,7 @@ def take_log_backup(ctx: WorkerContext, event: BackupDue) -> str:
         "stop_lsn": switch_lsn,
         "covers_from": oldest["finished_at"],
         "covers_until": catalog.iso(uploaded[closed]),
+        "older_chain_gap": older_gap.name(segment_size) if older_gap else None,
         "started_at": catalog.iso(datetime.now(UTC)),
         "finished_at": catalog.iso(datetime.now(UTC)),
         "plain_size": 0,
@@ -85,10 +91,26 @@ def take_log_backup(ctx: WorkerContext, event: BackupDue) -> str:
         plain_bytes=0,
         stored_bytes=0,
     )
+    warning = ""
+    if manifest.get("older_chain_gap"):
+        warning = (
+            f"; WARNING: segment {manifest['older_chain_gap']} is missing before full "
+            f"{newest['backup_id']}, so moments between that gap and it cannot be restored"
+        )
     return (
-        f"log backup {backup_id}: WAL {manifest['from_segment']}..{manifest['to_segment']} "
-        f"({manifest['segments']} segments) archived without gaps, up to LSN {manifest['stop_lsn']}"
+        f"log backup {backup_id}: WAL {manifest['from_segment']}..{manifest['to_segment']} archived, without "
+        f"gaps since full {newest['backup_id']}, up to LSN {manifest['stop_lsn']}{warning}"
     )
+
+
+def _request_full(ctx: WorkerContext, target: str, gap: str) -> None:
+    """Publish a full backup for now, keyed by the gap so that every job that sees it asks only once."""
+    slot = datetime.now(UTC).replace(second=0, microsecond=0)
+    event = BackupDue.new(
+        target=target, kind="full", slot=slot, idempotency_key=f"backup-due:{target}:full:gap-{gap}"
+    )
+    with Publisher(ctx.settings.broker.url, delivery_limit=ctx.settings.broker.delivery_limit) as publisher:
+        publisher.publish(event)
 
 
 def _wait_archived(ctx: WorkerContext, target: str, segment: str) -> None:
