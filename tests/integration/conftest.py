@@ -9,18 +9,28 @@ from uuid import uuid4
 
 import pytest
 
-from deskvault.local.seaweedfs import S3Endpoint, ensure_running
+from deskvault.local.seaweedfs import S3Endpoint, SeaweedError, ensure_running
 from workers.repository.s3 import MIN_PART_SIZE, S3Store
 
 STATE_DIR = Path(__file__).resolve().parents[2] / ".deskvault"
 TEST_BUCKET = "deskvault-test"
+FALLBACK_S3_PORT = 8443
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> S3Endpoint:
-    """The S3 endpoint of the repository's local SeaweedFS; skips locally, fails in CI, if it can't start."""
+    """The S3 endpoint of the repository's local SeaweedFS; skips locally, fails in CI, if it can't start.
+
+    Port 8333 may already serve another checkout's SeaweedFS (with other credentials); the tests then
+    start their own on 8443 rather than fail.
+    """
     try:
-        return ensure_running(STATE_DIR)
+        try:
+            return ensure_running(STATE_DIR)
+        except SeaweedError as exc:
+            if "is taken" not in str(exc):
+                raise
+            return ensure_running(STATE_DIR, s3_port=FALLBACK_S3_PORT)
     except Exception as exc:
         message = f"SeaweedFS could not be started: {exc}"
         if os.environ.get("CI"):

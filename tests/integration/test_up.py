@@ -12,6 +12,7 @@ import sys
 import urllib.request
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from support import free_port, wait_for
@@ -50,6 +51,8 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
             str(demo_port),
             "--metrics-port",
             str(metrics_port),
+            "--s3-port",
+            str(urlparse(s3_endpoint.endpoint_url).port),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
