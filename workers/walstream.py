@@ -163,11 +163,15 @@ class WalStreamer:
         path.unlink()
 
     def _upload_partial(self, path: Path) -> int:
-        stat = path.stat()
-        state = (stat.st_size, stat.st_mtime_ns)
-        if self._partial_seen.get(path.name) == state:
+        try:
+            stat = path.stat()
+            state = (stat.st_size, stat.st_mtime_ns)
+            if self._partial_seen.get(path.name) == state:
+                return 0
+            self.repo.put_stream(wal_key(self.target.name, path.name), _file_chunks(path))
+        except FileNotFoundError:
+            # pg_receivewal finished the segment and renamed it meanwhile: the next round uploads it whole.
             return 0
-        self.repo.put_stream(wal_key(self.target.name, path.name), _file_chunks(path))
         self._partial_seen[path.name] = state
         return 1
 

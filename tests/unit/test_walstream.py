@@ -1,0 +1,34 @@
+"""The WAL streamer's file handling that needs no services."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deskvault.config import TargetSettings
+from workers.walarchive import archivable
+from workers.walstream import WalStreamer, slot_name
+
+
+def test_a_partial_segment_renamed_while_listed_is_left_for_the_next_round(tmp_path: Path) -> None:
+    # Given pg_receivewal completed the segment between the listing and the upload
+    streamer = WalStreamer(
+        TargetSettings(name="main", engine="postgresql", conninfo="host=x"), None, tmp_path
+    )
+    vanished = tmp_path / "000000010000000000000003.partial"
+
+    # Then the round goes on without an error, and nothing is recorded as uploaded
+    assert streamer._upload_partial(vanished) == 0
+    assert streamer._partial_seen == {}
+
+
+def test_only_wal_files_are_archived() -> None:
+    assert archivable("000000010000000000000003")
+    assert archivable("000000010000000000000003.partial")
+    assert archivable("00000002.history")
+    assert not archivable("00000002.history.partial")
+    assert not archivable("pg_receivewal.lock")
+    assert not archivable("000000010000000000000003.tmp")
+
+
+def test_slot_names_are_valid_for_postgresql() -> None:
+    assert slot_name("crm-eu") == "deskvault_crm_eu"
