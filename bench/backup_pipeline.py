@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -31,14 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 import zstandard  # noqa: E402
 
-from deskvault.config import load_settings  # noqa: E402
-from deskvault.local import seaweedfs  # noqa: E402
+from bench.common import BenchServices, log  # noqa: E402
 from deskvault.local.demo_data import helpdesk_sql  # noqa: E402
 from deskvault.local.pgcluster import PgCluster, free_port  # noqa: E402
 from messages.events import BackupDue  # noqa: E402
 from producers.publisher import Publisher  # noqa: E402
 from workers import catalog  # noqa: E402
-from workers.context import open_ledger, open_repository  # noqa: E402
+from workers.context import open_repository  # noqa: E402
 from workers.repository.crypto import encrypt_stream  # noqa: E402
 from workers.repository.keyring import Keyring  # noqa: E402
 
@@ -58,11 +56,10 @@ def main() -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="deskvault-bench-"))
     scratch.chmod(0o755)
-    vhost = f"deskvault-bench-{uuid.uuid4().hex[:6]}"
-    control_db = f"dvbench_{uuid.uuid4().hex[:8]}"
     cluster = PgCluster(scratch / "pg", free_port())
+    services = BenchServices("bench").__enter__()
     try:
-        _log(f"creating a target cluster with helpdesk data at scale {args.scale} (takes a few minutes)")
+        log(f"creating a target cluster with helpdesk data at scale {args.scale} (takes a few minutes)")
         cluster.initdb()
         cluster.start()
         cluster.psql("CREATE DATABASE bigco")
@@ -70,9 +67,15 @@ def main() -> int:
         cluster.psql(helpdesk_sql("bigco", scale=args.scale), "bigco", timeout=3600)
         cluster.psql("CHECKPOINT")
         size = int(cluster.psql("SELECT sum(pg_database_size(datname)) FROM pg_database").strip())
-        _log(f"target holds {size / MIB:.0f} MiB (generated in {time.monotonic() - t0:.0f}s)")
+        log(f"target holds {size / MIB:.0f} MiB (generated in {time.monotonic() - t0:.0f}s)")
 
-        settings = _settings(scratch, cluster, vhost, control_db, args.zstd_level, args.zstd_threads)
+        settings = services.settings(
+            scratch,
+            target="bench",
+            conninfo=cluster.conninfo,
+            prefix="run",
+            extra=f"zstd_level = {args.zstd_level}\nzstd_threads = {args.zstd_threads}",
+        )
         stages = _stages_alone(settings, cluster, scratch)
         pipeline = _pipeline(settings)
         _report(settings, size, stages, pipeline)
@@ -81,46 +84,7 @@ def main() -> int:
         if not args.keep:
             cluster.destroy()
             shutil.rmtree(scratch, ignore_errors=True)
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
-        _system_psql(f"DROP DATABASE IF EXISTS {control_db} WITH (FORCE)", check=False)
-
-
-def _settings(
-    scratch: Path, cluster: PgCluster, vhost: str, control_db: str, zstd_level: int, zstd_threads: int
-):
-    s3 = seaweedfs.ensure_running(ROOT / ".deskvault")
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        check=True,
-        capture_output=True,
-    )
-    _system_psql(f"CREATE DATABASE {control_db}")
-    key_file = scratch / "keys.json"
-    Keyring.create(key_file)
-    config = scratch / "deskvault.toml"
-    config.write_text(f"""
-[broker]
-url = "amqp://guest:guest@127.0.0.1:5672/{vhost}"
-[control_db]
-odbc = "DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={control_db};UID=postgres;"
-[repository]
-bucket = "deskvault-bench"
-prefix = "run-{uuid.uuid4().hex[:8]}/"
-endpoint = "{s3.endpoint_url}"
-access_key = "{s3.access_key}"
-secret_key = "{s3.secret_key}"
-key_file = "{key_file}"
-zstd_level = {zstd_level}
-zstd_threads = {zstd_threads}
-[targets.bench]
-engine = "postgresql"
-conninfo = "{cluster.conninfo}"
-""")
-    settings = load_settings(config, env={})
-    open_ledger(settings).migrate()
-    open_repository(settings).store.ensure_bucket()
-    return settings
+        services.__exit__(None, None, None)
 
 
 def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, float]:
@@ -142,7 +106,7 @@ def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, floa
     t = time.monotonic()
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     read_s = time.monotonic() - t
-    _log(f"read alone: {read_s:.1f}s")
+    log(f"read alone: {read_s:.1f}s")
     with tar.open("wb") as f:
         subprocess.run(cmd, stdout=f, stderr=subprocess.DEVNULL, check=True)
     tar_size = tar.stat().st_size
@@ -156,7 +120,7 @@ def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, floa
         compressor.copy_stream(src, dst, read_size=CHUNK, write_size=CHUNK)
         compress_s = time.monotonic() - t
     compressed_mib = compressed_path.stat().st_size / MIB
-    _log(f"compress alone: {compress_s:.1f}s ({tar_size / MIB:.0f} -> {compressed_mib:.0f} MiB)")
+    log(f"compress alone: {compress_s:.1f}s ({tar_size / MIB:.0f} -> {compressed_mib:.0f} MiB)")
 
     keyring = Keyring.load(Path(r.key_file))
     sealed_path = scratch / "base.tar.zst.dv"
@@ -166,7 +130,7 @@ def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, floa
         for piece in encrypt_stream(keyring, _file_chunks(compressed_path)):
             out.write(piece)
         encrypt_s = time.monotonic() - t
-    _log(f"encrypt alone: {encrypt_s:.1f}s")
+    log(f"encrypt alone: {encrypt_s:.1f}s")
 
     store = open_repository(settings).store
     store.put_bytes("stage-upload/warm-up", b"x")  # the first write to a bucket allocates its volume
@@ -175,7 +139,7 @@ def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, floa
     store.upload_stream("stage-upload/base.tar.dv", _file_chunks(sealed_path))
     upload_s = time.monotonic() - t
     store.delete("stage-upload/base.tar.dv")
-    _log(f"upload alone: {upload_s:.1f}s ({sealed_path.stat().st_size / MIB:.0f} MiB)")
+    log(f"upload alone: {upload_s:.1f}s ({sealed_path.stat().st_size / MIB:.0f} MiB)")
     return {
         "tar_bytes": tar_size,
         "read": read_s,
@@ -192,7 +156,7 @@ def _pipeline(settings) -> dict[str, float]:
     )
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         publisher.publish(event)
-    _log("pipeline: deskvault worker --pool backup --burst")
+    log("pipeline: deskvault worker --pool backup --burst")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     worker = [
         sys.executable,
@@ -255,16 +219,6 @@ def _warm(path: Path) -> None:
     """Read a file once so the timed stage reads it from the page cache, not the disk."""
     for _ in _file_chunks(path):
         pass
-
-
-def _system_psql(sql: str, *, check: bool = True) -> None:
-    """SQL on the machine's PostgreSQL, where the benchmark's control database lives."""
-    cmd = ["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql]
-    subprocess.run(cmd, check=check, capture_output=True)
-
-
-def _log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -45,16 +45,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deskvault.config import load_settings  # noqa: E402
-from deskvault.local import seaweedfs  # noqa: E402
+from bench.common import BenchServices, log  # noqa: E402
 from deskvault.local.demo_data import TABLES, helpdesk_sql  # noqa: E402
-from deskvault.local.pgcluster import DEFAULT_PG_BIN, PgCluster, hand_over, server_user  # noqa: E402
+from deskvault.local.pgcluster import DEFAULT_PG_BIN, PgCluster, free_port, hand_over, server_user  # noqa: E402
 from messages.events import BackupDue  # noqa: E402
 from producers.publisher import Publisher  # noqa: E402
 from workers import catalog  # noqa: E402
-from workers.context import open_ledger, open_repository  # noqa: E402
+from workers.context import open_repository  # noqa: E402
 from workers.pitr import plan_restore, restore  # noqa: E402
-from workers.repository.keyring import Keyring  # noqa: E402
 from workers.walarchive import list_wal  # noqa: E402
 from workers.walstream import WalStreamer  # noqa: E402
 
@@ -91,9 +89,8 @@ def main() -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="deskvault-vs-pgbackrest-"))
     scratch.chmod(0o755)
-    vhost = f"deskvault-bench-{uuid.uuid4().hex[:6]}"
-    control_db = f"dvbench_{uuid.uuid4().hex[:8]}"
-    source = PgCluster(scratch / "source", _free_port())
+    services = BenchServices("vs-pgbackrest").__enter__()
+    source = PgCluster(scratch / "source", free_port())
     pgbackrest = PgBackRest(scratch / "pgbackrest", source)
     stop_streaming = threading.Event()
     streamer: threading.Thread | None = None
@@ -101,7 +98,7 @@ def main() -> int:
     try:
         loads = {"start": _load()}
         pgbackrest.configure()
-        _log(f"creating the source cluster with helpdesk data at scale {args.scale} (takes a few minutes)")
+        log(f"creating the source cluster with helpdesk data at scale {args.scale} (takes a few minutes)")
         source.initdb(extra_conf=f"archive_mode = on\narchive_command = '{pgbackrest.archive_command()}'\n")
         source.start()
         source.psql(f"CREATE DATABASE {HELPDESK_DB}")
@@ -111,11 +108,17 @@ def main() -> int:
         source.psql(helpdesk_sql(HELPDESK_DB, scale=args.scale), HELPDESK_DB, timeout=3600)
         source.psql("CHECKPOINT")
         db_bytes = _database_bytes(source)
-        _log(f"source holds {db_bytes / MIB:.0f} MiB (generated in {time.monotonic() - t:.0f}s)")
+        log(f"source holds {db_bytes / MIB:.0f} MiB (generated in {time.monotonic() - t:.0f}s)")
         pgbackrest.run("stanza-create")
         pgbackrest.run("check")
 
-        settings = _settings(scratch, source, vhost, control_db)
+        settings = services.settings(
+            scratch,
+            target=TARGET,
+            conninfo=source.conninfo,
+            prefix="vs-pgbackrest",
+            extra=f'[wal]\nspool_dir = "{scratch / "wal-spool"}"',
+        )
         repo = open_repository(settings)
         streamer = _start_streaming(settings, repo, scratch, stop_streaming)
         _wait(
@@ -134,7 +137,7 @@ def main() -> int:
         source.psql(f"INSERT INTO bench_marker VALUES ('{marker}')")
         expected = _fingerprint(source)
         segment = source.psql("SELECT pg_walfile_name(pg_switch_wal())").strip()
-        _log(f"waiting until both archives hold segment {segment} (it holds the marker commit)")
+        log(f"waiting until both archives hold segment {segment} (it holds the marker commit)")
         _wait(lambda: _archived_by_postgres(source, segment), timeout=300, what="pgBackRest's archive")
         _wait(lambda: _in_deskvault_archive(repo, segment), timeout=300, what="deskvault's archive")
         target_time = datetime.now(UTC)
@@ -169,8 +172,7 @@ def main() -> int:
                 repo.store.delete(key)
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True)
-        _system_psql(f"DROP DATABASE IF EXISTS {control_db} WITH (FORCE)", check=False)
+        services.__exit__(None, None, None)
 
 
 _RESTORED: list[PgCluster] = []
@@ -257,42 +259,6 @@ class PgBackRest:
         return shown
 
 
-def _settings(scratch: Path, source: PgCluster, vhost: str, control_db: str):
-    s3 = seaweedfs.ensure_running(ROOT / ".deskvault")
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        check=True,
-        capture_output=True,
-    )
-    _system_psql(f"CREATE DATABASE {control_db}")
-    key_file = scratch / "keys.json"
-    Keyring.create(key_file)
-    config = scratch / "deskvault.toml"
-    config.write_text(f"""
-[broker]
-url = "amqp://guest:guest@127.0.0.1:5672/{vhost}"
-[control_db]
-odbc = "DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={control_db};UID=postgres;"
-[repository]
-bucket = "deskvault-bench"
-prefix = "vs-pgbackrest-{uuid.uuid4().hex[:8]}/"
-endpoint = "{s3.endpoint_url}"
-access_key = "{s3.access_key}"
-secret_key = "{s3.secret_key}"
-key_file = "{key_file}"
-[wal]
-spool_dir = "{scratch / "wal-spool"}"
-[targets.{TARGET}]
-engine = "postgresql"
-conninfo = "{source.conninfo}"
-""")
-    settings = load_settings(config, env={})
-    open_ledger(settings).migrate()
-    open_repository(settings).store.ensure_bucket()
-    return settings
-
-
 def _start_streaming(settings, repo, scratch: Path, stop: threading.Event) -> threading.Thread:
     spool = Path(settings.wal.spool_dir) / TARGET
     streamer = WalStreamer(settings.target(TARGET), repo, spool, settings.wal.upload_interval_seconds)
@@ -325,13 +291,13 @@ def _deskvault_backup(settings, source: PgCluster) -> dict[str, float]:
         "--no-metrics",
     ]
     _settle(source)
-    _log("backup: deskvault worker --pool backup --burst")
+    log("backup: deskvault worker --pool backup --burst")
     t = time.monotonic()
     subprocess.run(worker, check=True, cwd=ROOT)
     seconds = time.monotonic() - t
     manifest = catalog.newest_full(open_repository(settings), TARGET)
     inner = datetime.fromisoformat(manifest["finished_at"]) - datetime.fromisoformat(manifest["started_at"])
-    _log(f"backup: deskvault took {seconds:.1f}s")
+    log(f"backup: deskvault took {seconds:.1f}s")
     return {
         "seconds": seconds,
         "pipeline_seconds": inner.total_seconds(),
@@ -342,13 +308,13 @@ def _deskvault_backup(settings, source: PgCluster) -> dict[str, float]:
 
 def _pgbackrest_backup(pgbackrest: PgBackRest, source: PgCluster) -> dict[str, float]:
     _settle(source)
-    _log("backup: pgbackrest --type=full backup")
+    log("backup: pgbackrest --type=full backup")
     t = time.monotonic()
     pgbackrest.run("--type=full", "backup")
     seconds = time.monotonic() - t
     info = json.loads(pgbackrest.run("--output=json", "info"))
     last = info[0]["backup"][-1]
-    _log(f"backup: pgBackRest took {seconds:.1f}s")
+    log(f"backup: pgBackRest took {seconds:.1f}s")
     return {
         "seconds": seconds,
         "plain_mib": last["info"]["size"] / MIB,
@@ -373,14 +339,14 @@ def _generate_wal(source: PgCluster, seconds: int) -> dict[str, float]:
     """pgbench in its own database, standing in for a day of WAL: bytes written and the run's rate."""
     start = source.psql("SELECT pg_current_wal_lsn()").strip()
     pgbench = [str(DEFAULT_PG_BIN / "pgbench"), "-h", "127.0.0.1", "-p", str(source.port), "-U", "postgres"]
-    _log(f"WAL: pgbench -i -s {PGBENCH_SCALE}, then pgbench -T {seconds} -c 2 -j 2")
+    log(f"WAL: pgbench -i -s {PGBENCH_SCALE}, then pgbench -T {seconds} -c 2 -j 2")
     subprocess.run([*pgbench, "-i", "-q", "-s", str(PGBENCH_SCALE), WAL_DB], check=True, capture_output=True)
     workload = [*pgbench, "-T", str(seconds), "-c", "2", "-j", "2", WAL_DB]
     run = subprocess.run(workload, check=True, capture_output=True, text=True)
     tps = re.search(r"tps = ([\d.]+)", run.stdout)
     done = re.search(r"number of transactions actually processed: (\d+)", run.stdout)
     wal = int(float(source.psql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')").strip()))
-    _log(f"WAL: {wal / MIB:.0f} MiB written ({tps.group(1) if tps else '?'} tps)")
+    log(f"WAL: {wal / MIB:.0f} MiB written ({tps.group(1) if tps else '?'} tps)")
     return {
         "bytes": wal,
         "pgbench_tps": float(tps.group(1)) if tps else 0.0,
@@ -414,14 +380,14 @@ def _pgbackrest_restore(
     into = scratch / f"restored-{name}"
     into.mkdir(mode=0o700)
     hand_over(into)
-    cluster = PgCluster(into, _free_port())
+    cluster = PgCluster(into, free_port())
     _RESTORED.append(cluster)
     # --archive-mode=off: the restored copy must not push its new timeline into the stanza.
     options = [f"--pg1-path={into}", "--type=default", "--archive-mode=off"]
     if archive_async:
         pgbackrest.enable_async_archive_get()
     subprocess.run(["sync"], check=True)
-    _log(f"restore: {name} {' '.join(options[1:])} restore, then PostgreSQL replays the WAL")
+    log(f"restore: {name} {' '.join(options[1:])} restore, then PostgreSQL replays the WAL")
     t = time.monotonic()
     pgbackrest.run(*options, "restore")
     laid_out = time.monotonic() - t
@@ -434,16 +400,16 @@ def _pgbackrest_restore(
 def _deskvault_restore(repo, scratch: Path, expected: dict[str, str], before) -> dict[str, float]:
     before()
     into = scratch / "restored-deskvault"
-    cluster = PgCluster(into, _free_port())
+    cluster = PgCluster(into, free_port())
     _RESTORED.append(cluster)
     subprocess.run(["sync"], check=True)
-    _log("restore: deskvault plan_restore + restore(start=True)")
+    log("restore: deskvault plan_restore + restore(start=True)")
     laid_out = 0.0
 
     def progress(message: str) -> None:
         nonlocal laid_out
         laid_out = time.monotonic() - t
-        _log(f"restore: deskvault: {message}")
+        log(f"restore: deskvault: {message}")
 
     t = time.monotonic()
     plan = plan_restore(repo, TARGET, None)
@@ -458,7 +424,7 @@ def _checked(
     found = _fingerprint(cluster)
     if found != expected:
         raise RuntimeError(f"{tool}'s restored cluster differs from the source: {found} != {expected}")
-    _log(f"restore: {tool} took {seconds:.1f}s; marker and row counts match the source")
+    log(f"restore: {tool} took {seconds:.1f}s; marker and row counts match the source")
     size = _database_bytes(cluster)
     cluster.destroy()
     return {"seconds": seconds, "files_seconds": laid_out, "database_mib": size / MIB, "verified": True}
@@ -532,24 +498,6 @@ def _du(path: Path) -> int:
 
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def _system_psql(sql: str, *, check: bool = True) -> None:
-    """SQL on the machine's PostgreSQL, where the benchmark's control database lives."""
-    cmd = ["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql]
-    subprocess.run(cmd, check=check, capture_output=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

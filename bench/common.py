@@ -1,0 +1,79 @@
+"""What the benchmarks share: a private RabbitMQ vhost and control database, and settings that use them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from deskvault.config import Settings, load_settings  # noqa: E402
+from deskvault.local import seaweedfs  # noqa: E402
+from workers.context import open_ledger, open_repository  # noqa: E402
+from workers.repository.keyring import Keyring  # noqa: E402
+
+
+def system_psql(sql: str, *, check: bool = True) -> None:
+    """SQL on the machine's PostgreSQL, where a benchmark's control database lives."""
+    cmd = ["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql]
+    subprocess.run(cmd, check=check, capture_output=True)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+class BenchServices:
+    """A vhost and a control database of the benchmark's own, removed again on exit."""
+
+    def __init__(self, name: str) -> None:
+        self.vhost = f"deskvault-{name}-{uuid.uuid4().hex[:6]}"
+        self.control_db = f"dv{name.replace('-', '')}_{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> BenchServices:
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", self.vhost], check=True, capture_output=True)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+        system_psql(f"CREATE DATABASE {self.control_db}")
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", self.vhost], capture_output=True)
+        system_psql(f"DROP DATABASE IF EXISTS {self.control_db} WITH (FORCE)", check=False)
+
+    def settings(
+        self, scratch: Path, *, target: str, conninfo: str, prefix: str, extra: str = ""
+    ) -> Settings:
+        """Settings for these services, SeaweedFS, a new key file and one target; ledger and bucket ready."""
+        s3 = seaweedfs.ensure_running(ROOT / ".deskvault")
+        key_file = scratch / "keys.json"
+        Keyring.create(key_file)
+        config = scratch / "deskvault.toml"
+        config.write_text(f"""
+[broker]
+url = "amqp://guest:guest@127.0.0.1:5672/{self.vhost}"
+[control_db]
+odbc = "DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={self.control_db};UID=postgres;"
+[repository]
+bucket = "deskvault-bench"
+prefix = "{prefix}-{uuid.uuid4().hex[:8]}/"
+endpoint = "{s3.endpoint_url}"
+access_key = "{s3.access_key}"
+secret_key = "{s3.secret_key}"
+key_file = "{key_file}"
+{extra}
+[targets.{target}]
+engine = "postgresql"
+conninfo = "{conninfo}"
+""")
+        settings = load_settings(config, env={})
+        open_ledger(settings).migrate()
+        open_repository(settings).store.ensure_bucket()
+        return settings
