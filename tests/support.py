@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from deskvault.local.pgcluster import free_port
 from workers.context import WorkerContext, open_ledger, open_repository
 
 T = TypeVar("T")
-__all__ = ["build_settings", "free_port", "raw_s3", "wait_for", "worker_context"]
+__all__ = ["build_settings", "free_port", "raw_s3", "run_cli", "wait_for", "worker_context"]
 
 
 def build_settings(
@@ -79,6 +81,16 @@ def raw_s3(settings: Settings) -> Any:
         aws_access_key_id=r.access_key,
         aws_secret_access_key=r.secret_key,
         region_name=r.region,
+    )
+
+
+def run_cli(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`deskvault --config <the test's file> ARGS...` as a user runs it, in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

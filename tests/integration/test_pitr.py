@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 import pika
 import pytest
 from prometheus_client import REGISTRY
-from support import build_settings, free_port, raw_s3, wait_for, worker_context
+from support import build_settings, free_port, raw_s3, run_cli, wait_for, worker_context
 
 from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import PgCluster
@@ -175,23 +173,7 @@ def test_unreachable_moments_are_refused_before_anything_is_downloaded(history) 
 
 def test_the_listing_shows_the_chain_the_wal_and_the_window(history) -> None:
     settings, _, times = history
-    listing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deskvault.cli",
-            "--config",
-            str(settings.source),
-            "backups",
-            "list",
-            "--target",
-            "main",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    listing = run_cli(settings, "backups", "list", "--target", "main", "--json")
     assert listing.returncode == 0, listing.stderr
     found = json.loads(listing.stdout)
     assert [b["kind"] for b in found["backups"]] == ["full", "diff", "log"]
@@ -210,22 +192,7 @@ def test_the_listing_shows_the_chain_the_wal_and_the_window(history) -> None:
 
 def test_verify_passes_on_an_intact_archive(history) -> None:
     settings, _, _ = history
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deskvault.cli",
-            "--config",
-            str(settings.source),
-            "backups",
-            "verify",
-            "--target",
-            "main",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli(settings, "backups", "verify", "--target", "main")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK:" in result.stdout and "no WAL gaps" in result.stdout
 
@@ -251,22 +218,7 @@ def test_one_flipped_byte_is_named_by_verify_and_by_restore(history, scratch_dir
     s3.put_object(Bucket=settings.repository.bucket, Key=full_key, Body=bytes(damaged))
     try:
         # When verify runs, then it names the object and fails
-        verify = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "deskvault.cli",
-                "--config",
-                str(settings.source),
-                "backups",
-                "verify",
-                "--target",
-                "main",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        verify = run_cli(settings, "backups", "verify", "--target", "main")
         assert verify.returncode == 1
         assert f"BAD {key}" in verify.stdout
 
