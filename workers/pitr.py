@@ -214,12 +214,15 @@ def _lay_out(
     on_progress: Callable[[str], None],
 ) -> datetime | None:
     """Base, differential, WAL and recovery settings; returns the recovery target time it set."""
-    on_progress(f"restoring base backup {plan.base['backup_id']}")
-    restore_full(repo, plan.base, into)
-    if plan.diff is not None:
-        on_progress(f"applying differential backup {plan.diff['backup_id']}")
-        apply_diff(repo, plan.diff, into)
-    _download_wal(repo, plan.wal, wal_dir, on_progress)
+    with ThreadPoolExecutor(1) as background:
+        # The WAL downloads while the base unpacks: two streams, one per core.
+        wal_download = background.submit(_download_wal, repo, plan.wal, wal_dir, on_progress)
+        on_progress(f"restoring base backup {plan.base['backup_id']}")
+        restore_full(repo, plan.base, into)
+        if plan.diff is not None:
+            on_progress(f"applying differential backup {plan.diff['backup_id']}")
+            apply_diff(repo, plan.diff, into)
+        wal_download.result()
     target = plan.at
     last = last_commit_time(wal_dir, pg_bin)
     if target is not None and (last is None or last <= target):
