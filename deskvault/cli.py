@@ -322,7 +322,10 @@ def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:
     if wal["gaps"]:
         print(f"WAL GAPS: {', '.join(wal['gaps'])} -- take a full backup")
     window = found["restorable_window"]
-    print(f"restorable: {window['earliest']} .. {window['latest']}" if window else "restorable: nothing yet")
+    if window is None:
+        print("restorable: nothing yet")
+    else:
+        print("restorable: " + ", ".join(f"{a} .. {b}" for a, b in window["intervals"]))
     return 0
 
 
@@ -389,10 +392,13 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     repo = open_repository(settings)
     plan = plan_restore(repo, args.target, at)
     base = plan.base
+    for skipped in plan.skipped:
+        print(f"WARNING: left out a damaged backup: {skipped}", flush=True)
+    diff = f" + differential {plan.diff['backup_id']}" if plan.diff else ""
+    window = ", ".join(f"{a:%Y-%m-%dT%H:%M:%SZ} .. {b:%Y-%m-%dT%H:%M:%SZ}" for a, b in plan.window.intervals)
     print(
         f"restoring {args.target} to {args.at or 'the latest archived moment'}: full {base['backup_id']} "
-        f"({_mib(base['plain_size'])}) + {len(plan.wal)} WAL file(s); restorable window "
-        f"{plan.window.earliest:%Y-%m-%dT%H:%M:%SZ} .. {plan.window.latest:%Y-%m-%dT%H:%M:%SZ}",
+        f"({_mib(base['plain_size'])}){diff} + {len(plan.wal)} WAL file(s); restorable: {window}",
         flush=True,
     )
     result = restore(
@@ -405,7 +411,11 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
         on_progress=lambda line: print(f"  {line}", flush=True),
     )
     if args.start:
-        reached = f"{result.reached:%Y-%m-%dT%H:%M:%S.%fZ}" if result.reached else "(no transaction replayed)"
+        reached = (
+            f"{result.reached:%Y-%m-%dT%H:%M:%S.%fZ}"
+            if result.reached
+            else "none: no commit after the base backup was archived"
+        )
         print(f"recovered and running on 127.0.0.1:{args.port}; last transaction replayed at {reached}")
     else:
         print(

@@ -27,7 +27,11 @@ def inventory(repo: ObjectRepository, target: str) -> dict[str, Any]:
     ]
     try:
         window = plan_restore(repo, target, None).window
-        restorable = {"earliest": catalog.iso(window.earliest), "latest": catalog.iso(window.latest)}
+        restorable = {
+            "earliest": catalog.iso(window.earliest),
+            "latest": catalog.iso(window.latest),
+            "intervals": [[catalog.iso(a), catalog.iso(b)] for a, b in window.intervals],
+        }
     except Unreachable:
         restorable = None
     return {

@@ -48,6 +48,19 @@ class Unreachable(DeskvaultError):
 class Window:
     earliest: datetime
     latest: datetime
+    # The restorable stretches: each full's finish to the end of the WAL run after it. A WAL gap
+    # splits the window; moments in a hole between stretches are refused.
+    intervals: tuple[tuple[datetime, datetime], ...] = ()
+
+    def point_at(self, fraction: float) -> datetime:
+        """The moment `fraction` (0..1) of the way through the restorable time, skipping holes."""
+        lengths = [end - start for start, end in self.intervals]
+        remaining = sum(lengths, timedelta()) * fraction
+        for (start, _end), length in zip(self.intervals, lengths, strict=True):
+            if remaining <= length:
+                return start + remaining
+            remaining -= length
+        return self.latest
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,11 @@ def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> Re
         raise Unreachable(f"target {target} has no full backup yet; nothing can be restored")
     segment_size = fulls[-1].get("wal_segment_size") or DEFAULT_SEGMENT_SIZE
     entries = list_wal(repo, target, segment_size)
-    window = Window(_finished(fulls[0]), _latest(fulls[-1], entries, segment_size))
+    window = Window(
+        _finished(fulls[0]),
+        _latest(fulls[-1], entries, segment_size),
+        _intervals(fulls, entries, segment_size),
+    )
     if at is not None:
         at = at.astimezone(UTC)
         if at < window.earliest:
@@ -116,6 +133,22 @@ def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> Re
         more_wal=tuple(run[len(wal) :]),
         gap=gap,
     )
+
+
+def _intervals(
+    fulls: list[dict[str, Any]], entries: list[WalEntry], segment_size: int
+) -> tuple[tuple[datetime, datetime], ...]:
+    merged: list[tuple[datetime, datetime]] = []
+    for start, end in sorted((_finished(f), _latest(f, entries, segment_size)) for f in fulls):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
+
+
+def _show_intervals(window: Window) -> str:
+    return ", ".join(f"{_show(a)} .. {_show(b)}" for a, b in window.intervals)
 
 
 def _finished(manifest: dict[str, Any]) -> datetime:
@@ -163,7 +196,7 @@ def _show(moment: datetime) -> str:
 
 
 def _show_window(window: Window) -> str:
-    return f"{_show(window.earliest)} .. {_show(window.latest)}"
+    return _show_intervals(window) or f"{_show(window.earliest)} .. {_show(window.latest)}"
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,8 @@ def handle_restore_drill(ctx: WorkerContext, event: RestoreDrill) -> str | None:
 def _drill(ctx: WorkerContext, event: RestoreDrill) -> str:
     target = ctx.settings.target(event.target)
     window = plan_restore(ctx.repository, target.name, None).window
-    span = (window.latest - window.earliest).total_seconds()
-    point = window.earliest + (window.latest - window.earliest) * random.Random(event.event_id).random()
-    plan = plan_restore(ctx.repository, target.name, point if span > 0 else None)
+    point = window.point_at(random.Random(event.event_id).random())
+    plan = plan_restore(ctx.repository, target.name, point if window.latest > window.earliest else None)
     scratch = Path(tempfile.mkdtemp(prefix=f"deskvault-drill-{target.name}-"))
     scratch.chmod(0o755)  # the postgres user runs the restored server inside it
     cluster = PgCluster(scratch / "data", free_port(), Path(target.pg_bin))
