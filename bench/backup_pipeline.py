@@ -30,11 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 import zstandard  # noqa: E402
 
-from bench.common import BenchServices, log  # noqa: E402
+from bench.common import BenchServices, backup_worker_command, log, publish_full_backup  # noqa: E402
 from deskvault.local.demo_data import helpdesk_sql  # noqa: E402
 from deskvault.local.pgcluster import PgCluster, free_port  # noqa: E402
-from messages.events import BackupDue  # noqa: E402
-from producers.publisher import Publisher  # noqa: E402
 from workers import catalog  # noqa: E402
 from workers.context import open_repository  # noqa: E402
 from workers.repository.crypto import encrypt_stream  # noqa: E402
@@ -151,29 +149,10 @@ def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, floa
 
 def _pipeline(settings) -> dict[str, float]:
     """A real worker process takes the backup from a published event; its peak RSS is measured."""
-    event = BackupDue.new(
-        target="bench", kind="full", slot=datetime.now().astimezone().replace(second=0, microsecond=0)
-    )
-    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
-        publisher.publish(event)
+    publish_full_backup(settings, "bench")
     log("pipeline: deskvault worker --pool backup --burst")
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    worker = [
-        sys.executable,
-        "-m",
-        "deskvault.cli",
-        "--config",
-        settings.source,
-        "--log-level",
-        "WARNING",
-        "worker",
-        "--pool",
-        "backup",
-        "--threads",
-        "1",
-        "--burst",
-        "--no-metrics",
-    ]
+    worker = backup_worker_command(settings)
     subprocess.run(worker, check=True)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     manifest = catalog.newest_full(open_repository(settings), "bench")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -13,6 +14,8 @@ sys.path.insert(0, str(ROOT))
 
 from deskvault.config import Settings, load_settings  # noqa: E402
 from deskvault.local import seaweedfs  # noqa: E402
+from messages.events import BackupDue  # noqa: E402
+from producers.publisher import Publisher  # noqa: E402
 from workers.context import open_ledger, open_repository  # noqa: E402
 from workers.repository.keyring import Keyring  # noqa: E402
 
@@ -25,6 +28,33 @@ def system_psql(sql: str, *, check: bool = True) -> None:
 
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def publish_full_backup(settings: Settings, target: str) -> None:
+    """A backup-due(kind=full) for now, as the scheduler would publish it."""
+    slot = datetime.now(UTC).replace(second=0, microsecond=0)
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher.publish(BackupDue.new(target=target, kind="full", slot=slot))
+
+
+def backup_worker_command(settings: Settings) -> list[str]:
+    """A real `deskvault worker` for the backup pool that exits once its queue is empty."""
+    return [
+        sys.executable,
+        "-m",
+        "deskvault.cli",
+        "--config",
+        str(settings.source),
+        "--log-level",
+        "WARNING",
+        "worker",
+        "--pool",
+        "backup",
+        "--threads",
+        "1",
+        "--burst",
+        "--no-metrics",
+    ]
 
 
 class BenchServices:

@@ -45,11 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import BenchServices, log  # noqa: E402
+from bench.common import BenchServices, backup_worker_command, log, publish_full_backup  # noqa: E402
 from deskvault.local.demo_data import TABLES, helpdesk_sql  # noqa: E402
 from deskvault.local.pgcluster import DEFAULT_PG_BIN, PgCluster, free_port, hand_over, server_user  # noqa: E402
-from messages.events import BackupDue  # noqa: E402
-from producers.publisher import Publisher  # noqa: E402
 from workers import catalog  # noqa: E402
 from workers.context import open_repository  # noqa: E402
 from workers.pitr import plan_restore, restore  # noqa: E402
@@ -269,27 +267,8 @@ def _start_streaming(settings, repo, scratch: Path, stop: threading.Event) -> th
 
 def _deskvault_backup(settings, source: PgCluster) -> dict[str, float]:
     """A real worker process takes the full backup from a published event."""
-    event = BackupDue.new(
-        target=TARGET, kind="full", slot=datetime.now().astimezone().replace(second=0, microsecond=0)
-    )
-    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
-        publisher.publish(event)
-    worker = [
-        sys.executable,
-        "-m",
-        "deskvault.cli",
-        "--config",
-        settings.source,
-        "--log-level",
-        "WARNING",
-        "worker",
-        "--pool",
-        "backup",
-        "--threads",
-        "1",
-        "--burst",
-        "--no-metrics",
-    ]
+    publish_full_backup(settings, TARGET)
+    worker = backup_worker_command(settings)
     _settle(source)
     log("backup: deskvault worker --pool backup --burst")
     t = time.monotonic()
