@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
+import pika
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -37,9 +39,9 @@ def publish_full_backup(settings: Settings, target: str) -> None:
         publisher.publish(BackupDue.new(target=target, kind="full", slot=slot))
 
 
-def backup_worker_command(settings: Settings) -> list[str]:
-    """A real `deskvault worker` for the backup pool that exits once its queue is empty."""
-    return [
+def backup_worker_command(settings: Settings, *, burst: bool = True) -> list[str]:
+    """A real `deskvault worker` for the backup pool; with `burst`, it exits once its queue is empty."""
+    command = [
         sys.executable,
         "-m",
         "deskvault.cli",
@@ -52,9 +54,22 @@ def backup_worker_command(settings: Settings) -> list[str]:
         "backup",
         "--threads",
         "1",
-        "--burst",
         "--no-metrics",
     ]
+    return [*command, "--burst"] if burst else command
+
+
+def queue_consumers(settings: Settings, queue: str) -> int:
+    """How many consumers RabbitMQ counts on a pool's queue (a started worker has one)."""
+    connection = pika.BlockingConnection(pika.URLParameters(settings.broker.url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.consumer_count
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code == 404:
+            return 0  # the worker has not declared its queues yet
+        raise
+    finally:
+        connection.close()
 
 
 class BenchServices:

@@ -56,7 +56,8 @@ class RepositorySettings:
     ca_bundle: str = ""
     key_file: str = ".deskvault/keys.json"
     zstd_level: int = 3
-    zstd_threads: int = 0
+    # Compression threads: one per core by default (a backup is CPU-bound); 0 compresses in the caller.
+    zstd_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     part_size_mib: int = 16
     upload_threads: int = 2
 

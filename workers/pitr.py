@@ -2,9 +2,10 @@
 
 A restore to T needs the newest full backup finished at or before T and every WAL segment from that
 backup's start up to the one holding T, without a gap. All of it is checked against the catalog before
-anything is downloaded. The WAL is then downloaded (in parallel) next to the data directory and the
-recovery settings point PostgreSQL at it: its `restore_command` is a plain `cp`, because the server's
-own user runs that command and need not be able to run deskvault.
+anything is downloaded. The WAL is then downloaded (in parallel, while the base unpacks and, with
+`start`, while PostgreSQL replays) next to the data directory, and the recovery settings point
+PostgreSQL at it through a small shell script (see `walfetch`), because the server's own user runs
+that command and need not be able to run deskvault.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,13 +28,15 @@ from workers.engines.pgdiff import apply_diff
 from workers.engines.postgresql import restore_full
 from workers.engines.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
 from workers.repository.objects import ObjectRepository
-from workers.walarchive import PARTIAL, WalEntry, list_wal
+from workers.walarchive import WalEntry, list_wal
+from workers.walfetch import DOWNLOAD_THREADS, WalDownloads, local_name, restore_command
 
 log = logging.getLogger(__name__)
 
 # S3 upload times have one-second resolution: a partial segment is trusted up to a second before it.
 UPLOAD_TIME_MARGIN = timedelta(seconds=1)
-DOWNLOAD_THREADS = 4
+WAL_BESIDE_BASE = DOWNLOAD_THREADS  # WAL files downloaded while the base unpacks
+WAL_FILE_RE = re.compile(r"[0-9A-F]{24}")
 COMMIT_RE = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
@@ -217,24 +219,38 @@ def restore(
     pg_bin: Path | None = None,
     on_progress: Callable[[str], None] = log.info,
 ) -> RestoreResult:
-    """Lay out the base, the WAL and the recovery settings; with `start`, recover and report the time."""
+    """Lay out the base, the WAL and the recovery settings; with `start`, recover and report the time.
+
+    With `start`, PostgreSQL starts as soon as the base is in place and replays the WAL while the rest
+    of it downloads; without, every file is in place before this returns.
+    """
     wal_dir = into.parent / f"{into.name}.wal"
     for folder in (into, wal_dir):
         # Checked before anything is written: on failure below, these folders are removed whole.
         if folder.exists() and any(folder.iterdir()):
             raise DeskvaultError(f"{folder} is not empty; restore into a new or empty folder")
+    pg_bin = pg_bin or DEFAULT_PG_BIN
+    downloads = WalDownloads(repo, wal_dir, on_progress, planned=len(plan.wal))
+    cluster = None
     try:
-        target = _lay_out(repo, plan, into, wal_dir, pg_bin or DEFAULT_PG_BIN, on_progress)
+        target = _lay_out(repo, plan, into, downloads, pg_bin, on_progress)
+        if start:
+            cluster = PgCluster(into, port, pg_bin)
+            on_progress("starting PostgreSQL: it replays the WAL as the files arrive")
+            cluster.start(timeout=600)
+        downloads.wait_all()
+        downloads.close()
+        hand_over(wal_dir)
     except BaseException:
+        downloads.abandon()
+        if cluster is not None:
+            cluster.stop("immediate")
         # Never leave a half-restored folder that someone might start.
         shutil.rmtree(into, ignore_errors=True)
         shutil.rmtree(wal_dir, ignore_errors=True)
         raise
-    reached = None
-    if start:
-        cluster = PgCluster(into, port, pg_bin or DEFAULT_PG_BIN)
-        cluster.start(timeout=600)
-        reached = _wait_recovered(cluster)
+    # Every file is in place now: a recovery that fails from here on is left for inspection.
+    reached = _wait_recovered(cluster) if cluster is not None else None
     return RestoreResult(into, wal_dir, target, reached)
 
 
@@ -242,67 +258,67 @@ def _lay_out(
     repo: ObjectRepository,
     plan: RestorePlan,
     into: Path,
-    wal_dir: Path,
+    downloads: WalDownloads,
     pg_bin: Path,
     on_progress: Callable[[str], None],
 ) -> datetime | None:
-    """Base, differential, WAL and recovery settings; returns the recovery target time it set."""
-    with ThreadPoolExecutor(1) as background:
-        # The WAL downloads while the base unpacks: two streams, one per core.
-        wal_download = background.submit(_download_wal, repo, plan.wal, wal_dir, on_progress)
-        on_progress(f"restoring base backup {plan.base['backup_id']}")
-        restore_full(repo, plan.base, into)
-        if plan.diff is not None:
-            on_progress(f"applying differential backup {plan.diff['backup_id']}")
-            apply_diff(repo, plan.diff, into)
-        wal_download.result()
+    """Base, differential and recovery settings, WAL downloading meanwhile; returns the target time set."""
+    wal = list(plan.wal)
+    if plan.at is not None and wal:
+        # Whether PostgreSQL gets a target time depends on the last commit in the last file: fetch it first.
+        downloads.add(wal[-1:])
+        wal = wal[:-1]
+    # Only the first files download beside the base, which needs both cores; the rest follow it, while
+    # PostgreSQL replays what is already there.
+    downloads.add(wal[:WAL_BESIDE_BASE])
+    on_progress(f"restoring base backup {plan.base['backup_id']}")
+    restore_full(repo, plan.base, into)
+    if plan.diff is not None:
+        on_progress(f"applying differential backup {plan.diff['backup_id']}")
+        apply_diff(repo, plan.diff, into)
+    downloads.add(wal[WAL_BESIDE_BASE:])
+    target = _recovery_target(plan, downloads, pg_bin)
+    _write_recovery_settings(into, downloads.wal_dir, target)
+    hand_over(downloads.wal_dir)
+    hand_over(into)
+    return target
+
+
+def _recovery_target(plan: RestorePlan, downloads: WalDownloads, pg_bin: Path) -> datetime | None:
+    """The recovery_target_time to set: `plan.at`, or None where recovering to the end gives that state."""
     target = plan.at
-    last = last_commit_time(wal_dir, pg_bin)
-    if target is not None and (last is None or last <= target):
+    if target is None or not plan.wal:
+        return target
+    last_file = local_name(plan.wal[-1])
+    downloads.wait_for(last_file)
+    last = last_commit_time(downloads.wal_dir, pg_bin, [last_file])
+    if last is None:
+        downloads.wait_all()
+        last = last_commit_time(downloads.wal_dir, pg_bin)
+    if last is None or last <= target:
         if plan.more_wal:
-            _download_wal(repo, plan.more_wal, wal_dir, on_progress)
-            last = last_commit_time(wal_dir, pg_bin)
+            downloads.add(plan.more_wal)
+            downloads.wait_all()
+            last = last_commit_time(downloads.wal_dir, pg_bin)
         elif plan.gap is not None:
             raise Unreachable(
                 f"{_show(target)} lies across a gap in the WAL archive of {plan.target}: segment "
                 f"{plan.gap.name(plan.segment_size)} is missing and the WAL before it ends earlier"
             )
-    if target is not None and last is not None and target >= last:
+    if last is not None and target >= last:
         # No commit after T is archived: recovering to the end gives exactly the state at T, whereas
         # PostgreSQL refuses a target time it never sees passed.
-        target = None
-    _write_recovery_settings(into, wal_dir, target)
-    hand_over(wal_dir)
-    hand_over(into)
+        return None
     return target
 
 
-def _download_wal(
-    repo: ObjectRepository, entries: tuple[WalEntry, ...], wal_dir: Path, on_progress: Callable[[str], None]
-) -> None:
-    wal_dir.mkdir(parents=True, exist_ok=True)
-    total = len(entries)
-    done = 0
-
-    def fetch(entry: WalEntry) -> None:
-        # A partial segment is restored under its segment's name: it is all there is of that segment.
-        path = wal_dir / entry.filename.removesuffix(PARTIAL)
-        with path.open("wb") as f:
-            for chunk in repo.get_stream(entry.key):
-                f.write(chunk)
-
-    with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-        for _ in pool.map(fetch, entries):
-            done += 1
-            if done == total or done % max(total // 10, 1) == 0:
-                on_progress(f"WAL {done}/{total} segments downloaded and verified")
-
-
-def last_commit_time(wal_dir: Path, pg_bin: Path) -> datetime | None:
-    """The newest commit timestamp in the downloaded WAL, scanning the last segments first."""
-    for segment in sorted(wal_dir.iterdir(), reverse=True):
+def last_commit_time(wal_dir: Path, pg_bin: Path, names: list[str] | None = None) -> datetime | None:
+    """The newest commit timestamp in the WAL files `names` (default: all in the folder), newest first."""
+    if names is None:
+        names = [p.name for p in wal_dir.iterdir() if WAL_FILE_RE.fullmatch(p.name)]
+    for name in sorted(names, reverse=True):
         proc = subprocess.run(
-            [str(pg_bin / "pg_waldump"), "--path", str(wal_dir), segment.name], capture_output=True, text=True
+            [str(pg_bin / "pg_waldump"), "--path", str(wal_dir), name], capture_output=True, text=True
         )
         stamps = COMMIT_RE.findall(proc.stdout)
         if stamps:
@@ -313,7 +329,7 @@ def last_commit_time(wal_dir: Path, pg_bin: Path) -> datetime | None:
 def _write_recovery_settings(into: Path, wal_dir: Path, target: datetime | None) -> None:
     lines = [
         "# Written by deskvault restore",
-        f'restore_command = \'cp "{wal_dir}/%f" "%p"\'',
+        f"restore_command = '{restore_command(wal_dir)}'",
         "recovery_target_timeline = 'current'",
     ]
     if target is not None:
@@ -323,11 +339,14 @@ def _write_recovery_settings(into: Path, wal_dir: Path, target: datetime | None)
     (into / "recovery.signal").touch()
 
 
-def _wait_recovered(cluster: PgCluster, timeout: float = 600) -> datetime | None:
+def _wait_recovered(cluster: PgCluster, timeout: float = 6 * 3600) -> datetime | None:
     deadline = time.monotonic() + timeout
     while cluster.psql("SELECT pg_is_in_recovery()").strip() == "t":
         if time.monotonic() > deadline:
-            raise DeskvaultError(f"recovery did not finish within {timeout:.0f}s; see the server log")
+            raise DeskvaultError(
+                f"recovery did not finish within {timeout:.0f}s; the cluster is left running in "
+                f"{cluster.datadir}, see its server log"
+            )
         time.sleep(0.5)
     reached = cluster.psql("SELECT pg_last_xact_replay_timestamp()").strip()
     return datetime.fromisoformat(reached).astimezone(UTC) if reached else None

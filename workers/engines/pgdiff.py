@@ -26,6 +26,7 @@ from deskvault.config import TargetSettings
 from workers import catalog
 from workers.engines.conninfo import odbc_connection_string
 from workers.engines.postgresql import BackupResult, EngineError, commit, object_entry
+from workers.engines.untar import unpack_tar
 from workers.errors import PermanentError
 from workers.repository.objects import ObjectRepository
 
@@ -207,16 +208,9 @@ def _tar_stream(datadir: Path, files: list[tuple[str, int]]) -> Iterator[bytes]:
 
 def apply_diff(repo: ObjectRepository, diff: dict[str, Any], into: Path) -> None:
     """Lay a differential over a restored full: changed files, deletions, and the diff's backup label."""
-    from workers.streams import ChunkReader
-
     (entry,) = diff["objects"]
-    reader = ChunkReader(
-        repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=entry["plain_size"])
-    )
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        tar.extractall(into, filter="tar")
-    while reader.read(READ_SIZE):
-        pass  # the end of the stream is where its checksum is verified
+    plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=entry["plain_size"])
+    unpack_tar(plain, into)
     for path in diff["deleted_files"]:
         (into / path).unlink(missing_ok=True)
     (into / "backup_label").write_text(diff["backup_label"])

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,10 +28,11 @@ from deskvault.local.pgcluster import hand_over
 from workers import catalog
 from workers.engines.conninfo import libpq_env, split_password
 from workers.engines.tarwatch import TarMemberWatcher
+from workers.engines.untar import unpack_tar
 from workers.engines.walnames import parse_size
 from workers.repository.errors import AlreadyExists
 from workers.repository.objects import ObjectRepository, StoredObject
-from workers.streams import ChunkReader, counted
+from workers.streams import counted
 
 log = logging.getLogger(__name__)
 
@@ -238,11 +238,7 @@ def restore_full(
         plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=total)
         if on_progress is not None:
             plain = counted(plain, lambda done: on_progress(done, total))
-        reader = ChunkReader(plain)
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            tar.extractall(into, filter="tar")
-        while reader.read(READ_SIZE):
-            pass  # read to the end of the stream: that is where the checksum and size are verified
+        unpack_tar(plain, into)
     except BaseException:
         # Never leave a half-restored folder that someone might start.
         shutil.rmtree(into, ignore_errors=True)

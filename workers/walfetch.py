@@ -1,0 +1,126 @@
+"""A restore's WAL, downloaded in the background while PostgreSQL already replays what has arrived.
+
+Files are fetched in the order they are added (replay order), several at once, each written under a
+temporary name and renamed into place whole. PostgreSQL's `restore_command` is the small shell script
+written next to them: it copies a file that is there, waits for one that deskvault planned but has not
+finished downloading, and reports anything else as missing, which is how recovery learns that the WAL
+ends. The script, not deskvault, runs as the server's user, who need not be able to run deskvault.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from workers.repository.objects import ObjectRepository
+from workers.walarchive import PARTIAL, WalEntry
+
+DOWNLOAD_THREADS = 4
+EXPECTED_LIST = ".expected"
+STOPPED_MARKER = ".stopped"
+FETCH_SCRIPT = "fetch-wal.sh"
+# How long the restore_command waits for a planned file: far longer than one segment's download, short
+# enough that a recovery whose deskvault process died ends instead of hanging.
+WAIT_FOR_FILE_SECONDS = 600
+_POLL_SECONDS = 0.2
+
+_SCRIPT = """#!/bin/sh
+# Written by deskvault restore: PostgreSQL's restore_command ("fetch-wal.sh %f %p"). Copies a WAL file
+# from this folder, waiting for one that deskvault is still downloading; any other name is missing.
+dir=$(dirname "$0")
+polls=0
+while [ ! -f "$dir/$1" ]; do
+    grep -qxF "$1" "$dir/{expected}" 2>/dev/null || exit 1
+    [ -f "$dir/{stopped}" ] && exit 1
+    [ "$polls" -ge {max_polls} ] && exit 1
+    sleep {poll}
+    polls=$((polls + 1))
+done
+exec cp "$dir/$1" "$2"
+"""
+
+
+def local_name(entry: WalEntry) -> str:
+    """The file name PostgreSQL asks for: a partial segment is all there is of its segment."""
+    return entry.filename.removesuffix(PARTIAL)
+
+
+def restore_command(wal_dir: Path) -> str:
+    """The restore_command setting that reads the WAL folder through its fetch script."""
+    return f'"{wal_dir / FETCH_SCRIPT}" "%f" "%p"'
+
+
+class WalDownloads:
+    """Background downloads of WAL files into `wal_dir`, in the order they are added."""
+
+    def __init__(
+        self,
+        repo: ObjectRepository,
+        wal_dir: Path,
+        on_progress: Callable[[str], None],
+        *,
+        planned: int = 0,
+        threads: int = 0,
+    ) -> None:
+        self.repo = repo
+        self.planned = planned  # how many files progress counts towards, if more are added later
+        self.wal_dir = wal_dir
+        self.on_progress = on_progress
+        self._pool = ThreadPoolExecutor(threads or DOWNLOAD_THREADS, thread_name_prefix="wal-download")
+        self._futures: dict[str, Future[None]] = {}
+        self._lock = threading.Lock()
+        self._finished = 0
+        wal_dir.mkdir(parents=True, exist_ok=True)
+        (wal_dir / EXPECTED_LIST).touch()
+        script = wal_dir / FETCH_SCRIPT
+        script.write_text(
+            _SCRIPT.format(
+                expected=EXPECTED_LIST,
+                stopped=STOPPED_MARKER,
+                max_polls=int(WAIT_FOR_FILE_SECONDS / _POLL_SECONDS),
+                poll=_POLL_SECONDS,
+            )
+        )
+        script.chmod(0o755)
+
+    def add(self, entries: Iterable[WalEntry]) -> None:
+        """Queue `entries` for download; the fetch script waits for them from now on."""
+        entries = list(entries)
+        with (self.wal_dir / EXPECTED_LIST).open("a") as f:
+            f.writelines(local_name(e) + "\n" for e in entries)
+        for entry in entries:
+            self._futures[local_name(entry)] = self._pool.submit(self._fetch, entry)
+
+    def wait_for(self, name: str) -> None:
+        """Until the file `name` is in place; its download's error if it failed."""
+        self._futures[name].result()
+
+    def wait_all(self) -> None:
+        """Until every queued file is in place; the first failure's error otherwise."""
+        for future in list(self._futures.values()):
+            future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Stop downloading; the fetch script stops waiting, so a running recovery ends."""
+        (self.wal_dir / STOPPED_MARKER).touch()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _fetch(self, entry: WalEntry) -> None:
+        path = self.wal_dir / local_name(entry)
+        partial = path.with_name(path.name + ".download")
+        with partial.open("wb") as f:
+            for chunk in self.repo.get_stream(entry.key):
+                f.write(chunk)
+        # Only a whole, verified file ever carries the name PostgreSQL asks for.
+        os.replace(partial, path)
+        with self._lock:
+            self._finished += 1
+            done, total = self._finished, max(self.planned, len(self._futures))
+        if done == total or done % max(total // 10, 1) == 0:
+            self.on_progress(f"WAL {done}/{total} files downloaded and verified")
