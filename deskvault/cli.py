@@ -140,6 +140,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, default=5439, help="port for --start (default 5439)")
     r.set_defaults(func=_cmd_restore)
 
+    t = sub.add_parser("tenants", help="the tenants deskvault knows, with their lifecycle state")
+    tsub = t.add_subparsers(dest="tenants_command", required=True)
+    tl = tsub.add_parser("list", help="tenants from the config and the accounts query")
+    tl.add_argument("--json", action="store_true", help="machine-readable output")
+    tl.set_defaults(func=_cmd_tenants_list)
+
     st = sub.add_parser("status", help="targets' newest backups, queue depths, job counts")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
@@ -292,6 +298,48 @@ def _usage(message: str) -> DeskvaultError:
     error = DeskvaultError(message)
     error.exit_code = 2
     return error
+
+
+def _cmd_tenants_list(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.context import open_ledger
+    from workers.tenants import TenantRegistry
+
+    settings = _settings(args)
+    ledger = open_ledger(settings)
+    rows = []
+    for tenant in TenantRegistry(settings).all():
+        account = ledger.account(tenant.id) or {}
+        purge = account.get("purge_after")
+        rows.append(
+            {
+                "tenant": tenant.id,
+                "plan": tenant.plan,
+                "downloadable_backups": tenant.downloadable_backups,
+                "database": tenant.database,
+                "target": tenant.target,
+                "source": tenant.source,
+                "status": account.get("status", "active"),
+                "purge_after": f"{purge:%Y-%m-%dT%H:%M:%SZ}" if purge else None,
+                "legal_hold": account.get("legal_hold", False),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no tenants: add [tenants.<id>] to the config or set lifecycle.accounts_odbc")
+        return 0
+    widths = (20, 10, 9, 12, 20, 8, 0)
+
+    def line(*cells: str) -> str:
+        return " ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+    print(line("TENANT", "PLAN", "DOWNLOADS", "TARGET", "DATABASE", "STATUS", "PURGE AFTER"))
+    for r in rows:
+        downloads = "yes" if r["downloadable_backups"] else "no"
+        purge = (r["purge_after"] or "-") + (" (legal hold)" if r["legal_hold"] else "")
+        print(line(r["tenant"], r["plan"], downloads, r["target"], r["database"], r["status"], purge))
+    return 0
 
 
 def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:

@@ -108,14 +108,40 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class LifecycleSettings:
+    # An expired paid account's data is kept this many months after it expired; a trial's, this many
+    # months after the trial began (one month of trial plus four).
+    paid_retention_months: int = 4
+    trial_retention_months: int = 5
+    # How far ahead of this host's clock an account-expired event's expired_at may be.
+    clock_skew_seconds: int = 300
+    # Tenants besides [tenants.*]: read from the SaaS's accounts database through ODBC, if set.
+    accounts_odbc: str = field(default="", repr=False)
+    # Must return: id, plan, downloadable_backups (true/false or 1/0), database name, target.
+    accounts_query: str = "SELECT id, plan, downloadable_backups, database_name, target FROM accounts"
+
+
+@dataclass(frozen=True)
+class TenantSettings:
+    name: str
+    plan: str
+    database: str
+    target: str
+    # Entitled to scheduled downloadable backups (the Company plan or the add-on).
+    downloadable_backups: bool = False
+
+
+@dataclass(frozen=True)
 class Settings:
     broker: BrokerSettings = BrokerSettings()
     control_db: ControlDbSettings = ControlDbSettings()
     repository: RepositorySettings = RepositorySettings()
     metrics: MetricsSettings = MetricsSettings()
     wal: WalSettings = WalSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
     targets: Mapping[str, TargetSettings] = field(default_factory=dict)
     servers: Mapping[str, ServerSettings] = field(default_factory=dict)
+    tenants: Mapping[str, TenantSettings] = field(default_factory=dict)
     source: str = "(defaults)"
 
     def target(self, name: str) -> TargetSettings:
@@ -135,6 +161,7 @@ SECTIONS = {
     "repository": RepositorySettings,
     "metrics": MetricsSettings,
     "wal": WalSettings,
+    "lifecycle": LifecycleSettings,
 }
 
 
@@ -174,13 +201,14 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
 
 
 def _build(raw: dict[str, Any], source: str) -> Settings:
-    unknown = set(raw) - set(SECTIONS) - {"targets", "servers"}
+    unknown = set(raw) - set(SECTIONS) - {"targets", "servers", "tenants"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section in {source}")
     sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
     targets = {name: _target(name, value) for name, value in _table(raw, "targets").items()}
     servers = {name: _server(name, value) for name, value in _table(raw, "servers").items()}
-    return Settings(**sections, targets=targets, servers=servers, source=source)
+    tenants = {name: _tenant(name, value, targets) for name, value in _table(raw, "tenants").items()}
+    return Settings(**sections, targets=targets, servers=servers, tenants=tenants, source=source)
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -223,6 +251,16 @@ def _server(name: str, value: Any) -> ServerSettings:
     return server
 
 
+def _tenant(name: str, value: Any, targets: Mapping[str, TargetSettings]) -> TenantSettings:
+    if not isinstance(value, dict):
+        raise ConfigError(f"tenants.{name}: must be a table")
+    tenant = _section(TenantSettings, {"name": name, **value}, f"tenants.{name}")
+    if tenant.target not in targets:
+        known = ", ".join(sorted(targets)) or "none"
+        raise ConfigError(f"tenants.{name}.target: {tenant.target!r} is not a configured target ({known})")
+    return tenant
+
+
 def _check_cron(expression: str, where: str) -> None:
     from producers.cron import Cron, CronError
 
@@ -257,6 +295,12 @@ def _coerce(value: Any, f: dataclasses.Field[Any], where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         if value < 0:
             raise ConfigError(f"{where}: must not be negative")
+        return value
+    if expected == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"  # from an environment variable
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if expected == "str":
         if not isinstance(value, str):

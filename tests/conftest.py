@@ -119,7 +119,11 @@ def make_settings(tmp_path: Path, key_file: Path, request: pytest.FixtureRequest
     """Settings pointing at the session's real services, with a fresh bucket prefix per call."""
 
     def make(
-        *, servers: dict[str, str] | None = None, lease_seconds: int = 120, target: PgCluster | None = None
+        *,
+        servers: dict[str, str] | None = None,
+        lease_seconds: int = 120,
+        target: PgCluster | None = None,
+        extra: str = "",
     ) -> Settings:
         return build_settings(
             tmp_path,
@@ -130,6 +134,7 @@ def make_settings(tmp_path: Path, key_file: Path, request: pytest.FixtureRequest
             target or request.getfixturevalue("pg_target"),
             servers=servers,
             lease_seconds=lease_seconds,
+            extra=extra,
         )
 
     return make

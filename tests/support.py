@@ -30,6 +30,7 @@ def build_settings(
     *,
     servers: dict[str, str] | None = None,
     lease_seconds: int = 120,
+    extra: str = "",
 ) -> Settings:
     """A config file for the test services (a fresh bucket prefix each time), loaded like deskvault does."""
     text = f"""
@@ -55,9 +56,15 @@ upload_interval_seconds = 1
 engine = "postgresql"
 conninfo = "{target.conninfo}"
 data_directory = "{target.datadir}"
+[tenants.acme]
+plan = "company"
+database = "acme"
+target = "main"
+downloadable_backups = true
 """
     for name, schedule in (servers or {}).items():
         text += f'[servers.{name}]\nschedule = "{schedule}"\n'
+    text += extra
     path = directory / f"deskvault-{uuid.uuid4().hex[:6]}.toml"
     path.write_text(text)
     return load_settings(path, env={})

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DEMO_TARGET = "demo"
 DEMO_TENANTS = ("acme", "globex", "initech")
+DEMO_PLANS = ("company", "team", "trial")
 CONTROL_DB = "deskvault"
 SYSTEM_PG = "host=127.0.0.1 port=5432 user=postgres"
 
@@ -139,6 +140,13 @@ spool_dir = "{state / "wal-spool"}"
 engine = "postgresql"
 conninfo = "{cluster.conninfo}"
 """
+    # The demo's tenants, each with its helpdesk database on the demo target; a real deployment reads
+    # them from the SaaS's accounts table (lifecycle.accounts_odbc).
+    for tenant, plan in zip(DEMO_TENANTS, DEMO_PLANS, strict=True):
+        text += (
+            f'\n[tenants.{tenant}]\nplan = "{plan}"\ndatabase = "{tenant}"\ntarget = "{DEMO_TARGET}"\n'
+            f"downloadable_backups = {'true' if plan == 'company' else 'false'}\n"
+        )
     config.touch(mode=0o600)
     config.write_text(text)
     return config

@@ -146,6 +146,16 @@ def test_garbage_is_dead_lettered_with_a_reason_and_the_worker_goes_on(pools) ->
     assert ctx.ledger.account("acme")["status"] == "expired"
 
 
+def test_an_expiry_for_an_unknown_tenant_is_dead_lettered_with_the_reason(pools) -> None:
+    settings, ctx = pools
+    event = AccountExpired.new(tenant="nobody", plan="paid", expired_at=datetime(2026, 11, 1, tzinfo=UTC))
+    publish_raw(settings.broker.url, "lifecycle", wrap(event))
+    body, headers = next_dead_letter(settings.broker.url, "lifecycle")
+    assert json.loads(body)["args"][0]["event_id"] == event.event_id
+    assert "tenant: 'nobody' is not a known tenant" in headers[REASON_HEADER]
+    assert ctx.ledger.account("nobody") is None
+
+
 def _envelope_with(event_fields: dict, **envelope: object) -> bytes:
     message = {
         "queue_name": "backup",
@@ -224,9 +234,10 @@ def test_each_pool_handles_its_events_honestly(pools) -> None:
 
 
 def test_a_worker_process_in_burst_mode_handles_a_cli_published_event_and_exits(make_settings) -> None:
-    settings = make_settings()
-    worker_context(settings)  # migrated control database and bucket
     tenant = f"t{uuid.uuid4().hex[:10]}"
+    tenant_config = f'[tenants.{tenant}]\nplan = "trial"\ndatabase = "{tenant}"\ntarget = "main"\n'
+    settings = make_settings(extra=tenant_config)
+    worker_context(settings)  # migrated control database and bucket
     base = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source)]
     published = subprocess.run(
         [
@@ -347,4 +358,6 @@ def test_an_event_built_from_the_published_json_schema_example_is_handled(pools)
 
     # Then the lifecycle pool handles it
     job = job_done(ctx, event["idempotency_key"])
-    assert job.outcome == f"recorded: tenant {event['tenant']} reactivated"
+    # (if an earlier test expired this tenant, the outcome goes on to name the cancelled purge)
+    assert job.outcome.startswith(f"recorded: tenant {event['tenant']} reactivated")
+    assert ctx.ledger.account(event["tenant"])["status"] == "active"

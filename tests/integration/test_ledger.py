@@ -159,6 +159,8 @@ def test_account_events_are_recorded_once(ledger: Ledger, unique_key: str) -> No
         status="expired",
         expired_at=at,
         trial_started_at=None,
+        purge_after=datetime(2027, 3, 1, tzinfo=UTC),
+        allowed_from=("active", "expired"),
         detail="{}",
     )
 
@@ -167,6 +169,7 @@ def test_account_events_are_recorded_once(ledger: Ledger, unique_key: str) -> No
     account = ledger.account(tenant)
     assert account is not None
     assert (account["status"], account["plan"], account["expired_at"]) == ("expired", "paid", at)
+    assert account["purge_after"] == datetime(2027, 3, 1, tzinfo=UTC)
 
 
 def test_schedule_marks_are_shared_between_schedulers(ledger: Ledger, unique_key: str) -> None:

@@ -92,6 +92,21 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
         fulls = wait_for(listed_full, timeout=180, what="the first full backup of the demo target")
         assert fulls[0]["target"] == "demo" and fulls[0]["stop_lsn"]
 
+        # and the demo tenants are known, each on the demo target
+        tenants = subprocess.run(
+            [sys.executable, "-m", "deskvault.cli", "--config", str(config), "tenants", "list", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert tenants.returncode == 0, tenants.stderr
+        assert {(t["tenant"], t["target"]) for t in json.loads(tenants.stdout)} == {
+            ("acme", "demo"),
+            ("globex", "demo"),
+            ("initech", "demo"),
+        }
+
         # and the backup pool's metrics count it
         def handled() -> float:
             url = f"http://127.0.0.1:{metrics_port}/metrics"

@@ -29,6 +29,14 @@ class LedgerError(DeskvaultError):
     """The control database could not be used."""
 
 
+class AccountStateConflict(LedgerError):
+    """An account event does not apply to the account's current status (e.g. reactivating a purged one)."""
+
+    def __init__(self, tenant: str, status: str, purged_at: datetime | None) -> None:
+        self.tenant, self.status, self.purged_at = tenant, status, purged_at
+        super().__init__(f"tenant {tenant} is {status}")
+
+
 class LeaseLost(LedgerError):
     """Another worker took this job over; this worker must stop writing its results."""
 
@@ -277,10 +285,17 @@ class Ledger:
         status: str,
         expired_at: datetime | None,
         trial_started_at: datetime | None,
+        purge_after: datetime | None,
+        allowed_from: tuple[str, ...],
         detail: str,
     ) -> bool:
-        """Record an account event once; returns False if this event id was recorded before."""
+        """Record an account event once and move the account to `status`; False if recorded before.
+
+        The move happens only from a status in `allowed_from` (or for an account not seen before);
+        otherwise nothing is written and AccountStateConflict says what the account's status is.
+        """
         now = self._clock()
+        placeholders = ", ".join("?" for _ in allowed_from)
         try:
             with self.transaction() as cur:
                 cur.execute(
@@ -295,24 +310,34 @@ class Ledger:
                 )
                 updated = cur.execute(
                     "UPDATE dv_accounts SET plan = COALESCE(?, plan), status = ?, expired_at = ?,"
-                    " trial_started_at = ?, updated_at = ?, last_event_id = ? WHERE tenant = ?",
+                    " trial_started_at = ?, purge_after = ?, updated_at = ?, last_event_id = ?"
+                    f" WHERE tenant = ? AND status IN ({placeholders})",
                     plan,
                     status,
                     _db(expired_at),
                     _db(trial_started_at),
+                    _db(purge_after),
                     _db(now),
                     event_id,
                     tenant,
+                    *allowed_from,
                 ).rowcount
                 if updated == 0:
+                    row = cur.execute(
+                        "SELECT status, purged_at FROM dv_accounts WHERE tenant = ?", tenant
+                    ).fetchone()
+                    if row is not None:
+                        # Raising rolls back the event row too: a refused event leaves no trace here.
+                        raise AccountStateConflict(tenant, row[0], _py(row[1]))
                     cur.execute(
                         "INSERT INTO dv_accounts (tenant, plan, status, expired_at, trial_started_at,"
-                        " updated_at, last_event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        " purge_after, updated_at, last_event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         tenant,
                         plan or "unknown",
                         status,
                         _db(expired_at),
                         _db(trial_started_at),
+                        _db(purge_after),
                         _db(now),
                         event_id,
                     )
@@ -323,8 +348,8 @@ class Ledger:
     def account(self, tenant: str) -> dict[str, Any] | None:
         with self.transaction() as cur:
             row = cur.execute(
-                "SELECT tenant, plan, status, expired_at, trial_started_at, last_event_id FROM dv_accounts"
-                " WHERE tenant = ?",
+                "SELECT tenant, plan, status, expired_at, trial_started_at, last_event_id, purge_after,"
+                " purged_at, legal_hold FROM dv_accounts WHERE tenant = ?",
                 tenant,
             ).fetchone()
         if row is None:
@@ -336,6 +361,9 @@ class Ledger:
             "expired_at": _py(row[3]),
             "trial_started_at": _py(row[4]),
             "last_event_id": row[5],
+            "purge_after": _py(row[6]),
+            "purged_at": _py(row[7]),
+            "legal_hold": bool(row[8]),
         }
 
     # -- catalog index (rebuildable from the bucket) ---------------------------------------------------

@@ -92,6 +92,18 @@ MIGRATIONS.append(
     )
 )
 
+MIGRATIONS.append(
+    (
+        3,
+        [
+            # Account lifecycle: when an expired account's data goes, when it went, and a legal hold.
+            "ALTER TABLE dv_accounts ADD purge_after {ts}",
+            "ALTER TABLE dv_accounts ADD purged_at {ts}",
+            "ALTER TABLE dv_accounts ADD legal_hold INTEGER DEFAULT 0 NOT NULL",
+        ],
+    )
+)
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
