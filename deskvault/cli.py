@@ -145,6 +145,13 @@ def _parser() -> argparse.ArgumentParser:
     tl = tsub.add_parser("list", help="tenants from the config and the accounts query")
     tl.add_argument("--json", action="store_true", help="machine-readable output")
     tl.set_defaults(func=_cmd_tenants_list)
+    for verb, held, text in (
+        ("hold", True, "place a legal hold: the tenant's data is never purged while it stands"),
+        ("release", False, "lift a legal hold; a purge already due is emitted again"),
+    ):
+        th = tsub.add_parser(verb, help=text)
+        th.add_argument("--tenant", required=True)
+        th.set_defaults(func=_cmd_tenants_hold, held=held)
 
     st = sub.add_parser("status", help="targets' newest backups, queue depths, job counts")
     st.add_argument("--json", action="store_true")
@@ -339,6 +346,19 @@ def _cmd_tenants_list(args: argparse.Namespace, _extra: list[str]) -> int:
         downloads = "yes" if r["downloadable_backups"] else "no"
         purge = (r["purge_after"] or "-") + (" (legal hold)" if r["legal_hold"] else "")
         print(line(r["tenant"], r["plan"], downloads, r["target"], r["database"], r["status"], purge))
+    return 0
+
+
+def _cmd_tenants_hold(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.context import open_ledger
+    from workers.tenants import TenantRegistry
+
+    settings = _settings(args)
+    ledger = open_ledger(settings)
+    if ledger.account(args.tenant) is None:
+        TenantRegistry(settings).get(args.tenant)  # a hold on a tenant nobody knows is a typo
+    ledger.set_legal_hold(args.tenant, args.held)
+    print(f"tenant {args.tenant}: legal hold {'placed' if args.held else 'released'}")
     return 0
 
 

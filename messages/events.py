@@ -397,9 +397,44 @@ class RestoreDrill(Event):
         return f"restore-drill:{self.target}:{_minute(self.slot)}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class PurgeDue(Event):
+    """An expired tenant's retention window has passed: its data is to be deleted for good."""
+
+    type: ClassVar[str] = "purge-due"
+
+    tenant: str = field(metadata=_NAME)
+    purge_after: datetime = field(metadata=_AT)
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        tenant: str,
+        purge_after: datetime,
+        idempotency_key: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> PurgeDue:
+        """A valid purge-due event; by default one idempotency key per tenant and purge date."""
+        own = {"tenant": tenant, "purge_after": purge_after}
+        return cls._create(own, idempotency_key, occurred_at, event_id)
+
+    def default_idempotency_key(self) -> str:
+        return f"purge-due:{self.tenant}:{format_timestamp(self.purge_after)}"
+
+
 EVENT_CLASSES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (BackupDue, SnapshotDue, AccountExpired, AccountReactivated, ExportRequested, RestoreDrill)
+    for cls in (
+        BackupDue,
+        SnapshotDue,
+        AccountExpired,
+        AccountReactivated,
+        ExportRequested,
+        RestoreDrill,
+        PurgeDue,
+    )
 }
 
 

@@ -14,6 +14,7 @@ EVENT_POOL: dict[str, str] = {
     "snapshot-due": "snapshot",
     "account-expired": "lifecycle",
     "account-reactivated": "lifecycle",
+    "purge-due": "lifecycle",
     "export-requested": "export",
     "restore-drill": "verify",
 }

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from deskvault.config import Settings
-from messages.events import BackupDue, Event, RestoreDrill, SnapshotDue
+from messages.events import BackupDue, Event, PurgeDue, RestoreDrill, SnapshotDue
 from producers.cron import Cron
 from producers.publisher import Publisher
 from workers.ledger.ledger import Ledger
@@ -62,7 +62,13 @@ class Scheduler:
     def tick(self) -> list[Event]:
         """Publish every due event not yet published; returns what was published."""
         published = []
-        for due in due_now(self.settings, self.clock()):
+        now = self.clock()
+        # The lifecycle sweep: expired tenants past their purge date and under no legal hold.
+        purges = [
+            Due(f"tenant:{tenant}", "purge", when, PurgeDue.new(tenant=tenant, purge_after=when))
+            for tenant, when in self.ledger.due_purges(now)
+        ]
+        for due in [*due_now(self.settings, now), *purges]:
             if self.ledger.was_emitted(due.subject, due.kind, due.slot):
                 continue
             # Publish first, then remember: a crash in between re-publishes (deduplicated by the workers)

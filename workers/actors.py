@@ -19,6 +19,7 @@ from workers.handlers.backup import handle_backup_due
 from workers.handlers.drill import handle_restore_drill
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
 from workers.handlers.pending import handle_export_requested, handle_snapshot_due
+from workers.handlers.purge import handle_purge_due
 from workers.jobs import JobBusy
 from workers.metrics import PoolMetrics
 
@@ -29,6 +30,7 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     "account-reactivated": handle_account_reactivated,
     "export-requested": handle_export_requested,
     "restore-drill": handle_restore_drill,
+    "purge-due": handle_purge_due,
 }
 
 # A backup of a large target takes hours; everything else takes seconds.

@@ -220,3 +220,20 @@ def test_tenants_list_shows_each_tenant_with_its_lifecycle_state(lifecycle, tena
     assert any(
         line.split()[0] == paid and "2027-04-01T12:00:00Z" in line for line in table.stdout.splitlines()
     )
+
+
+def test_legal_holds_are_placed_and_released_from_the_cli(lifecycle, tenants) -> None:
+    ctx, _ = lifecycle
+    paid, _ = tenants
+    placed = run_cli(ctx.settings, "tenants", "hold", "--tenant", paid)
+    assert placed.returncode == 0, placed.stderr
+    assert ctx.ledger.account(paid)["legal_hold"] is True
+    listed = json.loads(run_cli(ctx.settings, "tenants", "list", "--json").stdout)
+    assert next(r for r in listed if r["tenant"] == paid)["legal_hold"] is True
+
+    assert run_cli(ctx.settings, "tenants", "release", "--tenant", paid).returncode == 0
+    assert ctx.ledger.account(paid)["legal_hold"] is False
+
+    typo = run_cli(ctx.settings, "tenants", "hold", "--tenant", "no-such-tenant")
+    assert typo.returncode != 0
+    assert "'no-such-tenant' is not a known tenant" in typo.stderr

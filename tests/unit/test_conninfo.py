@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.engines.conninfo import libpq_env, split_password
+from workers.engines.conninfo import libpq_env, split_password, with_dbname
 
 
 @pytest.mark.parametrize(
@@ -48,3 +48,11 @@ def test_odbc_connection_string_names_the_same_server() -> None:
         "DRIVER={PostgreSQL Unicode};SERVER=127.0.0.1;PORT=55432;DATABASE=postgres;UID=postgres;PWD={p}}w};"
     )
     assert "SERVER=db;PORT=6543;DATABASE=app;UID=u" in odbc_connection_string("postgresql://u@db:6543/app")
+
+
+def test_with_dbname_overrides_the_database_of_either_form() -> None:
+    keyword = with_dbname("host=db1 dbname=postgres user=u", "o'brien")
+    assert keyword == "host=db1 dbname=postgres user=u dbname='o\\'brien'"  # the later dbname wins
+    assert with_dbname("postgresql://u@db1:5432/postgres?sslmode=require", "acme db") == (
+        "postgresql://u@db1:5432/acme%20db?sslmode=require"
+    )

@@ -18,6 +18,7 @@ from messages import (
     Event,
     ExportRequested,
     InvalidEnvelope,
+    PurgeDue,
     RestoreDrill,
     SnapshotDue,
     check_envelope,
@@ -103,6 +104,7 @@ SAMPLES: dict[str, Event] = {
     "account-reactivated": AccountReactivated.new(tenant="acme"),
     "export-requested": ExportRequested.new(tenant="acme", request_id="r1", requested_by="ann"),
     "restore-drill": RestoreDrill.new(target="helpdesk_main", slot=SLOT),
+    "purge-due": PurgeDue.new(tenant="acme", purge_after=SLOT),
 }
 
 

@@ -19,6 +19,7 @@ from messages import (
     Event,
     ExportRequested,
     InvalidEvent,
+    PurgeDue,
     RestoreDrill,
     SnapshotDue,
     build_event,
@@ -48,6 +49,8 @@ def sample(event_type: str) -> Event:
         return AccountReactivated.new(tenant="acme", **fixed)
     if event_type == "restore-drill":
         return RestoreDrill.new(target="helpdesk_main", slot=SLOT, **fixed)
+    if event_type == "purge-due":
+        return PurgeDue.new(tenant="acme", purge_after=SLOT, **fixed)
     return ExportRequested.new(
         tenant="acme", request_id="EXP-42", requested_by="Zoë <z@acme.example>", as_of=SLOT, **fixed
     )

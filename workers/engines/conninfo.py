@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 # key = value, where value is a bare word or a single-quoted string with backslash escapes (libpq's rules)
 _KEYWORD_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
@@ -35,6 +35,15 @@ def _split_uri(uri: str) -> tuple[str, str | None]:
     host = parts.netloc.rsplit("@", 1)[1]
     user = parts.netloc.rsplit("@", 1)[0].split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}@{host}")), unquote(parts.password)
+
+
+def with_dbname(conninfo: str, dbname: str) -> str:
+    """The same server and role, connected to database `dbname` instead."""
+    if conninfo.startswith(("postgresql://", "postgres://")):
+        return urlunsplit(urlsplit(conninfo)._replace(path="/" + quote(dbname, safe="")))
+    # In a keyword conninfo a later keyword wins; the value is quoted by libpq's rules.
+    escaped = dbname.replace("\\", "\\\\").replace("'", "\\'")
+    return f"{conninfo} dbname='{escaped}'"
 
 
 def libpq_env(password: str | None) -> dict[str, str]:

@@ -26,7 +26,7 @@ from deskvault.config import TargetSettings
 from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import hand_over
 from workers import catalog
-from workers.engines.conninfo import libpq_env, split_password
+from workers.engines.conninfo import libpq_env, split_password, with_dbname
 from workers.engines.tarwatch import TarMemberWatcher
 from workers.engines.untar import unpack_tar
 from workers.engines.walnames import parse_size
@@ -133,10 +133,11 @@ class PostgresEngine:
             "--verbose",
         ]
 
-    def query(self, sql: str) -> str:
-        """One SQL statement through psql on the target; its unaligned output."""
+    def query(self, sql: str, *, dbname: str | None = None) -> str:
+        """One SQL statement through psql on the target (or on its database `dbname`); unaligned output."""
+        conninfo = with_dbname(self.conninfo, dbname) if dbname else self.conninfo
         proc = subprocess.run(
-            [str(self.bin / "psql"), "-X", "-At", "--no-password", "-d", self.conninfo, "-c", sql],
+            [str(self.bin / "psql"), "-X", "-At", "--no-password", "-d", conninfo, "-c", sql],
             capture_output=True,
             env=self.env,
             text=True,
@@ -148,6 +149,15 @@ class PostgresEngine:
                 f"targets.{self.target.name}.conninfo, the role's rights and that the server is running"
             )
         return proc.stdout.strip()
+
+    def drop_database(self, name: str) -> bool:
+        """Drop database `name` (disconnecting its sessions); False if it did not exist."""
+        identifier = '"' + name.replace('"', '""') + '"'
+        literal = "'" + name.replace("'", "''") + "'"
+        # Run from the maintenance database: a session cannot drop the database it is connected to.
+        exists = self.query(f"SELECT count(*) FROM pg_database WHERE datname = {literal}", dbname="postgres")
+        self.query(f"DROP DATABASE IF EXISTS {identifier} WITH (FORCE)", dbname="postgres")
+        return exists == "1"
 
     def wal_segment_size(self) -> int:
         return parse_size(self.query("SHOW wal_segment_size"))

@@ -20,7 +20,7 @@ from workers.tenants import TenantRegistry
 
 
 def handle_account_expired(ctx: WorkerContext, event: AccountExpired) -> str | None:
-    TenantRegistry(ctx.settings).get(event.tenant)
+    tenant = TenantRegistry(ctx.settings).get(event.tenant)
     now = ctx.ledger.now()
     if event.expired_at > now + timedelta(seconds=ctx.settings.lifecycle.clock_skew_seconds):
         raise PermanentError(
@@ -39,6 +39,7 @@ def handle_account_expired(ctx: WorkerContext, event: AccountExpired) -> str | N
         purge=purge,
         # A second expiry of an expired account (e.g. a corrected date) replaces the first.
         allowed_from=("active", "expired"),
+        location=(tenant.target, tenant.database),
         outcome=(
             f"recorded: tenant {event.tenant} ({event.plan}) expired at {_show(event.expired_at)}; "
             f"its data is kept until {_show(purge)}, then purged unless it is reactivated"
@@ -80,6 +81,7 @@ def _record(
     purge: datetime | None,
     allowed_from: tuple[str, ...],
     outcome: str,
+    location: tuple[str, str] | None = None,
 ) -> str | None:
     def record() -> str:
         try:
@@ -95,6 +97,7 @@ def _record(
                 purge_after=purge,
                 allowed_from=allowed_from,
                 detail=json.dumps(event.to_dict()),
+                location=location,
             )
         except AccountStateConflict as e:
             raise PermanentError(_refusal(event, e)) from None

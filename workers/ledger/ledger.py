@@ -37,6 +37,10 @@ class AccountStateConflict(LedgerError):
         super().__init__(f"tenant {tenant} is {status}")
 
 
+class PurgeRefused(LedgerError):
+    """A purge-due event does not apply to the account as it stands; the message says why."""
+
+
 class LeaseLost(LedgerError):
     """Another worker took this job over; this worker must stop writing its results."""
 
@@ -288,6 +292,7 @@ class Ledger:
         purge_after: datetime | None,
         allowed_from: tuple[str, ...],
         detail: str,
+        location: tuple[str, str] | None = None,
     ) -> bool:
         """Record an account event once and move the account to `status`; False if recorded before.
 
@@ -296,6 +301,7 @@ class Ledger:
         """
         now = self._clock()
         placeholders = ", ".join("?" for _ in allowed_from)
+        target, database = location or (None, None)
         try:
             with self.transaction() as cur:
                 cur.execute(
@@ -310,7 +316,8 @@ class Ledger:
                 )
                 updated = cur.execute(
                     "UPDATE dv_accounts SET plan = COALESCE(?, plan), status = ?, expired_at = ?,"
-                    " trial_started_at = ?, purge_after = ?, updated_at = ?, last_event_id = ?"
+                    " trial_started_at = ?, purge_after = ?, updated_at = ?, last_event_id = ?,"
+                    " target = COALESCE(?, target), database_name = COALESCE(?, database_name)"
                     f" WHERE tenant = ? AND status IN ({placeholders})",
                     plan,
                     status,
@@ -319,6 +326,8 @@ class Ledger:
                     _db(purge_after),
                     _db(now),
                     event_id,
+                    target,
+                    database,
                     tenant,
                     *allowed_from,
                 ).rowcount
@@ -331,7 +340,8 @@ class Ledger:
                         raise AccountStateConflict(tenant, row[0], _py(row[1]))
                     cur.execute(
                         "INSERT INTO dv_accounts (tenant, plan, status, expired_at, trial_started_at,"
-                        " purge_after, updated_at, last_event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        " purge_after, updated_at, last_event_id, target, database_name)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         tenant,
                         plan or "unknown",
                         status,
@@ -340,6 +350,8 @@ class Ledger:
                         _db(purge_after),
                         _db(now),
                         event_id,
+                        target,
+                        database,
                     )
             return True
         except pyodbc.IntegrityError:
@@ -349,7 +361,7 @@ class Ledger:
         with self.transaction() as cur:
             row = cur.execute(
                 "SELECT tenant, plan, status, expired_at, trial_started_at, last_event_id, purge_after,"
-                " purged_at, legal_hold FROM dv_accounts WHERE tenant = ?",
+                " purged_at, legal_hold, target, database_name FROM dv_accounts WHERE tenant = ?",
                 tenant,
             ).fetchone()
         if row is None:
@@ -364,7 +376,160 @@ class Ledger:
             "purge_after": _py(row[6]),
             "purged_at": _py(row[7]),
             "legal_hold": bool(row[8]),
+            "target": row[9],
+            "database": row[10],
         }
+
+    # -- account lifecycle: purges, legal holds, tenant keys ------------------------------------------
+    def due_purges(self, now: datetime) -> list[tuple[str, datetime]]:
+        """Expired tenants whose purge date has passed and that no legal hold keeps: (tenant, date)."""
+        with self.transaction() as cur:
+            rows = cur.execute(
+                "SELECT tenant, purge_after FROM dv_accounts WHERE status = 'expired' AND legal_hold = 0"
+                " AND purge_after <= ? ORDER BY purge_after, tenant",
+                _db(now),
+            ).fetchall()
+        return [(row[0], _py(row[1])) for row in rows]  # type: ignore[misc]
+
+    def begin_purge(self, tenant: str, purge_after: datetime) -> str:
+        """Mark a due purge as running: "started", "resumed" (it was running) or "purged" (it is done).
+
+        Raises PurgeRefused saying why when the account is not due: unknown, active again, under a legal
+        hold, not yet due, or due on another date than the event says.
+        """
+        now = self._clock()
+        with self.transaction() as cur:
+            started = cur.execute(
+                "UPDATE dv_accounts SET status = 'purging', updated_at = ? WHERE tenant = ?"
+                " AND status = 'expired' AND legal_hold = 0 AND purge_after = ? AND purge_after <= ?",
+                _db(now),
+                tenant,
+                _db(purge_after),
+                _db(now),
+            ).rowcount
+            row = cur.execute(
+                "SELECT status, purge_after, legal_hold FROM dv_accounts WHERE tenant = ?", tenant
+            ).fetchone()
+        if started:
+            return "started"
+        if row is None:
+            raise PurgeRefused(f"tenant: {tenant} has no recorded expiry; there is nothing to purge")
+        status, due, held = row[0], _py(row[1]), bool(row[2])
+        if status == "purged":
+            return "purged"
+        if status == "purging":
+            return "resumed"
+        if status == "active":
+            raise PurgeRefused(f"tenant: {tenant} is active again (reactivated); nothing is purged")
+        if held:
+            raise PurgeRefused(f"tenant: {tenant} is under a legal hold; release it to let the purge run")
+        if due != purge_after:
+            raise PurgeRefused(
+                f"purge_after: the account's purge date is now {_iso(due)}, not {_iso(purge_after)} "
+                "(it expired again since); the sweeper emits a purge-due for the new date"
+            )
+        raise PurgeRefused(f"purge_after: {_iso(due)} has not come yet (now {_iso(now)})")
+
+    def finish_purge(
+        self,
+        tenant: str,
+        *,
+        event_id: str,
+        idempotency_key: str,
+        purge_after: datetime,
+        started_at: datetime,
+        detail: str,
+    ) -> None:
+        """Record the purge as done, with its audit record, in one transaction."""
+        now = self._clock()
+        with self.transaction() as cur:
+            exists = cur.execute("SELECT 1 FROM dv_purge_audit WHERE tenant = ?", tenant).fetchone()
+            if exists is None:
+                cur.execute(
+                    "INSERT INTO dv_purge_audit (tenant, event_id, idempotency_key, purge_after, started_at,"
+                    " finished_at, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    tenant,
+                    event_id,
+                    idempotency_key,
+                    _db(purge_after),
+                    _db(started_at),
+                    _db(now),
+                    detail,
+                )
+            cur.execute(
+                "UPDATE dv_accounts SET status = 'purged', purged_at = ?, updated_at = ?"
+                " WHERE tenant = ? AND status = 'purging'",
+                _db(now),
+                _db(now),
+                tenant,
+            )
+
+    def purge_audit(self, tenant: str) -> dict[str, Any] | None:
+        with self.transaction() as cur:
+            row = cur.execute(
+                "SELECT event_id, idempotency_key, purge_after, started_at, finished_at, detail"
+                " FROM dv_purge_audit WHERE tenant = ?",
+                tenant,
+            ).fetchone()
+        if row is None:
+            return None
+        keys = ("event_id", "idempotency_key", "purge_after", "started_at", "finished_at", "detail")
+        values = (row[0], row[1], _py(row[2]), _py(row[3]), _py(row[4]), row[5])
+        return dict(zip(keys, values, strict=True))
+
+    def set_legal_hold(self, tenant: str, held: bool) -> None:
+        """Place or lift a legal hold; lifting lets the sweeper emit the tenant's purge again."""
+        now = self._clock()
+        with self.transaction() as cur:
+            updated = cur.execute(
+                "UPDATE dv_accounts SET legal_hold = ?, updated_at = ? WHERE tenant = ?",
+                int(held),
+                _db(now),
+                tenant,
+            ).rowcount
+            if updated == 0:
+                cur.execute(
+                    "INSERT INTO dv_accounts (tenant, plan, status, updated_at, last_event_id, legal_hold)"
+                    " VALUES (?, 'unknown', 'active', ?, 'legal-hold', ?)",
+                    tenant,
+                    _db(now),
+                    int(held),
+                )
+            if not held:
+                # A purge-due refused while the hold stood was dead-lettered: let the sweeper emit anew.
+                cur.execute(
+                    "DELETE FROM dv_schedule WHERE subject = ? AND kind = 'purge'", f"tenant:{tenant}"
+                )
+
+    def tenant_key(self, tenant: str) -> tuple[str, str, str] | None:
+        """(key id, wrapping key id, wrapped key in base64) of a tenant's data key, if it has one."""
+        with self.transaction() as cur:
+            row = cur.execute(
+                "SELECT key_id, kek_id, wrapped_key FROM dv_tenant_keys WHERE tenant = ?", tenant
+            ).fetchone()
+        return (row[0], row[1], row[2]) if row is not None else None
+
+    def add_tenant_key(self, tenant: str, key_id: str, kek_id: str, wrapped_key: str) -> bool:
+        """Store a tenant's first data key; False if another worker stored one first."""
+        try:
+            with self.transaction() as cur:
+                cur.execute(
+                    "INSERT INTO dv_tenant_keys (tenant, key_id, kek_id, wrapped_key, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    tenant,
+                    key_id,
+                    kek_id,
+                    wrapped_key,
+                    _db(self._clock()),
+                )
+            return True
+        except pyodbc.IntegrityError:
+            return False
+
+    def destroy_tenant_key(self, tenant: str) -> bool:
+        """Delete a tenant's data key for good; False if it had none (already destroyed)."""
+        with self.transaction() as cur:
+            return bool(cur.execute("DELETE FROM dv_tenant_keys WHERE tenant = ?", tenant).rowcount)
 
     # -- catalog index (rebuildable from the bucket) ---------------------------------------------------
     def record_backup(
@@ -479,6 +644,10 @@ class Ledger:
                 )
         except pyodbc.IntegrityError:
             pass
+
+
+def _iso(moment: datetime | None) -> str:
+    return f"{moment:%Y-%m-%dT%H:%M:%SZ}" if moment is not None else "(none)"
 
 
 def _dialect(conn: pyodbc.Connection) -> str:

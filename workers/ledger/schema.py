@@ -100,6 +100,36 @@ MIGRATIONS.append(
             "ALTER TABLE dv_accounts ADD purge_after {ts}",
             "ALTER TABLE dv_accounts ADD purged_at {ts}",
             "ALTER TABLE dv_accounts ADD legal_hold INTEGER DEFAULT 0 NOT NULL",
+            # Where the tenant's data lives, recorded at expiry: the accounts table may drop the tenant.
+            "ALTER TABLE dv_accounts ADD target VARCHAR(63)",
+            "ALTER TABLE dv_accounts ADD database_name VARCHAR(63)",
+        ],
+    )
+)
+
+MIGRATIONS.append(
+    (
+        4,
+        [
+            # One data key per tenant, wrapped by a key-encryption key; deleting the row is what makes
+            # the tenant's exports unreadable for good (crypto-shredding).
+            """CREATE TABLE dv_tenant_keys (
+                tenant VARCHAR(63) NOT NULL PRIMARY KEY,
+                key_id VARCHAR(64) NOT NULL,
+                kek_id VARCHAR(64) NOT NULL,
+                wrapped_key VARCHAR(200) NOT NULL,
+                created_at {ts} NOT NULL
+            )""",
+            # What each purge removed, when, and on which event: kept after the tenant is gone.
+            """CREATE TABLE dv_purge_audit (
+                tenant VARCHAR(63) NOT NULL PRIMARY KEY,
+                event_id VARCHAR(64) NOT NULL,
+                idempotency_key VARCHAR(200) NOT NULL,
+                purge_after {ts} NOT NULL,
+                started_at {ts} NOT NULL,
+                finished_at {ts} NOT NULL,
+                detail {text} NOT NULL
+            )""",
         ],
     )
 )

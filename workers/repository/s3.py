@@ -297,6 +297,26 @@ class S3Store:
         with self._errors("delete", key):
             self._client.delete_object(Bucket=self.bucket, Key=full)
 
+    def delete_everything(self, prefix: str) -> int:
+        """Remove every object under `prefix`, every version and delete marker too; returns how many.
+
+        In a versioned bucket a plain delete only hides an object behind a delete marker; a purge must
+        leave nothing to restore.
+        """
+        validate_key(prefix + "x")
+        removed = 0
+        paginator = self._client.get_paginator("list_object_versions")
+        with self._errors("list versions of", prefix):
+            pages = list(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix))
+        for page in pages:
+            for item in [*page.get("Versions", ()), *page.get("DeleteMarkers", ())]:
+                with self._errors("delete", item["Key"][len(self.prefix) :]):
+                    self._client.delete_object(
+                        Bucket=self.bucket, Key=item["Key"], VersionId=item["VersionId"]
+                    )
+                removed += 1
+        return removed
+
     @contextlib.contextmanager
     def _errors(self, action: str, key: str | None, *, conditional: bool = False) -> Iterator[None]:
         try:

@@ -1,0 +1,74 @@
+"""purge-due: delete an expired tenant's data for good, once its retention window has passed.
+
+Steps, each safe to repeat, so a purge killed midway completes on redelivery:
+  1. the ledger marks the account `purging` (refused, with the reason, if it was reactivated, is under
+     a legal hold, or is not due);
+  2. the tenant's database is dropped on its target;
+  3. every object under the tenant's prefix (exports, downloadable backups) is deleted, every version;
+  4. the tenant's data key is destroyed, so any copy of its objects left anywhere is unreadable;
+  5. the account becomes `purged`, with an audit record of what was removed, when, and on which event.
+The tenant's rows in the target's physical backups age out with those backups (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from messages.events import PurgeDue
+from workers.context import WorkerContext
+from workers.engines.postgresql import PostgresEngine
+from workers.errors import PermanentError
+from workers.jobs import run_once
+from workers.ledger.ledger import PurgeRefused
+from workers.tenantkeys import tenant_prefix
+from workers.tenants import TenantRegistry
+
+log = logging.getLogger(__name__)
+
+
+def handle_purge_due(ctx: WorkerContext, event: PurgeDue) -> str | None:
+    def purge() -> str:
+        try:
+            state = ctx.ledger.begin_purge(event.tenant, event.purge_after)
+        except PurgeRefused as e:
+            raise PermanentError(str(e)) from None
+        if state == "purged":
+            return f"already purged: tenant {event.tenant}"
+        started_at = ctx.ledger.now()
+        target, database = _location(ctx, event.tenant)
+        log.info("purge of tenant %s %s: dropping database %s/%s", event.tenant, state, target, database)
+        dropped = PostgresEngine(ctx.settings.target(target)).drop_database(database)
+        removed = ctx.repository.store.delete_everything(tenant_prefix(event.tenant))
+        key_destroyed = ctx.ledger.destroy_tenant_key(event.tenant)
+        detail = {
+            "database": f"{target}/{database}",
+            "database_dropped": dropped,  # False: it was already gone (an earlier attempt dropped it)
+            "objects_deleted": removed,
+            "tenant_key_destroyed": key_destroyed,
+            "resumed": state == "resumed",
+        }
+        ctx.ledger.finish_purge(
+            event.tenant,
+            event_id=event.event_id,
+            idempotency_key=event.idempotency_key,
+            purge_after=event.purge_after,
+            started_at=started_at,
+            detail=json.dumps(detail),
+        )
+        return (
+            f"purged tenant {event.tenant}: database {target}/{database} "
+            f"{'dropped' if dropped else 'already gone'}, {removed} object version(s) deleted, "
+            f"data key {'destroyed' if key_destroyed else 'already destroyed'}"
+        )
+
+    return run_once(ctx, event, purge)
+
+
+def _location(ctx: WorkerContext, tenant: str) -> tuple[str, str]:
+    """Target and database recorded when the account expired; the tenant list if none was recorded."""
+    account = ctx.ledger.account(tenant) or {}
+    if account.get("target") and account.get("database"):
+        return account["target"], account["database"]
+    known = TenantRegistry(ctx.settings).get(tenant)
+    return known.target, known.database
