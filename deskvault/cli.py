@@ -153,6 +153,23 @@ def _parser() -> argparse.ArgumentParser:
         th.add_argument("--tenant", required=True)
         th.set_defaults(func=_cmd_tenants_hold, held=held)
 
+    tt = tsub.add_parser("token", help="the bearer token the admin panel uses for a tenant's downloads")
+    tt.add_argument("--tenant", required=True)
+    tt.set_defaults(func=_cmd_tenants_token)
+
+    e = sub.add_parser("exports", help="tenants' database exports")
+    esub = e.add_subparsers(dest="exports_command", required=True)
+    el = esub.add_parser("list", help="a tenant's finished exports")
+    el.add_argument("--tenant", required=True)
+    el.add_argument("--json", action="store_true", help="machine-readable output")
+    el.set_defaults(func=_cmd_exports_list)
+
+    d = sub.add_parser("downloads", help="the HTTPS endpoint that lists and serves tenants' downloads")
+    dsub = d.add_subparsers(dest="downloads_command", required=True)
+    dsub.add_parser("serve", help="serve until interrupted ([downloads] in the config)").set_defaults(
+        func=_cmd_downloads_serve
+    )
+
     st = sub.add_parser("status", help="targets' newest backups, queue depths, job counts")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
@@ -359,6 +376,71 @@ def _cmd_tenants_hold(args: argparse.Namespace, _extra: list[str]) -> int:
         TenantRegistry(settings).get(args.tenant)  # a hold on a tenant nobody knows is a typo
     ledger.set_legal_hold(args.tenant, args.held)
     print(f"tenant {args.tenant}: legal hold {'placed' if args.held else 'released'}")
+    return 0
+
+
+def _download_service(settings: Any) -> Any:
+    from workers.context import build
+    from workers.downloads import DownloadService
+
+    return DownloadService(build(settings))
+
+
+def _cmd_tenants_token(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.tenants import TenantRegistry
+
+    settings = _settings(args)
+    TenantRegistry(settings).get(args.tenant)
+    print(_download_service(settings).tenant_token(args.tenant))
+    return 0
+
+
+def _cmd_exports_list(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.context import build
+    from workers.exports import list_exports
+    from workers.tenantkeys import TenantKeyDestroyed, tenant_repository
+    from workers.tenants import TenantRegistry
+
+    settings = _settings(args)
+    TenantRegistry(settings).get(args.tenant)
+    try:
+        found = list_exports(tenant_repository(build(settings), args.tenant), args.tenant)
+    except TenantKeyDestroyed:
+        found = []
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print(f"no exports of {args.tenant}")
+        return 0
+    print(f"{'EXPORT':<36} {'KIND':<10} {'AS OF':<21} {'CREATED':<21} {'EXPIRES':<21} {'SIZE':>10}  REQUEST")
+    for m in found:
+        print(
+            f"{m['export_id']:<36} {m['kind']:<10} {_second(m['as_of']):<21} {_second(m['created_at']):<21} "
+            f"{_second(m['expires_at']):<21} {_mib(m['plain_size']):>10}  {m['request_id']}"
+        )
+    return 0
+
+
+def _second(iso: str | None) -> str:
+    return "latest" if iso is None else iso[:19] + "Z"
+
+
+def _cmd_downloads_serve(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.downloads import build_server
+
+    settings = _settings(args)
+    server = build_server(_download_service(settings))
+    print(
+        f"serving tenants' downloads on https://{settings.downloads.host}:{settings.downloads.port}",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
     return 0
 
 

@@ -122,6 +122,22 @@ class LifecycleSettings:
 
 
 @dataclass(frozen=True)
+class DownloadSettings:
+    # The read-only download endpoint for the admin panel's Import and Export page (HTTPS only).
+    host: str = "127.0.0.1"
+    port: int = 9443
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Signs download links and derives each tenant's API token; keep it secret, rotate to revoke all.
+    link_secret: str = field(default="", repr=False)
+    # The address clients reach the endpoint at, for the links it hands out.
+    public_url: str = "https://127.0.0.1:9443"
+    # An export can be downloaded this long after it was made; a link is valid this long after issue.
+    export_ttl_days: int = 7
+    link_ttl_minutes: int = 60
+
+
+@dataclass(frozen=True)
 class TenantSettings:
     name: str
     plan: str
@@ -139,6 +155,7 @@ class Settings:
     metrics: MetricsSettings = MetricsSettings()
     wal: WalSettings = WalSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
+    downloads: DownloadSettings = DownloadSettings()
     targets: Mapping[str, TargetSettings] = field(default_factory=dict)
     servers: Mapping[str, ServerSettings] = field(default_factory=dict)
     tenants: Mapping[str, TenantSettings] = field(default_factory=dict)
@@ -162,6 +179,7 @@ SECTIONS = {
     "metrics": MetricsSettings,
     "wal": WalSettings,
     "lifecycle": LifecycleSettings,
+    "downloads": DownloadSettings,
 }
 
 

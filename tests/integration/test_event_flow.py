@@ -156,6 +156,17 @@ def test_an_expiry_for_an_unknown_tenant_is_dead_lettered_with_the_reason(pools)
     assert ctx.ledger.account("nobody") is None
 
 
+def test_an_export_outside_the_restorable_window_is_dead_lettered_with_the_reason(pools) -> None:
+    settings, ctx = pools
+    as_of = datetime(2020, 1, 1, tzinfo=UTC)
+    event = ExportRequested.new(tenant="acme", request_id=uuid.uuid4().hex, requested_by="ann", as_of=as_of)
+    publish_raw(settings.broker.url, "export", wrap(event))
+    body, headers = next_dead_letter(settings.broker.url, "export")
+    assert json.loads(body)["args"][0]["event_id"] == event.event_id
+    assert "as_of: " in headers[REASON_HEADER]
+    assert ctx.ledger.job(event.idempotency_key) is None  # refused before any work was claimed
+
+
 def _envelope_with(event_fields: dict, **envelope: object) -> bytes:
     message = {
         "queue_name": "backup",
@@ -230,7 +241,8 @@ def test_each_pool_handles_its_events_honestly(pools) -> None:
         publisher.publish(snapshot)
         publisher.publish(export)
     assert job_done(ctx, snapshot.idempotency_key).outcome.startswith("not done: server snapshots")
-    assert job_done(ctx, export.idempotency_key).outcome.startswith("not done: tenant exports")
+    outcome = job_done(ctx, export.idempotency_key).outcome
+    assert outcome.startswith("export ") and " of tenant acme ready: " in outcome
 
 
 def test_a_worker_process_in_burst_mode_handles_a_cli_published_event_and_exits(make_settings) -> None:

@@ -1,4 +1,4 @@
-"""snapshot-due and export-requested: validated and recorded, but the work itself is not built yet.
+"""snapshot-due: validated and recorded, but the work itself is not built yet.
 
 They say so in the ledger and the log; they never report a snapshot or export that was not made.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from messages.events import ExportRequested, SnapshotDue
+from messages.events import SnapshotDue
 from workers.context import WorkerContext
 from workers.errors import UnknownTarget
 from workers.jobs import run_once
@@ -26,17 +26,5 @@ def handle_snapshot_due(ctx: WorkerContext, event: SnapshotDue) -> str | None:
             event.server,
         )
         return "not done: server snapshots are not built yet; no snapshot was taken"
-
-    return run_once(ctx, event, record)
-
-
-def handle_export_requested(ctx: WorkerContext, event: ExportRequested) -> str | None:
-    def record() -> str:
-        log.warning(
-            "export-requested %s for tenant %s recorded, but exports are not built yet: NO export made",
-            event.request_id,
-            event.tenant,
-        )
-        return "not done: tenant exports are not built yet; no export was made"
 
     return run_once(ctx, event, record)

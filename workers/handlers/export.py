@@ -1,0 +1,128 @@
+"""export-requested: a tenant's complete helpdesk database as a downloadable, encrypted pg_dump.
+
+The dump streams from pg_dump through zstd and AES-256-GCM under the tenant's own key into the
+repository; its manifest, written last, makes it visible. With `as_of`, the target is first restored
+to that moment in a scratch folder (the point-in-time restore), and the dump comes from there. Bad
+requests are refused before anything is written: an unknown or purged tenant, an `as_of` outside the
+restorable window.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from deskvault.local.pgcluster import PgCluster, free_port
+from messages.events import ExportRequested
+from workers import catalog, exports
+from workers.context import WorkerContext
+from workers.engines.pgdump import dump_stream
+from workers.errors import PermanentError
+from workers.jobs import run_once
+from workers.pitr import RestorePlan, Unreachable, plan_restore, restore
+from workers.repository.errors import AlreadyExists
+from workers.tenantkeys import tenant_repository
+from workers.tenants import Tenant, TenantRegistry
+
+log = logging.getLogger(__name__)
+
+
+def handle_export_requested(ctx: WorkerContext, event: ExportRequested) -> str | None:
+    tenant = TenantRegistry(ctx.settings).get(event.tenant)
+    account = ctx.ledger.account(tenant.id)
+    if account is not None and account["status"] in ("purging", "purged"):
+        raise PermanentError(f"tenant: {tenant.id} was purged; there is no data left to export")
+    plan = None
+    if event.as_of is not None:
+        try:
+            plan = plan_restore(ctx.repository, tenant.target, event.as_of)
+        except Unreachable as e:
+            raise PermanentError(f"as_of: {e}") from None
+    return run_once(ctx, event, lambda: _export(ctx, event, tenant, plan))
+
+
+def _export(ctx: WorkerContext, event: ExportRequested, tenant: Tenant, plan: RestorePlan | None) -> str:
+    repo = tenant_repository(ctx, tenant.id, create=True)
+    export = exports.export_id(event.occurred_at, event.idempotency_key)
+    existing = exports.find_export(repo, tenant.id, export)
+    if existing is not None:  # an earlier attempt finished it and died before the ledger heard
+        return _outcome(existing)
+    target = ctx.settings.target(tenant.target)
+    started = ctx.ledger.now()
+    with _source(ctx, target.name, plan, Path(target.pg_bin)) as (conninfo, pg_bin):
+        stored = repo.put_stream(
+            exports.dump_key(tenant.id, export), dump_stream(pg_bin, conninfo, tenant.database)
+        )
+    finished = ctx.ledger.now()
+    manifest = {
+        "format": 1,
+        "tenant": tenant.id,
+        "export_id": export,
+        "kind": "on-request",
+        "request_id": event.request_id,
+        "requested_by": event.requested_by,
+        "event_id": event.event_id,
+        "database": tenant.database,
+        "as_of": catalog.iso(event.as_of) if event.as_of else None,
+        "started_at": catalog.iso(started),
+        "created_at": catalog.iso(finished),
+        "expires_at": catalog.iso(finished + timedelta(days=ctx.settings.downloads.export_ttl_days)),
+        "dump_key": stored.key,
+        "plain_size": stored.plain_size,
+        "stored_size": stored.stored_size,
+        "sha256": stored.sha256,
+        "format_name": "pg_dump custom format (pg_restore reads it)",
+    }
+    try:
+        repo.put_json(exports.manifest_key(tenant.id, export), manifest, if_none_match=True)
+    except AlreadyExists:
+        manifest = exports.find_export(repo, tenant.id, export) or manifest
+    return _outcome(manifest)
+
+
+class _source:
+    """Where to dump from: the live target, or a scratch copy restored to `as_of` (torn down after)."""
+
+    def __init__(self, ctx: WorkerContext, target: str, plan: RestorePlan | None, pg_bin: Path) -> None:
+        self.ctx, self.target, self.plan, self.pg_bin = ctx, target, plan, pg_bin
+        self.scratch: Path | None = None
+        self.cluster: PgCluster | None = None
+
+    def __enter__(self) -> tuple[str, Path]:
+        if self.plan is None:
+            return self.ctx.settings.target(self.target).conninfo, self.pg_bin
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"deskvault-export-{self.target}-"))
+        self.scratch.chmod(0o755)  # the postgres user runs the restored server inside it
+        self.cluster = PgCluster(self.scratch / "data", free_port(), self.pg_bin)
+        log.info("export: restoring %s to %s for the dump", self.target, self.plan.at)
+        restore(
+            self.ctx.repository,
+            self.plan,
+            self.cluster.datadir,
+            start=True,
+            port=self.cluster.port,
+            pg_bin=self.pg_bin,
+        )
+        return self.cluster.conninfo, self.pg_bin
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cluster is not None:
+            self.cluster.destroy()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _outcome(manifest: dict[str, Any]) -> str:
+    as_of = f" as of {_show(manifest['as_of'])}" if manifest["as_of"] else ""
+    return (
+        f"export {manifest['export_id']} of tenant {manifest['tenant']}{as_of} ready: "
+        f"{manifest['plain_size'] / 2**20:.1f} MiB, downloadable until {_show(manifest['expires_at'])}"
+    )
+
+
+def _show(iso: str) -> str:
+    return f"{datetime.fromisoformat(iso):%Y-%m-%dT%H:%M:%SZ}"
