@@ -415,15 +415,16 @@ def _cmd_exports_list(args: argparse.Namespace, _extra: list[str]) -> int:
         return 0
     print(f"{'EXPORT':<36} {'KIND':<10} {'AS OF':<21} {'CREATED':<21} {'EXPIRES':<21} {'SIZE':>10}  REQUEST")
     for m in found:
+        expires = _second(m["expires_at"], "kept as newest")
         print(
             f"{m['export_id']:<36} {m['kind']:<10} {_second(m['as_of']):<21} {_second(m['created_at']):<21} "
-            f"{_second(m['expires_at']):<21} {_mib(m['plain_size']):>10}  {m['request_id']}"
+            f"{expires:<21} {_mib(m['plain_size']):>10}  {m['request_id']}"
         )
     return 0
 
 
-def _second(iso: str | None) -> str:
-    return "latest" if iso is None else iso[:19] + "Z"
+def _second(iso: str | None, absent: str = "latest") -> str:
+    return absent if iso is None else iso[:19] + "Z"
 
 
 def _cmd_downloads_serve(args: argparse.Namespace, _extra: list[str]) -> int:

@@ -113,6 +113,8 @@ class LifecycleSettings:
     # months after the trial began (one month of trial plus four).
     paid_retention_months: int = 4
     trial_retention_months: int = 5
+    # purge-upcoming is published this many days before a purge, so the SaaS can warn the customer.
+    purge_notice_days: int = 7
     # How far ahead of this host's clock an account-expired event's expired_at may be.
     clock_skew_seconds: int = 300
     # Tenants besides [tenants.*]: read from the SaaS's accounts database through ODBC, if set.
@@ -135,6 +137,10 @@ class DownloadSettings:
     # An export can be downloaded this long after it was made; a link is valid this long after issue.
     export_ttl_days: int = 7
     link_ttl_minutes: int = 60
+    # Entitled tenants (Company plan or the add-on) get a downloadable backup on this schedule (UTC);
+    # the newest `scheduled_keep` are kept.
+    scheduled: str = "30 2 * * *"
+    scheduled_keep: int = 7
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,9 @@ def _build(raw: dict[str, Any], source: str) -> Settings:
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section in {source}")
     sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
+    _check_cron(sections["downloads"].scheduled, "downloads.scheduled")
+    if sections["downloads"].scheduled_keep < 1:
+        raise ConfigError("downloads.scheduled_keep: must be at least 1")
     targets = {name: _target(name, value) for name, value in _table(raw, "targets").items()}
     servers = {name: _server(name, value) for name, value in _table(raw, "servers").items()}
     tenants = {name: _tenant(name, value, targets) for name, value in _table(raw, "tenants").items()}

@@ -138,6 +138,7 @@ _SERVER = _rule(
 )
 _KIND = _rule("text", _one_of("full", "diff", "log"))
 _PLAN = _rule("text", _one_of("trial", "paid"))
+_EXPORT_KIND = _rule("text", _one_of("on-request", "scheduled"), optional=True)
 _REQUEST_ID = _rule("text", _matching("[!-~]{1,128}", "1-128 printable ASCII characters without whitespace"))
 # Printable: no control characters or line breaks; lone surrogates are refused as they cannot be UTF-8.
 _PERSON = _rule(
@@ -350,6 +351,8 @@ class ExportRequested(Event):
     request_id: str = field(metadata=_REQUEST_ID)
     requested_by: str = field(metadata=_PERSON)
     as_of: datetime | None = field(default=None, metadata=_MAYBE_AT)
+    # "scheduled" for the nightly downloadable backups deskvault's scheduler requests; absent: on request.
+    kind: str | None = field(default=None, metadata=_EXPORT_KIND)
 
     @classmethod
     def new(
@@ -359,12 +362,15 @@ class ExportRequested(Event):
         request_id: str,
         requested_by: str,
         as_of: datetime | None = None,
+        kind: str | None = None,
         idempotency_key: str | None = None,
         occurred_at: datetime | None = None,
         event_id: str | None = None,
     ) -> ExportRequested:
         """A valid export-requested event; by default one idempotency key per tenant and request id."""
         own = {"tenant": tenant, "request_id": request_id, "requested_by": requested_by, "as_of": as_of}
+        if kind is not None:
+            own["kind"] = kind
         return cls._create(own, idempotency_key, occurred_at, event_id)
 
     def default_idempotency_key(self) -> str:

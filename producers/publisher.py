@@ -6,8 +6,10 @@ Used by the scheduler and by `deskvault publish`; another service can do the sam
 
 from __future__ import annotations
 
+import json
 import logging
 from types import TracebackType
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -16,6 +18,7 @@ from deskvault.errors import DeskvaultError
 from deskvault.logs import redact
 from messages.envelope import wrap
 from messages.events import Event
+from messages.outbound import OUTBOUND_EXCHANGE
 from messages.topology import (
     EVENT_POOL,
     POOLS,
@@ -84,6 +87,34 @@ class Publisher:
             raise PublishError(f"lost RabbitMQ while publishing {event.type}: {type(e).__name__}") from None
         log.debug("published %s %s to %s", event.type, event.idempotency_key, pool)
 
+    def publish_outbound(self, message: dict[str, Any]) -> bool:
+        """Publish an outbound event (messages.outbound), confirmed; False if no queue is bound for it."""
+        channel = self._open()
+        try:
+            channel.basic_publish(
+                exchange=OUTBOUND_EXCHANGE,
+                routing_key=message["type"],
+                body=json.dumps(message).encode(),
+                properties=pika.BasicProperties(delivery_mode=2, content_type="application/json"),
+                mandatory=True,
+            )
+        except pika.exceptions.UnroutableError:
+            log.warning(
+                "%s for %s: no queue is bound to exchange %s for it, so nobody was told; bind one",
+                message["type"],
+                message.get("tenant"),
+                OUTBOUND_EXCHANGE,
+            )
+            return False
+        except pika.exceptions.NackError as e:
+            raise PublishError(f"RabbitMQ refused outbound {message['type']}: {e}") from None
+        except pika.exceptions.AMQPError as e:
+            self.close()
+            raise PublishError(
+                f"lost RabbitMQ while publishing {message['type']}: {type(e).__name__}"
+            ) from None
+        return True
+
     def close(self) -> None:
         if self._connection is not None and self._connection.is_open:
             try:
@@ -96,6 +127,7 @@ class Publisher:
 
 def declare_topology(channel: pika.adapters.blocking_connection.BlockingChannel, delivery_limit: int) -> None:
     """Declare every pool's queue, delay queue and dead-letter queue exactly as the workers do."""
+    channel.exchange_declare(OUTBOUND_EXCHANGE, exchange_type="topic", durable=True)
     for pool in POOLS:
         for name in (pool, delay_queue(pool)):
             channel.queue_declare(

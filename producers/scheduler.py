@@ -13,17 +13,20 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from deskvault.config import Settings
-from messages.events import BackupDue, Event, PurgeDue, RestoreDrill, SnapshotDue
+from messages import outbound
+from messages.events import BackupDue, Event, ExportRequested, PurgeDue, RestoreDrill, SnapshotDue
 from producers.cron import Cron
 from producers.publisher import Publisher
 from workers.ledger.ledger import Ledger
+from workers.tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 20.0
+SCHEDULED_EXPORT_REQUESTER = "deskvault scheduler"
 BACKUP_KINDS = ("full", "diff", "log")
 
 
@@ -83,7 +86,48 @@ class Scheduler:
                 due.event.idempotency_key,
             )
             published.append(due.event)
+        self._warn_of_purges(now)
+        published += self._request_scheduled_exports(now)
         return published
+
+    def _request_scheduled_exports(self, now: datetime) -> list[Event]:
+        """The nightly downloadable backup of every entitled, active tenant (once per slot)."""
+        slot = Cron.parse(self.settings.downloads.scheduled).latest_at_or_before(now)
+        if self.ledger.was_emitted("tenants", "scheduled-export", slot):
+            return []
+        published: list[Event] = []
+        for tenant in TenantRegistry(self.settings).all():
+            account = self.ledger.account(tenant.id)
+            if not tenant.downloadable_backups or (account is not None and account["status"] != "active"):
+                continue
+            if self.ledger.was_emitted(f"tenant:{tenant.id}", "scheduled-export", slot):
+                continue
+            event = ExportRequested.new(
+                tenant=tenant.id,
+                request_id=f"scheduled-{slot:%Y%m%dT%H%MZ}",
+                requested_by=SCHEDULED_EXPORT_REQUESTER,
+                kind="scheduled",
+            )
+            self.publisher.publish(event)
+            self.ledger.mark_emitted(f"tenant:{tenant.id}", "scheduled-export", slot, event.idempotency_key)
+            published.append(event)
+        # Marked last: a tick that failed midway tries the tenants it missed again.
+        self.ledger.mark_emitted("tenants", "scheduled-export", slot, f"{len(published)} tenant(s)")
+        if published:
+            log.info("requested %d scheduled downloadable backup(s) for slot %s", len(published), slot)
+        return published
+
+    def _warn_of_purges(self, now: datetime) -> None:
+        """purge-upcoming, once per tenant and purge date, `purge_notice_days` before the purge."""
+        notice = timedelta(days=self.settings.lifecycle.purge_notice_days)
+        for tenant, when in self.ledger.upcoming_purges(now, notice):
+            subject = f"tenant:{tenant}"
+            if self.ledger.was_emitted(subject, "purge-upcoming", when):
+                continue
+            message = outbound.purge_upcoming(tenant, when, now)
+            self.publisher.publish_outbound(message)
+            self.ledger.mark_emitted(subject, "purge-upcoming", when, message["event_id"])
+            log.info("told the SaaS: tenant %s is purged after %s", tenant, f"{when:%Y-%m-%dT%H:%MZ}")
 
     def run(self, stop: threading.Event, tick_seconds: float = TICK_SECONDS) -> None:
         log.info(

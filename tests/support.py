@@ -149,3 +149,32 @@ def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Pa
     )
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+class OutboundListener:
+    """A queue of the test's own bound to deskvault's outbound exchange, as the SaaS would bind one."""
+
+    def __init__(self, url: str, routing_key: str) -> None:
+        import pika
+
+        from messages.outbound import OUTBOUND_EXCHANGE
+
+        self._connection = pika.BlockingConnection(pika.URLParameters(url))
+        self._channel = self._connection.channel()
+        self._channel.exchange_declare(OUTBOUND_EXCHANGE, exchange_type="topic", durable=True)
+        self._queue = self._channel.queue_declare("", exclusive=True).method.queue
+        self._channel.queue_bind(self._queue, OUTBOUND_EXCHANGE, routing_key=routing_key)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Every message received so far."""
+        import json
+
+        found = []
+        while True:
+            method, _, body = self._channel.basic_get(self._queue, auto_ack=True)
+            if method is None:
+                return found
+            found.append(json.loads(body))
+
+    def close(self) -> None:
+        self._connection.close()

@@ -73,10 +73,9 @@ class DownloadService:
 
     def link(self, tenant: str, manifest: dict[str, Any]) -> tuple[str, datetime]:
         """A download link for one export and when it stops working (never after the export expires)."""
-        until = min(
-            self.clock() + timedelta(minutes=self.settings.link_ttl_minutes),
-            datetime.fromisoformat(manifest["expires_at"]),
-        )
+        until = self.clock() + timedelta(minutes=self.settings.link_ttl_minutes)
+        if manifest["expires_at"] is not None:
+            until = min(until, datetime.fromisoformat(manifest["expires_at"]))
         expires = int(until.timestamp())
         export = manifest["export_id"]
         path = f"/v1/tenants/{tenant}/exports/{export}/dump"
@@ -100,7 +99,7 @@ class DownloadService:
         now = self.clock()
         downloads = []
         for manifest in self._exports(tenant):
-            if datetime.fromisoformat(manifest["expires_at"]) <= now:
+            if exports.expired_at(manifest, now):
                 continue
             url, until = self.link(tenant, manifest)
             downloads.append(
@@ -188,7 +187,7 @@ def _handler(service: DownloadService) -> type[BaseHTTPRequestHandler]:
             if manifest is None:
                 self._error(404, "no such export (it may have been deleted)")
                 return
-            if datetime.fromisoformat(manifest["expires_at"]) <= service.clock():
+            if exports.expired_at(manifest, service.clock()):
                 self._error(410, "this export has expired; request a new one")
                 return
             self.send_response(200)

@@ -58,3 +58,22 @@ def find_export(repo: ObjectRepository, tenant: str, export: str) -> dict[str, A
     if not isinstance(manifest, dict) or manifest.get("export_id") != export:
         raise IntegrityError("it is not the manifest of this export", key)
     return manifest
+
+
+def prune(repo: ObjectRepository, tenant: str, *, keep_scheduled: int, now: datetime) -> list[str]:
+    """Delete expired exports and scheduled ones beyond the newest `keep_scheduled`; their ids."""
+    found = list_exports(repo, tenant)
+    scheduled = [m for m in found if m["kind"] == "scheduled"]
+    surplus = scheduled[: max(len(scheduled) - keep_scheduled, 0)]
+    expired = [m for m in found if expired_at(m, now)]
+    gone = {m["export_id"]: m for m in [*surplus, *expired]}
+    for export, manifest in sorted(gone.items()):
+        # The manifest first: the export stops being listed before its dump disappears.
+        repo.delete(manifest_key(tenant, export))
+        repo.delete(manifest["dump_key"])
+    return sorted(gone)
+
+
+def expired_at(manifest: dict[str, Any], now: datetime) -> bool:
+    """Whether an export can no longer be downloaded at `now` (scheduled ones never expire by time)."""
+    return manifest["expires_at"] is not None and datetime.fromisoformat(manifest["expires_at"]) <= now

@@ -12,11 +12,13 @@ import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import jsonschema
 import pytest
-from support import free_port, run_cli, self_signed_cert, worker_context
+from support import OutboundListener, free_port, run_cli, self_signed_cert, wait_for, worker_context
 
 from deskvault.local.pgcluster import DEFAULT_PG_BIN
 from messages.events import ExportRequested
+from messages.schema_files import SCHEMA_DIR
 from workers import exports
 from workers.context import WorkerContext
 from workers.downloads import DownloadService, serve_in_thread
@@ -53,6 +55,7 @@ def export_case(make_settings, pg_target, tmp_path):
     extra += (
         f'[downloads]\nport = {port}\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
         f'link_secret = "{uuid.uuid4().hex}{uuid.uuid4().hex}"\npublic_url = "https://127.0.0.1:{port}"\n'
+        "scheduled_keep = 2\n"
     )
     settings = make_settings(extra=extra)
     clock = Clock(NOW)
@@ -225,3 +228,49 @@ def test_exports_list_and_tenant_token_from_the_cli(export_case) -> None:
     assert token.returncode == 0, token.stderr
     assert token.stdout.strip() == service.tenant_token(tenant)
     assert ctx.settings.downloads.link_secret not in token.stdout + token.stderr
+
+
+def test_a_finished_export_is_announced_on_the_outbound_exchange(export_case) -> None:
+    ctx, _, (tenant, _), _, _, _ = export_case
+    listener = OutboundListener(ctx.settings.broker.url, "export-ready")
+    try:
+        event = ExportRequested.new(tenant=tenant, request_id="EXP-5", requested_by="ann", occurred_at=NOW)
+        handle_export_requested(ctx, event)
+        (message,) = wait_for(listener.messages, what="export-ready on deskvault.outbound")
+    finally:
+        listener.close()
+    jsonschema.validate(message, load_outbound_schema("export-ready"))
+    assert (message["tenant"], message["request_id"], message["kind"]) == (tenant, "EXP-5", "on-request")
+    assert message["expires_at"] == "2026-12-09T12:00:00Z"
+
+
+def load_outbound_schema(name: str) -> dict:
+    return json.loads((SCHEMA_DIR / "outbound" / f"{name}.v1.schema.json").read_text())
+
+
+def test_scheduled_exports_keep_the_newest_and_expired_ones_go(export_case) -> None:
+    ctx, clock, (tenant, _), _, service, tls = export_case
+    on_request = ExportRequested.new(tenant=tenant, request_id="EXP-7", requested_by="ann", occurred_at=NOW)
+    handle_export_requested(ctx, on_request)
+    for night in range(3):
+        clock.now = NOW + timedelta(days=3 * night + 1)
+        event = ExportRequested.new(
+            tenant=tenant,
+            request_id=f"scheduled-{night}",
+            requested_by="deskvault scheduler",
+            kind="scheduled",
+            occurred_at=clock.now,
+        )
+        handle_export_requested(ctx, event)
+    # Night 3 is 7 days after NOW: the on-request export has expired; of the scheduled, two are kept.
+    kept = exports.list_exports(tenant_repository(ctx, tenant), tenant)
+    assert [(m["kind"], m["request_id"]) for m in kept] == [
+        ("scheduled", "scheduled-1"),
+        ("scheduled", "scheduled-2"),
+    ]
+    assert (
+        len(list(ctx.repository.list_keys(exports.exports_prefix(tenant)))) == 4
+    )  # two dumps, two manifests
+    base = ctx.settings.downloads.public_url
+    listed = json.loads(_get(f"{base}/v1/tenants/{tenant}/exports", tls, service.tenant_token(tenant))[1])
+    assert [d["request_id"] for d in listed["downloads"]] == ["scheduled-1", "scheduled-2"]

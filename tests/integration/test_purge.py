@@ -9,11 +9,13 @@ import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import jsonschema
 import pika
 import pytest
-from support import raw_s3, worker_context
+from support import OutboundListener, raw_s3, wait_for, worker_context
 
 from messages.events import AccountExpired, AccountReactivated, PurgeDue
+from messages.schema_files import SCHEMA_DIR
 from messages.topology import POOLS
 from producers.publisher import Publisher
 from producers.scheduler import Scheduler
@@ -181,3 +183,24 @@ def test_a_purge_that_is_not_due_or_was_cancelled_is_refused(purge_case) -> None
         handle_purge_due(ctx, late)
     assert _database_exists(cluster, tenant)
     assert len(list(ctx.repository.list_keys(tenant_prefix(tenant)))) == 2
+
+
+def test_the_saas_is_told_a_week_before_a_purge_once(purge_case) -> None:
+    ctx, clock, tenant, _ = purge_case
+    settings = ctx.settings
+    listener = OutboundListener(settings.broker.url, "purge-upcoming")
+    try:
+        with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+            scheduler = Scheduler(settings, ctx.ledger, publisher, clock)
+            clock.now = PURGE_AFTER - timedelta(days=8)
+            scheduler.tick()
+            clock.now = PURGE_AFTER - timedelta(days=6)
+            scheduler.tick()
+            scheduler.tick()
+        _drain_queues(settings.broker.url)
+        told = [m for m in wait_for(listener.messages, what="purge-upcoming") if m["tenant"] == tenant]
+    finally:
+        listener.close()
+    assert [m["purge_after"] for m in told] == ["2027-04-02T12:00:00Z"]
+    schema = json.loads((SCHEMA_DIR / "outbound" / "purge-upcoming.v1.schema.json").read_text())
+    jsonschema.validate(told[0], schema)

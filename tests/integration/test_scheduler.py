@@ -43,8 +43,8 @@ def schedulers(make_settings, control_db_odbc):
     # A fresh target name per test keeps the shared control database's schedule marks apart.
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         publisher._open()
-        drain(settings.broker.url, "backup")
-        drain(settings.broker.url, "verify")
+        for queue in ("backup", "verify", "export"):
+            drain(settings.broker.url, queue)
         yield settings, ledger, publisher
 
 
@@ -55,19 +55,27 @@ def test_two_replicas_publish_each_slot_once_and_catch_up_only_the_newest(schedu
     second = Scheduler(settings, ledger, publisher, clock)
 
     published = first.tick()
+    exports = [e for e in published if e.type == "export-requested"]
+    # acme is entitled to downloadable backups: tonight's (02:30) is requested once.
+    assert [(e.tenant, e.kind, e.request_id) for e in exports] == [
+        ("acme", "scheduled", "scheduled-20310305T0230Z")
+    ]
+    assert len(drain(settings.broker.url, "export")) == 1
+    # (tenants that other tests expired in the shared control database are long due for purging in 2031)
+    published = [e for e in published if e.type in ("backup-due", "restore-drill")]
     assert {(e.type, getattr(e, "kind", None), e.slot) for e in published} == {
         ("backup-due", "full", datetime(2031, 3, 2, 1, 0, tzinfo=UTC)),
         ("backup-due", "diff", datetime(2031, 3, 5, 10, 0, tzinfo=UTC)),
         ("backup-due", "log", datetime(2031, 3, 5, 10, 0, tzinfo=UTC)),
         ("restore-drill", None, datetime(2031, 3, 1, 5, 0, tzinfo=UTC)),  # last Saturday 05:00
     }
-    assert second.tick() == []  # the other replica sees the slots as emitted
+    assert second.tick() == []  # the other replica sees the slots (and purges) as emitted
     assert len(drain(settings.broker.url, "backup")) == 3
     assert len(drain(settings.broker.url, "verify")) == 1
 
     # After 9 hours of downtime only the newest missed diff and log slots are emitted, once each.
     clock.now += timedelta(hours=9)
-    caught_up = second.tick()
+    caught_up = [e for e in second.tick() if e.type == "backup-due"]
     assert sorted((e.kind, e.slot.hour) for e in caught_up) == [("diff", 18), ("log", 19)]
     assert first.tick() == []
     queued = drain(settings.broker.url, "backup")

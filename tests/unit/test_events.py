@@ -487,9 +487,9 @@ def test_new_never_builds_an_invalid_event(build: Any, field: str) -> None:
 
 def test_event_fields_lists_what_a_producer_supplies() -> None:
     specs = event_fields("export-requested")
-    assert list(specs) == ["tenant", "request_id", "requested_by", "as_of"]
-    assert [spec.kind for spec in specs.values()] == ["text", "text", "text", "timestamp"]
-    assert [spec.optional for spec in specs.values()] == [False, False, False, True]
+    assert list(specs) == ["tenant", "request_id", "requested_by", "as_of", "kind"]
+    assert [spec.kind for spec in specs.values()] == ["text", "text", "text", "timestamp", "text"]
+    assert [spec.optional for spec in specs.values()] == [False, False, False, True, True]
 
 
 def test_event_fields_lists_a_restore_drills_target_and_slot() -> None:

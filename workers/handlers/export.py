@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from deskvault.local.pgcluster import PgCluster, free_port
+from messages import outbound
 from messages.events import ExportRequested
+from producers.publisher import Publisher
 from workers import catalog, exports
 from workers.context import WorkerContext
 from workers.engines.pgdump import dump_stream
@@ -50,7 +52,7 @@ def _export(ctx: WorkerContext, event: ExportRequested, tenant: Tenant, plan: Re
     export = exports.export_id(event.occurred_at, event.idempotency_key)
     existing = exports.find_export(repo, tenant.id, export)
     if existing is not None:  # an earlier attempt finished it and died before the ledger heard
-        return _outcome(existing)
+        return _ready(ctx, existing)
     target = ctx.settings.target(tenant.target)
     started = ctx.ledger.now()
     with _source(ctx, target.name, plan, Path(target.pg_bin)) as (conninfo, pg_bin):
@@ -58,11 +60,15 @@ def _export(ctx: WorkerContext, event: ExportRequested, tenant: Tenant, plan: Re
             exports.dump_key(tenant.id, export), dump_stream(pg_bin, conninfo, tenant.database)
         )
     finished = ctx.ledger.now()
+    kind = event.kind or "on-request"
+    downloads = ctx.settings.downloads
+    # A scheduled export has no expiry: it stays until newer ones push it out of the newest N.
+    expires = None if kind == "scheduled" else finished + timedelta(days=downloads.export_ttl_days)
     manifest = {
         "format": 1,
         "tenant": tenant.id,
         "export_id": export,
-        "kind": "on-request",
+        "kind": kind,
         "request_id": event.request_id,
         "requested_by": event.requested_by,
         "event_id": event.event_id,
@@ -70,7 +76,7 @@ def _export(ctx: WorkerContext, event: ExportRequested, tenant: Tenant, plan: Re
         "as_of": catalog.iso(event.as_of) if event.as_of else None,
         "started_at": catalog.iso(started),
         "created_at": catalog.iso(finished),
-        "expires_at": catalog.iso(finished + timedelta(days=ctx.settings.downloads.export_ttl_days)),
+        "expires_at": catalog.iso(expires) if expires else None,
         "dump_key": stored.key,
         "plain_size": stored.plain_size,
         "stored_size": stored.stored_size,
@@ -81,7 +87,18 @@ def _export(ctx: WorkerContext, event: ExportRequested, tenant: Tenant, plan: Re
         repo.put_json(exports.manifest_key(tenant.id, export), manifest, if_none_match=True)
     except AlreadyExists:
         manifest = exports.find_export(repo, tenant.id, export) or manifest
-    return _outcome(manifest)
+    pruned = exports.prune(repo, tenant.id, keep_scheduled=downloads.scheduled_keep, now=finished)
+    if pruned:
+        log.info("tenant %s: removed %d old export(s): %s", tenant.id, len(pruned), ", ".join(pruned))
+    return _ready(ctx, manifest)
+
+
+def _ready(ctx: WorkerContext, manifest: dict[str, Any]) -> str:
+    """Tell the SaaS (export-ready), also after a redelivery: the event id makes repeats droppable."""
+    settings = ctx.settings
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        heard = publisher.publish_outbound(outbound.export_ready(manifest, ctx.ledger.now()))
+    return _outcome(manifest) + ("" if heard else " (export-ready reached no queue)")
 
 
 class _source:
@@ -120,7 +137,12 @@ def _outcome(manifest: dict[str, Any]) -> str:
     as_of = f" as of {_show(manifest['as_of'])}" if manifest["as_of"] else ""
     return (
         f"export {manifest['export_id']} of tenant {manifest['tenant']}{as_of} ready: "
-        f"{manifest['plain_size'] / 2**20:.1f} MiB, downloadable until {_show(manifest['expires_at'])}"
+        f"{manifest['plain_size'] / 2**20:.1f} MiB, downloadable "
+        + (
+            f"until {_show(manifest['expires_at'])}"
+            if manifest["expires_at"]
+            else "while among the newest kept"
+        )
     )
 
 

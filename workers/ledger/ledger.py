@@ -391,6 +391,17 @@ class Ledger:
             ).fetchall()
         return [(row[0], _py(row[1])) for row in rows]  # type: ignore[misc]
 
+    def upcoming_purges(self, now: datetime, notice: timedelta) -> list[tuple[str, datetime]]:
+        """Expired tenants, under no legal hold, whose purge falls within `notice` from `now`."""
+        with self.transaction() as cur:
+            rows = cur.execute(
+                "SELECT tenant, purge_after FROM dv_accounts WHERE status = 'expired' AND legal_hold = 0"
+                " AND purge_after > ? AND purge_after <= ? ORDER BY purge_after, tenant",
+                _db(now),
+                _db(now + notice),
+            ).fetchall()
+        return [(row[0], _py(row[1])) for row in rows]  # type: ignore[misc]
+
     def begin_purge(self, tenant: str, purge_after: datetime) -> str:
         """Mark a due purge as running: "started", "resumed" (it was running) or "purged" (it is done).
 
