@@ -6,8 +6,10 @@ T must hold exactly the rows whose commit time is at or before T.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import subprocess
 import tempfile
 import threading
 import time
@@ -20,15 +22,19 @@ import pytest
 from prometheus_client import REGISTRY
 from support import build_settings, free_port, raw_s3, run_cli, wait_for, worker_context
 
+from deskvault.config import TenantSettings
 from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import PgCluster
-from messages.events import BackupDue, RestoreDrill
-from workers import catalog
+from messages.events import BackupDue, ExportRequested, RestoreDrill
+from workers import catalog, exports
+from workers.context import WorkerContext
 from workers.errors import HandlerError
 from workers.handlers.backup import handle_backup_due
 from workers.handlers.drill import handle_restore_drill
+from workers.handlers.export import handle_export_requested
 from workers.pitr import Unreachable, plan_restore, restore
 from workers.repository.keyring import Keyring
+from workers.tenantkeys import tenant_repository
 from workers.walarchive import list_wal
 from workers.walstream import WalStreamer
 
@@ -259,6 +265,50 @@ def test_a_restore_drill_runs_end_to_end_and_moves_its_metric(history) -> None:
     window = plan_restore(ctx.repository, "main", None).window
     assert window.earliest <= drill["point_in_time"] <= window.latest
     assert not list(Path(tempfile.gettempdir()).glob("deskvault-drill-main-*"))  # torn down
+
+
+def test_an_export_as_of_a_moment_holds_exactly_the_rows_committed_by_then(history, source, tmp_path) -> None:
+    settings, ctx, times = history
+    # A tenant whose helpdesk is this target's `postgres` database (where the marks table lives).
+    tenant = TenantSettings(
+        name=f"m{uuid.uuid4().hex[:8]}", plan="company", database="postgres", target="main"
+    )
+    settings = dataclasses.replace(settings, tenants={tenant.name: tenant})
+    ctx = WorkerContext(settings=settings, ledger=ctx.ledger, repository=ctx.repository)
+    at = times[6] + (times[7] - times[6]) / 2
+    event = ExportRequested.new(tenant=tenant.name, request_id="PITR-1", requested_by="ann", as_of=at)
+
+    outcome = handle_export_requested(ctx, event)
+
+    assert f"of tenant {tenant.name} as of {at:%Y-%m-%dT%H:%M:%SZ} ready" in outcome
+    (manifest,) = exports.list_exports(tenant_repository(ctx, tenant.name), tenant.name)
+    dump = tmp_path / "asof.dump"
+    with dump.open("wb") as f:
+        for chunk in tenant_repository(ctx, tenant.name).get_stream(
+            manifest["dump_key"], expect_sha256=manifest["sha256"]
+        ):
+            f.write(chunk)
+    database = f"asof_{uuid.uuid4().hex[:8]}"
+    source.psql(f"CREATE DATABASE {database}")
+    subprocess.run(
+        [
+            str(source.pg_bin / "pg_restore"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(source.port),
+            "-U",
+            "postgres",
+            "-d",
+            database,
+            "--no-owner",
+            str(dump),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert {int(x) for x in source.psql("SELECT id FROM marks", database).split()} == set(range(1, 7))
 
 
 def test_a_gap_in_the_archive_is_named(history, scratch_dir) -> None:

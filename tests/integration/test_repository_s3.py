@@ -7,6 +7,7 @@ import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
@@ -268,3 +269,32 @@ def test_an_object_copied_to_another_key_is_refused(repo: ObjectRepository, s3_s
     with pytest.raises(IntegrityError):
         repo.get_json("backups/b/manifest.dv")
     assert repo.get_json("backups/a/manifest.dv") == {"backup": "a"}
+
+
+def test_delete_everything_leaves_no_version_in_a_versioned_bucket(s3_endpoint) -> None:
+    # A bucket of this test's own with versioning on, as a production bucket may well have.
+    store = S3Store(
+        bucket=f"dv-versioned-{uuid4().hex[:8]}",
+        endpoint_url=s3_endpoint.endpoint_url,
+        access_key=s3_endpoint.access_key,
+        secret_key=s3_endpoint.secret_key,
+        region=s3_endpoint.region,
+    )
+    store.ensure_bucket()
+    store.client.put_bucket_versioning(Bucket=store.bucket, VersioningConfiguration={"Status": "Enabled"})
+    store.put_bytes("tenants/t1/exports/a", b"first")
+    store.put_bytes("tenants/t1/exports/a", b"second")  # a newer version over the first
+    store.put_bytes("tenants/t1/exports/b", b"gone soon")
+    store.delete("tenants/t1/exports/b")  # only a delete marker hides it
+    store.put_bytes("tenants/t2/keep", b"another tenant's")
+
+    def versions(prefix: str) -> list:
+        listed = store.client.list_object_versions(Bucket=store.bucket, Prefix=prefix)
+        return [*listed.get("Versions", []), *listed.get("DeleteMarkers", [])]
+
+    assert len(versions("tenants/t1/")) == 4
+    assert store.delete_everything("tenants/t1/") == 4
+    assert versions("tenants/t1/") == []
+    assert store.get_bytes("tenants/t2/keep") == b"another tenant's"
+    store.delete_everything("tenants/t2/")
+    store.client.delete_bucket(Bucket=store.bucket)
