@@ -55,7 +55,7 @@ def _export(ctx: WorkerContext, event: ExportRequested, tenant: Tenant, plan: Re
         return _ready(ctx, existing)
     target = ctx.settings.target(tenant.target)
     started = ctx.ledger.now()
-    with _source(ctx, target.name, plan, Path(target.pg_bin)) as (conninfo, pg_bin):
+    with _DumpSource(ctx, target.name, plan, Path(target.pg_bin)) as (conninfo, pg_bin):
         stored = repo.put_stream(
             exports.dump_key(tenant.id, export), dump_stream(pg_bin, conninfo, tenant.database)
         )
@@ -101,7 +101,7 @@ def _ready(ctx: WorkerContext, manifest: dict[str, Any]) -> str:
     return _outcome(manifest) + ("" if heard else " (export-ready reached no queue)")
 
 
-class _source:
+class _DumpSource:
     """Where to dump from: the live target, or a scratch copy restored to `as_of` (torn down after)."""
 
     def __init__(self, ctx: WorkerContext, target: str, plan: RestorePlan | None, pg_bin: Path) -> None:
