@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,18 @@ def _parser() -> argparse.ArgumentParser:
     dsub.add_parser("serve", help="serve until interrupted ([downloads] in the config)").set_defaults(
         func=_cmd_downloads_serve
     )
+
+    sn = sub.add_parser("snapshots", help="servers' snapshots (files driver)")
+    snsub = sn.add_subparsers(dest="snapshots_command", required=True)
+    snl = snsub.add_parser("list", help="committed snapshots, per server")
+    snl.add_argument("--server", help="only this server")
+    snl.add_argument("--json", action="store_true", help="machine-readable output (without entries)")
+    snl.set_defaults(func=_cmd_snapshots_list)
+    snr = snsub.add_parser("restore", help="recreate a server's snapshotted trees under a folder")
+    snr.add_argument("--server", required=True)
+    snr.add_argument("--into", required=True, type=Path, help="a new or empty folder")
+    snr.add_argument("--at", help="the newest snapshot finished at or before this time (default: newest)")
+    snr.set_defaults(func=_cmd_snapshots_restore)
 
     st = sub.add_parser("status", help="targets' newest backups, queue depths, job counts")
     st.add_argument("--json", action="store_true")
@@ -442,6 +455,68 @@ def _cmd_downloads_serve(args: argparse.Namespace, _extra: list[str]) -> int:
         pass
     finally:
         server.server_close()
+    return 0
+
+
+def _cmd_snapshots_list(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.context import open_repository
+    from workers.filesnap import list_snapshots
+
+    settings = _settings(args)
+    servers = [args.server] if args.server else sorted(settings.servers)
+    if args.server and args.server not in settings.servers:
+        raise _usage(f"--server: {args.server!r} is not configured")
+    repo = open_repository(settings)
+    rows = [
+        {k: v for k, v in m.items() if k != "entries"}
+        for name in servers
+        if settings.servers[name].driver == "files"
+        for m in list_snapshots(repo, name)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no snapshots yet")
+        return 0
+    print(
+        f"{'SERVER':<20} {'SNAPSHOT':<18} {'FINISHED':<21} {'FILES':>8} {'SIZE':>12} {'NEW':>12} "
+        f"{'STORED':>12}"
+    )
+    for m in rows:
+        print(
+            f"{m['server']:<20} {m['snapshot_id']:<18} {m['finished_at'][:19] + 'Z':<21} {m['files']:>8} "
+            f"{_mib(m['bytes']):>12} {_mib(m['new_bytes']):>12} {_mib(m['stored_new_bytes']):>12}"
+        )
+    return 0
+
+
+def _cmd_snapshots_restore(args: argparse.Namespace, _extra: list[str]) -> int:
+    from messages.events import parse_timestamp
+    from workers.context import open_repository
+    from workers.filesnap import list_snapshots, restore_snapshot
+
+    settings = _settings(args)
+    if args.server not in settings.servers:
+        raise _usage(f"--server: {args.server!r} is not configured")
+    at = None
+    if args.at is not None:
+        try:
+            at = parse_timestamp(args.at)
+        except ValueError as e:
+            raise _usage(f"--at: {e}") from None
+    repo = open_repository(settings)
+    found = [
+        m
+        for m in list_snapshots(repo, args.server)
+        if at is None or datetime.fromisoformat(m["finished_at"]) <= at
+    ]
+    if not found:
+        when = f" finished at or before {args.at}" if at else ""
+        raise DeskvaultError(f"server {args.server} has no snapshot{when}; see `deskvault snapshots list`")
+    manifest = found[-1]
+    print(f"restoring snapshot {manifest['snapshot_id']} of {args.server} into {args.into}", flush=True)
+    restore_snapshot(repo, manifest, args.into, on_progress=lambda line: print(f"  {line}", flush=True))
     return 0
 
 

@@ -105,6 +105,13 @@ class TargetSettings:
 class ServerSettings:
     name: str
     schedule: str = DEFAULT_SCHEDULE["snapshot"]
+    # "files": the directory trees in `paths`, snapshotted into the repository (deduplicated);
+    # "ebs": the server's EBS volumes (not built yet). Empty: snapshot-due is refused with the reason.
+    driver: str = ""
+    paths: tuple[str, ...] = ()
+    # Snapshot retention, like AWS Data Lifecycle Manager: the newest per day and per ISO week.
+    keep_daily: int = 7
+    keep_weekly: int = 4
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,13 @@ def _server(name: str, value: Any) -> ServerSettings:
         raise ConfigError(f"servers.{name}: must be a table")
     server = _section(ServerSettings, {"name": name, **value}, f"servers.{name}")
     _check_cron(server.schedule, f"servers.{name}.schedule")
+    if server.driver not in ("", "files", "ebs"):
+        raise ConfigError(f'servers.{name}.driver: must be "files" or "ebs", not {server.driver!r}')
+    if server.driver == "files" and not server.paths:
+        raise ConfigError(f"servers.{name}.paths: the files driver needs the directories to snapshot")
+    for path in server.paths:
+        if not os.path.isabs(path):
+            raise ConfigError(f"servers.{name}.paths: {path!r} is not an absolute path")
     return server
 
 
@@ -329,6 +343,10 @@ def _coerce(value: Any, f: dataclasses.Field[Any], where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
+    if expected == "tuple[str, ...]":
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if expected == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")

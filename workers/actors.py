@@ -19,8 +19,8 @@ from workers.handlers.backup import handle_backup_due
 from workers.handlers.drill import handle_restore_drill
 from workers.handlers.export import handle_export_requested
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
-from workers.handlers.pending import handle_snapshot_due
 from workers.handlers.purge import handle_purge_due
+from workers.handlers.snapshot import handle_snapshot_due
 from workers.jobs import JobBusy
 from workers.metrics import PoolMetrics
 

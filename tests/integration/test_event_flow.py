@@ -240,7 +240,9 @@ def test_each_pool_handles_its_events_honestly(pools) -> None:
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         publisher.publish(snapshot)
         publisher.publish(export)
-    assert job_done(ctx, snapshot.idempotency_key).outcome.startswith("not done: server snapshots")
+    # app1 has no snapshot driver configured: refused with the reason, not pretended
+    _, headers = next_dead_letter(settings.broker.url, "snapshot")
+    assert "servers.app1.driver: not set" in headers[REASON_HEADER]
     outcome = job_done(ctx, export.idempotency_key).outcome
     assert outcome.startswith("export ") and " of tenant acme ready: " in outcome
 

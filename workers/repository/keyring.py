@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import tempfile
@@ -41,6 +43,9 @@ class Keyring:
         self._ciphers = {key_id: AESGCM(bytes(key)) for key_id, key in keys.items()}
         self._active_id = active_id
         self._source = source
+        # Derived from the oldest key, which rotation keeps: stable names for deduplicated chunks.
+        oldest = min(keys)
+        self._naming_key = hmac.new(bytes(keys[oldest]), b"deskvault-chunk-names-v1", hashlib.sha256).digest()
 
     @property
     def active_id(self) -> str:
@@ -54,6 +59,10 @@ class Keyring:
 
     def __repr__(self) -> str:
         return f"Keyring(active_id={self._active_id!r}, key_ids={list(self.key_ids)!r})"
+
+    def content_id(self, data: bytes) -> str:
+        """A keyed hash naming `data` (for deduplication) that reveals nothing to who lacks the keys."""
+        return hmac.new(self._naming_key, data, hashlib.sha256).hexdigest()
 
     def wrap(self, data_key: bytes) -> tuple[str, bytes]:
         """Encrypt `data_key` under the active key; returns the key id and nonce + ciphertext + tag."""

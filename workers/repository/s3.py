@@ -151,10 +151,10 @@ class S3Store:
         """Store what `chunks` yields at `key` and return the byte count; on any failure nothing is stored."""
         full = self.full_key(key)
         source = _Parts(chunks)
-        first = bytearray(self.part_size)
-        filled = source.fill(first)
+        # Grown as data arrives rather than allocated whole: most objects are far smaller than a part.
+        first = source.take(self.part_size)
+        filled = len(first)
         if filled < self.part_size:
-            del first[filled:]
             with self._errors("store", key):
                 self._client.put_object(Bucket=self.bucket, Key=full, Body=first)
             return filled
@@ -370,6 +370,21 @@ class _Parts:
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks = iter(chunks)
         self._rest = memoryview(b"")
+
+    def take(self, limit: int) -> bytearray:
+        """Up to `limit` bytes from the chunks, fewer only at the end."""
+        out = bytearray()
+        while len(out) < limit:
+            if not self._rest:
+                self._rest = memoryview(b"")
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._rest = memoryview(chunk).cast("B")
+            take = min(limit - len(out), len(self._rest))
+            out += self._rest[:take]
+            self._rest = self._rest[take:]
+        return out
 
     def fill(self, part: bytearray) -> int:
         """Fill `part` from the chunks; returns the bytes written, fewer than len(part) only at the end."""
