@@ -460,6 +460,7 @@ def _cmd_downloads_serve(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_snapshots_list(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
+    from workers.ebs import list_sets
     from workers.filesnap import list_snapshots
 
     settings = _settings(args)
@@ -473,11 +474,20 @@ def _cmd_snapshots_list(args: argparse.Namespace, _extra: list[str]) -> int:
         if settings.servers[name].driver == "files"
         for m in list_snapshots(repo, name)
     ]
+    sets = [r for name in servers if settings.servers[name].driver == "ebs" for r in list_sets(repo, name)]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + sets, indent=2))
         return 0
-    if not rows:
+    if not rows and not sets:
         print("no snapshots yet")
+        return 0
+    for r in sets:
+        copies = f", copies in {r['dr_region']}: {len(r['dr_snapshots'])}" if r["dr_region"] else ""
+        print(
+            f"{r['server']:<20} ebs set {r['set_id']}: {len(r['snapshots'])} volume(s) in "
+            f"{r['region']}{copies}"
+        )
+    if not rows:
         return 0
     print(
         f"{'SERVER':<20} {'SNAPSHOT':<18} {'FINISHED':<21} {'FILES':>8} {'SIZE':>12} {'NEW':>12} "

@@ -106,12 +106,21 @@ class ServerSettings:
     name: str
     schedule: str = DEFAULT_SCHEDULE["snapshot"]
     # "files": the directory trees in `paths`, snapshotted into the repository (deduplicated);
-    # "ebs": the server's EBS volumes (not built yet). Empty: snapshot-due is refused with the reason.
+    # "ebs": the server's EBS volumes as one set, copied to a DR region. Empty: snapshot-due is refused.
     driver: str = ""
     paths: tuple[str, ...] = ()
     # Snapshot retention, like AWS Data Lifecycle Manager: the newest per day and per ISO week.
     keep_daily: int = 7
     keep_weekly: int = 4
+    # ebs: the instance (its id, or a tag as "Key=Value"), its region, and the disaster-recovery region
+    # the set is copied to, encrypted there with that region's KMS key. Checked when snapshot-due
+    # arrives, so a server set up wrong is refused with the reason while the others carry on.
+    instance_id: str = ""
+    instance_tag: str = ""
+    region: str = ""
+    dr_region: str = ""
+    dr_kms_key: str = ""
+    ec2_endpoint: str = ""  # empty: AWS itself; set for an emulator
 
 
 @dataclass(frozen=True)

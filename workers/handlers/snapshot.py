@@ -1,8 +1,9 @@
 """snapshot-due: a server's daily snapshot, by its driver.
 
-`files`: the configured directory trees into the repository (see `filesnap`), then retention (the
-newest per day and per week) and the removal of chunks no kept snapshot uses. `ebs` is not built yet
-and says so; a server with no driver is refused with the reason.
+`ebs`: every volume of the instance as one set, copied to the DR region (see `ebs`), then retention in
+each region. `files`: the configured directory trees into the repository (see `filesnap`), then
+retention (the newest per day and per week) and the removal of chunks no kept snapshot uses. A server
+with no driver is refused with the reason.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from deskvault.config import ServerSettings
 from messages.events import SnapshotDue
 from workers import filesnap
 from workers.context import WorkerContext
+from workers.ebs import EbsDriver, check_settings
 from workers.errors import PermanentError, UnknownTarget
 from workers.jobs import run_once
 from workers.repository.objects import ObjectRepository
@@ -36,15 +38,21 @@ def handle_snapshot_due(ctx: WorkerContext, event: SnapshotDue) -> str | None:
             f'servers.{server.name}.driver: not set; choose "files" (directory trees) or "ebs"'
         )
     if server.driver == "ebs":
-
-        def not_built() -> str:
-            log.warning(
-                "snapshot-due for %s: the ebs driver is not built yet: NO snapshot taken", server.name
-            )
-            return "not done: the ebs snapshot driver is not built yet; no snapshot was taken"
-
-        return run_once(ctx, event, not_built)
+        check_settings(server)  # refused before anything is made
+        return run_once(ctx, event, lambda: _ebs(ctx, event, server))
     return run_once(ctx, event, lambda: _files(ctx, event, server))
+
+
+def _ebs(ctx: WorkerContext, event: SnapshotDue, server: ServerSettings) -> str:
+    driver = EbsDriver(server)
+    record, created = driver.take_set(ctx.repository, slot=event.slot, event_key=event.idempotency_key)
+    deleted = driver.prune()
+    copies = f", copied to {record['dr_region']}" if record["dr_region"] else ""
+    pruned = ", ".join(f"{n} in {region}" for region, n in deleted.items())
+    return (
+        f"{'snapshot set' if created else 'snapshot set (already taken)'} {record['set_id']}: "
+        f"{len(record['snapshots'])} volume(s) of {record['instance_id']}{copies}; retention deleted {pruned}"
+    )
 
 
 def _files(ctx: WorkerContext, event: SnapshotDue, server: ServerSettings) -> str:
