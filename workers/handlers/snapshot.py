@@ -97,7 +97,7 @@ def expire_snapshots(
     used = {c for m in kept for e in m["entries"] for c in e.get("chunks", ())}
     removed = 0
     for listed in repo.store.list_entries(f"servers/{server.name}/chunks/"):
-        chunk_id = listed.key.rsplit("/", 1)[-1].removesuffix(".dv")
+        chunk_id = filesnap.chunk_id_of(listed.key)
         if chunk_id not in used and listed.uploaded_at < now - CHUNK_GRACE:
             repo.delete(listed.key)
             removed += 1
