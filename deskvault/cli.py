@@ -183,6 +183,24 @@ def _parser() -> argparse.ArgumentParser:
     snr.add_argument("--at", help="the newest snapshot finished at or before this time (default: newest)")
     snr.set_defaults(func=_cmd_snapshots_restore)
 
+    q = sub.add_parser("dlq", help="dead letters: list them with their reasons, replay or drop them")
+    qsub = q.add_subparsers(dest="dlq_command", required=True)
+    ql = qsub.add_parser("list", help="a pool's dead letters, oldest first (they stay queued)")
+    ql.add_argument("--pool", required=True)
+    ql.add_argument("--limit", type=int, default=100)
+    ql.add_argument("--json", action="store_true", help="machine-readable output")
+    ql.set_defaults(func=_cmd_dlq_list)
+    for verb, text in (
+        ("replay", "publish dead letters back to their pool's queue (after fixing the cause)"),
+        ("drop", "delete dead letters for good"),
+    ):
+        qa = qsub.add_parser(verb, help=text)
+        qa.add_argument("--pool", required=True)
+        chosen = qa.add_mutually_exclusive_group(required=True)
+        chosen.add_argument("--message-id", action="append", help="a message id from `dlq list` (repeatable)")
+        chosen.add_argument("--all", action="store_true", help="every dead letter of the pool")
+        qa.set_defaults(func=_cmd_dlq_act, verb=verb)
+
     st = sub.add_parser("status", help="targets' newest backups, queue depths, job counts")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_status)
@@ -658,6 +676,36 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
             f"restored and verified into {args.into} (WAL in {result.wal_dir}). Start it as the postgres "
             f"user with: pg_ctl -D {args.into} start; it recovers, then promotes"
         )
+    return 0
+
+
+def _cmd_dlq_list(args: argparse.Namespace, _extra: list[str]) -> int:
+    from deskvault.dlq import list_dead_letters
+
+    letters = list_dead_letters(_settings(args).broker.url, args.pool, args.limit)
+    if args.json:
+        print(json.dumps([d.as_dict() for d in letters], indent=2))
+        return 0
+    if not letters:
+        print(f"no dead letters in {args.pool}")
+        return 0
+    for d in letters:
+        print(f"{d.message_id}  {d.event_type or '(not an event)'}  {d.idempotency_key or ''}")
+        print(f"    reason: {d.reason}")
+    return 0
+
+
+def _cmd_dlq_act(args: argparse.Namespace, _extra: list[str]) -> int:
+    from deskvault import dlq
+
+    ids = set(args.message_id or ())
+    action = dlq.replay if args.verb == "replay" else dlq.drop
+    done = action(_settings(args).broker.url, args.pool, lambda d: args.all or d.message_id in ids)
+    missing = ids - set(done)
+    print(f"{'replayed' if args.verb == 'replay' else 'dropped'} {len(done)} dead letter(s) of {args.pool}")
+    if missing:
+        print(f"not found in {args.pool}'s dead letters: {', '.join(sorted(missing))}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,10 +13,10 @@ import pika
 import pytest
 from dramatiq import Worker
 from prometheus_client import REGISTRY
-from support import wait_for, worker_context
+from support import run_cli, wait_for, worker_context
 
 from messages.envelope import wrap
-from messages.events import AccountExpired, BackupDue, ExportRequested, SnapshotDue
+from messages.events import AccountExpired, AccountReactivated, BackupDue, ExportRequested, SnapshotDue
 from messages.schema_files import load_schema
 from messages.topology import POOLS, dead_letter_queue, delay_queue
 from producers.publisher import Publisher
@@ -375,3 +375,36 @@ def test_an_event_built_from_the_published_json_schema_example_is_handled(pools)
     # (if an earlier test expired this tenant, the outcome goes on to name the cancelled purge)
     assert job.outcome.startswith(f"recorded: tenant {event['tenant']} reactivated")
     assert ctx.ledger.account(event["tenant"])["status"] == "active"
+
+
+def test_dead_letters_are_listed_with_reasons_dropped_and_replayed_from_the_cli(pools) -> None:
+    settings, ctx = pools
+    garbage = b"{not json at all"
+    publish_raw(settings.broker.url, "lifecycle", garbage)
+    wait_for(
+        lambda: json.loads(run_cli(settings, "dlq", "list", "--pool", "lifecycle", "--json").stdout),
+        what="the garbage to be dead-lettered",
+    )
+    (letter,) = json.loads(run_cli(settings, "dlq", "list", "--pool", "lifecycle", "--json").stdout)
+    assert letter["message_id"].startswith("sha256:") and "not a dramatiq message" in letter["reason"]
+    dropped = run_cli(settings, "dlq", "drop", "--pool", "lifecycle", "--message-id", letter["message_id"])
+    assert dropped.returncode == 0 and "dropped 1 dead letter(s)" in dropped.stdout
+    assert json.loads(run_cli(settings, "dlq", "list", "--pool", "lifecycle", "--json").stdout) == []
+
+    # A good event that was dead-lettered while something it needs was down is replayed once fixed.
+    event = AccountReactivated.new(tenant="acme", idempotency_key=f"replay-{uuid.uuid4().hex}")
+    connection, channel = _channel(settings.broker.url)
+    channel.basic_publish(
+        "",
+        dead_letter_queue("lifecycle"),
+        wrap(event),
+        pika.BasicProperties(delivery_mode=2, headers={REASON_HEADER: "HandlerError: control database down"}),
+    )
+    connection.close()
+    listed = run_cli(settings, "dlq", "list", "--pool", "lifecycle")
+    assert "account-reactivated" in listed.stdout and "control database down" in listed.stdout
+    replayed = run_cli(settings, "dlq", "replay", "--pool", "lifecycle", "--all")
+    assert replayed.returncode == 0 and "replayed 1 dead letter(s)" in replayed.stdout
+    assert job_done(ctx, event.idempotency_key).outcome.startswith("recorded: tenant acme reactivated")
+    missing = run_cli(settings, "dlq", "drop", "--pool", "lifecycle", "--message-id", "nope")
+    assert missing.returncode == 1 and "not found in lifecycle's dead letters: nope" in missing.stderr
