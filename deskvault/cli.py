@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TARGET",
         help="stream only these targets (default: all)",
     )
+    ws.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve the live-RPO metric here (default: wal.metrics_port, 9309)",
+    )
+    ws.add_argument("--no-metrics", action="store_true", help="serve no metrics")
     ws.set_defaults(func=_cmd_wal_stream)
 
     pub = sub.add_parser(
@@ -301,6 +307,12 @@ def _cmd_wal_stream(args: argparse.Namespace, _extra: list[str]) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    if not args.no_metrics:
+        from prometheus_client import start_http_server
+
+        port = args.metrics_port or settings.wal.metrics_port
+        start_http_server(port, addr=settings.metrics.host)
+        log.info("wal-stream metrics on http://%s:%d/metrics", settings.metrics.host, port)
     threads = [
         threading.Thread(
             target=WalStreamer(

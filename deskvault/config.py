@@ -74,6 +74,8 @@ class WalSettings:
     spool_dir: str = ".deskvault/wal-spool"
     # How often arrived WAL (and the segment being written) is uploaded: the archive's worst-case lag.
     upload_interval_seconds: int = 5
+    # `deskvault wal-stream` serves deskvault_wal_archived_timestamp_seconds (the live RPO) here.
+    metrics_port: int = 9309
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,12 @@ def serve_multiprocess_metrics(host: str, port: int) -> None:
     start_http_server(port, addr=host, registry=registry)
 
 
+WAL_ARCHIVED = Gauge(
+    "deskvault_wal_archived_timestamp_seconds",
+    "Until when a target's WAL is safe in the repository (the live RPO is the time since)",
+    ["target"],
+    multiprocess_mode="max",
+)
 RESTORE_VERIFIED = Gauge(
     "deskvault_restore_verified_timestamp_seconds",
     "When a restore drill last proved the target restorable",

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from deskvault.config import TargetSettings
+from workers import metrics
 from workers.engines.conninfo import libpq_env, split_password
 from workers.repository.objects import ObjectRepository
 from workers.walarchive import PARTIAL, archivable, wal_key
@@ -67,7 +68,11 @@ class WalStreamer:
                 if self._proc is None and time.monotonic() >= restart_at and not self._start_receiver():
                     restart_at, backoff = time.monotonic() + backoff, min(backoff * 2, RESTART_BACKOFF_MAX)
                 try:
+                    round_started = time.time()
                     self.upload_ready()
+                    if self._proc is not None and self._proc.poll() is None:
+                        # Everything the receiver had written when this round began is in the bucket now.
+                        metrics.WAL_ARCHIVED.labels(self.target.name).set(round_started)
                 except Exception as e:  # the files stay in the spool; the next round retries
                     log.error("wal %s: upload failed: %s", self.target.name, e)
                 stop.wait(self.upload_interval)

@@ -154,7 +154,9 @@ conninfo = "{cluster.conninfo}"
 
 def _run_processes(config: Path, settings: object, options: UpOptions, cluster: PgCluster) -> int:
     base = [sys.executable, "-m", "deskvault.cli", "--config", str(config), "--log-level", options.log_level]
-    procs = {"wal streamer": subprocess.Popen([*base, "wal-stream"])}
+    # The WAL streamer's live-RPO metric goes on the port just below the pools' ones (9309 by default).
+    wal_stream = [*base, "wal-stream", "--metrics-port", str(options.metrics_port - 1)]
+    procs = {"wal streamer": subprocess.Popen(wal_stream)}
     try:
         # WAL streaming must run before the first full backup, or the archive would start after it.
         _wait_streaming(cluster, procs["wal streamer"])

@@ -311,6 +311,21 @@ def test_an_export_as_of_a_moment_holds_exactly_the_rows_committed_by_then(histo
     assert {int(x) for x in source.psql("SELECT id FROM marks", database).split()} == set(range(1, 7))
 
 
+def test_the_live_rpo_gauge_follows_the_archive(history) -> None:
+    _, _, times = history
+
+    def archived() -> float:
+        return (
+            REGISTRY.get_sample_value("deskvault_wal_archived_timestamp_seconds", {"target": "main"}) or 0.0
+        )
+
+    # Set after each upload round while the receiver runs: within a round or two it passes the last commit.
+    wait_for(
+        lambda: archived() >= times[12].timestamp(), timeout=15, what="the gauge to pass the last commit"
+    )
+    assert archived() <= time.time()
+
+
 def test_a_gap_in_the_archive_is_named(history, scratch_dir) -> None:
     # Runs last in this module: it removes a segment from the archive.
     settings, ctx, times = history
