@@ -178,3 +178,16 @@ class OutboundListener:
 
     def close(self) -> None:
         self._connection.close()
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name deskvault's metrics module exports (counters' _total, histograms' _bucket)."""
+    from prometheus_client import REGISTRY
+
+    import workers.metrics  # noqa: F401 (registers every metric)
+
+    return {
+        name
+        for metric in REGISTRY.collect()
+        for name in (metric.name, f"{metric.name}_total", f"{metric.name}_bucket")
+    }
