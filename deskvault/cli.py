@@ -20,6 +20,7 @@ from typing import Any
 
 from deskvault.errors import DeskvaultError
 from deskvault.logs import setup_logging
+from messages.events import EVENT_CLASSES
 
 log = logging.getLogger("deskvault")
 
@@ -111,8 +112,7 @@ def _parser() -> argparse.ArgumentParser:
         help="publish an event: deskvault publish backup-due --target demo --kind full",
         description="Publish one event with publisher confirms. Fields are given as --name value "
         "(dashes or underscores); event_id, occurred_at and idempotency_key are filled in "
-        "when not given. Event types: backup-due, snapshot-due, account-expired, "
-        "account-reactivated, export-requested.",
+        f"when not given. Event types: {', '.join(EVENT_CLASSES)}.",
     )
     pub.add_argument("event_type", metavar="EVENT")
     pub.set_defaults(func=_cmd_publish)
