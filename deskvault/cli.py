@@ -532,19 +532,13 @@ def _cmd_snapshots_list(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def _cmd_snapshots_restore(args: argparse.Namespace, _extra: list[str]) -> int:
-    from messages.events import parse_timestamp
     from workers.context import open_repository
     from workers.filesnap import list_snapshots, restore_snapshot
 
     settings = _settings(args)
     if args.server not in settings.servers:
         raise _usage(f"--server: {args.server!r} is not configured")
-    at = None
-    if args.at is not None:
-        try:
-            at = parse_timestamp(args.at)
-        except ValueError as e:
-            raise _usage(f"--at: {e}") from None
+    at = _parse_at(args.at)
     repo = open_repository(settings)
     found = [
         m
@@ -643,18 +637,12 @@ def _mib(n: int) -> str:
 
 
 def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
-    from messages.events import parse_timestamp
     from workers.context import open_repository
     from workers.pitr import plan_restore, restore
 
     settings = _settings(args)
     target = settings.target(args.target)
-    at = None
-    if args.at is not None:
-        try:
-            at = parse_timestamp(args.at)
-        except ValueError as e:
-            raise _usage(f"--at: {e}") from None
+    at = _parse_at(args.at)
     repo = open_repository(settings)
     plan = plan_restore(repo, args.target, at)
     base = plan.base
@@ -719,6 +707,18 @@ def _cmd_dlq_act(args: argparse.Namespace, _extra: list[str]) -> int:
         print(f"not found in {args.pool}'s dead letters: {', '.join(sorted(missing))}", file=sys.stderr)
         return 1
     return 0
+
+
+def _parse_at(text: str | None) -> datetime | None:
+    """The --at option as a UTC moment (None when not given); a usage error names the option."""
+    from messages.events import parse_timestamp
+
+    if text is None:
+        return None
+    try:
+        return parse_timestamp(text)
+    except ValueError as e:
+        raise _usage(f"--at: {e}") from None
 
 
 def _cmd_status(args: argparse.Namespace, _extra: list[str]) -> int:

@@ -7,6 +7,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -191,3 +192,23 @@ def exported_metric_names() -> set[str]:
         for metric in REGISTRY.collect()
         for name in (metric.name, f"{metric.name}_total", f"{metric.name}_bucket")
     }
+
+
+class Clock:
+    """A clock a test sets by hand: `clock.now = ...`."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def clocked_context(settings: Settings, now: datetime) -> tuple[WorkerContext, Clock]:
+    """A worker context whose ledger reads an injected clock, and that clock."""
+    from workers.ledger.ledger import Ledger
+
+    clock = Clock(now)
+    base = worker_context(settings)
+    ledger = Ledger(settings.control_db.odbc, clock=clock)
+    return WorkerContext(settings=settings, ledger=ledger, repository=base.repository), clock

@@ -22,7 +22,6 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from deskvault.config import ServerSettings
 from workers.errors import HandlerError, PermanentError
-from workers.repository.errors import AlreadyExists
 from workers.repository.objects import ObjectRepository
 from workers.snapretention import keep
 
@@ -131,13 +130,7 @@ class EbsDriver:
             "recorded_at": f"{self.clock():%Y-%m-%dT%H:%M:%SZ}",
             "event_key": event_key,
         }
-        try:
-            repo.put_json(key, record, if_none_match=True)
-        except AlreadyExists:
-            existing = repo.get_json(key)
-            assert isinstance(existing, dict)
-            return existing, False
-        return record, True
+        return repo.commit_json(key, record)
 
     def prune(self) -> dict[str, int]:
         """Apply retention in each region; how many snapshots were deleted per region."""

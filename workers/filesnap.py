@@ -26,7 +26,7 @@ from fastcdc import fastcdc
 from deskvault.errors import DeskvaultError
 from workers import catalog
 from workers.errors import PermanentError
-from workers.repository.errors import AlreadyExists, IntegrityError
+from workers.repository.errors import IntegrityError
 from workers.repository.objects import ObjectRepository
 
 log = logging.getLogger(__name__)
@@ -146,13 +146,7 @@ def take_snapshot(
         **extra,
         "entries": entries,
     }
-    try:
-        repo.put_json(key, manifest, if_none_match=True)
-    except AlreadyExists:
-        existing = repo.get_json(key)
-        assert isinstance(existing, dict)
-        return existing, False
-    return manifest, True
+    return repo.commit_json(key, manifest)
 
 
 def _walk(root: Path) -> Iterator[tuple[Path, os.stat_result]]:

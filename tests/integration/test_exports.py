@@ -14,17 +14,22 @@ from datetime import UTC, datetime, timedelta
 
 import jsonschema
 import pytest
-from support import OutboundListener, free_port, run_cli, self_signed_cert, wait_for, worker_context
+from support import (
+    OutboundListener,
+    clocked_context,
+    free_port,
+    run_cli,
+    self_signed_cert,
+    wait_for,
+)
 
 from deskvault.local.pgcluster import DEFAULT_PG_BIN
 from messages.events import ExportRequested
 from messages.schema_files import SCHEMA_DIR
 from workers import exports
-from workers.context import WorkerContext
 from workers.downloads import DownloadService, serve_in_thread
 from workers.errors import PermanentError
 from workers.handlers.export import handle_export_requested
-from workers.ledger.ledger import Ledger
 from workers.tenantkeys import tenant_prefix, tenant_repository
 from workers.tenants import UnknownTenant
 
@@ -32,14 +37,6 @@ pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 FINGERPRINT = "SELECT count(*) || ':' || md5(string_agg(t::text, ',' ORDER BY id)) FROM tickets t"
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
@@ -58,11 +55,7 @@ def export_case(make_settings, pg_target, tmp_path):
         "scheduled_keep = 2\n"
     )
     settings = make_settings(extra=extra)
-    clock = Clock(NOW)
-    base = worker_context(settings)
-    ctx = WorkerContext(
-        settings=settings, ledger=Ledger(settings.control_db.odbc, clock=clock), repository=base.repository
-    )
+    ctx, clock = clocked_context(settings, NOW)
     for name in (first, second):
         pg_target.psql(f"CREATE DATABASE {name}")
         pg_target.psql(

@@ -12,26 +12,16 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support import run_cli, worker_context
+from support import clocked_context, run_cli
 
 from messages.events import AccountExpired, AccountReactivated
-from workers.context import WorkerContext
 from workers.errors import PermanentError
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
-from workers.ledger.ledger import Ledger
 from workers.tenants import AccountsQueryError, TenantRegistry, UnknownTenant
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def _database(odbc: str) -> str:
@@ -76,11 +66,7 @@ def lifecycle(make_settings, tenants):
         for name, plan in ((paid, "company"), (trial, "trial"))
     )
     settings = make_settings(extra=extra)
-    clock = Clock(NOW)
-    base = worker_context(settings)
-    ctx = WorkerContext(
-        settings=settings, ledger=Ledger(settings.control_db.odbc, clock=clock), repository=base.repository
-    )
+    ctx, clock = clocked_context(settings, NOW)
     return ctx, clock
 
 

@@ -12,18 +12,16 @@ from datetime import UTC, datetime, timedelta
 import jsonschema
 import pika
 import pytest
-from support import OutboundListener, raw_s3, wait_for, worker_context
+from support import OutboundListener, clocked_context, raw_s3, wait_for
 
 from messages.events import AccountExpired, AccountReactivated, PurgeDue
 from messages.schema_files import SCHEMA_DIR
 from messages.topology import POOLS
 from producers.publisher import Publisher
 from producers.scheduler import Scheduler
-from workers.context import WorkerContext
 from workers.errors import PermanentError
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
 from workers.handlers.purge import handle_purge_due
-from workers.ledger.ledger import Ledger
 from workers.repository.errors import KeyNotFound
 from workers.tenantkeys import TenantKeyDestroyed, tenant_prefix, tenant_repository
 
@@ -33,25 +31,13 @@ NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 PURGE_AFTER = datetime(2027, 4, 2, 12, 0, tzinfo=UTC)  # paid: four months after expiry
 
 
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 def purge_case(make_settings, pg_target):
     """An expired paid tenant with a database on the target and two exports under its own key."""
     tenant = f"p{uuid.uuid4().hex[:10]}"
     extra = f'[tenants.{tenant}]\nplan = "company"\ndatabase = "{tenant}"\ntarget = "main"\n'
     settings = make_settings(extra=extra)
-    clock = Clock(NOW)
-    base = worker_context(settings)
-    ctx = WorkerContext(
-        settings=settings, ledger=Ledger(settings.control_db.odbc, clock=clock), repository=base.repository
-    )
+    ctx, clock = clocked_context(settings, NOW)
     pg_target.psql(f"CREATE DATABASE {tenant}")
     pg_target.psql(
         "CREATE TABLE tickets (id int PRIMARY KEY, subject text); INSERT INTO tickets VALUES (1, 'hi')",

@@ -8,35 +8,32 @@ memory ever holds the whole backup.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from deskvault.config import TargetSettings
 from deskvault.errors import DeskvaultError
 from deskvault.local.pgcluster import hand_over
 from workers import catalog
 from workers.engines.conninfo import libpq_env, split_password, with_dbname
+from workers.engines.procstream import ProcessStream
 from workers.engines.tarwatch import TarMemberWatcher
 from workers.engines.untar import unpack_tar
 from workers.engines.walnames import parse_size
-from workers.repository.errors import AlreadyExists
 from workers.repository.objects import ObjectRepository, StoredObject
 from workers.streams import counted
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1024 * 1024
 START_RE = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
 END_RE = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
 
@@ -182,52 +179,30 @@ def object_entry(name: str, stored: StoredObject) -> dict[str, Any]:
 
 def commit(repo: ObjectRepository, manifest_key: str, manifest: dict[str, Any]) -> BackupResult:
     """Write the manifest, the backup's commit point, unless another attempt already committed it."""
-    try:
-        repo.put_json(manifest_key, manifest, if_none_match=True)
-    except AlreadyExists:
-        # Two deliveries raced past the ledger (e.g. after a lease expiry); the first commit wins.
-        return BackupResult(repo.get_json(manifest_key), created=False)
-    return BackupResult(manifest, created=True)
+    committed, created = repo.commit_json(manifest_key, manifest)
+    return BackupResult(committed, created=created)
 
 
 class _BaseBackupStream:
     """pg_basebackup's stdout as chunks; raises (aborting the upload) if pg_basebackup fails."""
 
     def __init__(self, command: list[str], env: dict[str, str]) -> None:
-        self.command = command
-        self.env = env
         self.start_lsn: str | None = None
         self.stop_lsn: str | None = None
         self.timeline: int | None = None
-        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._process = ProcessStream(command, env, on_line=self._read_line)
 
     def chunks(self) -> Iterator[bytes]:
-        proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
-        assert proc.stdout is not None and proc.stderr is not None
-        reader = threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True)
-        reader.start()
-        try:
-            while chunk := proc.stdout.read(READ_SIZE):
-                yield chunk
-            returncode = proc.wait()
-            reader.join(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if returncode != 0 or self.stop_lsn is None:
-            raise EngineError(
-                f"pg_basebackup failed (exit {returncode}): {' | '.join(self._stderr_tail)[-1500:]}"
-            )
+        yield from self._process.chunks()
+        if self._process.returncode != 0 or self.stop_lsn is None:
+            code = self._process.returncode
+            raise EngineError(f"pg_basebackup failed (exit {code}): {self._process.said()}")
 
-    def _read_stderr(self, stderr: IO[bytes]) -> None:
-        for raw in stderr:
-            line = raw.decode("utf-8", "replace").rstrip()
-            self._stderr_tail.append(line)
-            if m := START_RE.search(line):
-                self.start_lsn, self.timeline = m.group(1), int(m.group(2))
-            elif m := END_RE.search(line):
-                self.stop_lsn = m.group(1)
+    def _read_line(self, line: str) -> None:
+        if m := START_RE.search(line):
+            self.start_lsn, self.timeline = m.group(1), int(m.group(2))
+        elif m := END_RE.search(line):
+            self.stop_lsn = m.group(1)
 
 
 def restore_full(

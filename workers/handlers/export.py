@@ -26,7 +26,6 @@ from workers.engines.pgdump import dump_stream
 from workers.errors import PermanentError
 from workers.jobs import run_once
 from workers.pitr import RestorePlan, Unreachable, plan_restore, restore
-from workers.repository.errors import AlreadyExists
 from workers.tenantkeys import tenant_repository
 from workers.tenants import Tenant, TenantRegistry
 
@@ -83,10 +82,7 @@ def _export(ctx: WorkerContext, event: ExportRequested, tenant: Tenant, plan: Re
         "sha256": stored.sha256,
         "format_name": "pg_dump custom format (pg_restore reads it)",
     }
-    try:
-        repo.put_json(exports.manifest_key(tenant.id, export), manifest, if_none_match=True)
-    except AlreadyExists:
-        manifest = exports.find_export(repo, tenant.id, export) or manifest
+    manifest, _ = repo.commit_json(exports.manifest_key(tenant.id, export), manifest)
     pruned = exports.prune(repo, tenant.id, keep_scheduled=downloads.scheduled_keep, now=finished)
     if pruned:
         log.info("tenant %s: removed %d old export(s): %s", tenant.id, len(pruned), ", ".join(pruned))

@@ -17,7 +17,6 @@ from workers.context import WorkerContext
 from workers.engines.postgresql import PostgresEngine
 from workers.engines.walnames import Segment, parse_lsn
 from workers.errors import HandlerError
-from workers.repository.errors import AlreadyExists
 from workers.walarchive import first_gap, list_wal, wal_key
 
 # How long the switched segment may take to reach the bucket (the streamer uploads every few seconds).
@@ -75,10 +74,7 @@ def take_log_backup(ctx: WorkerContext, event: BackupDue) -> str:
         "job_key": event.idempotency_key,
         "event_id": event.event_id,
     }
-    try:
-        ctx.repository.put_json(catalog.manifest_key(target.name, backup_id), manifest, if_none_match=True)
-    except AlreadyExists:
-        manifest = ctx.repository.get_json(catalog.manifest_key(target.name, backup_id))
+    manifest, _ = ctx.repository.commit_json(catalog.manifest_key(target.name, backup_id), manifest)
     ctx.ledger.record_backup(
         target=target.name,
         backup_id=backup_id,

@@ -383,22 +383,18 @@ class Ledger:
     # -- account lifecycle: purges, legal holds, tenant keys ------------------------------------------
     def due_purges(self, now: datetime) -> list[tuple[str, datetime]]:
         """Expired tenants whose purge date has passed and that no legal hold keeps: (tenant, date)."""
-        with self.transaction() as cur:
-            rows = cur.execute(
-                "SELECT tenant, purge_after FROM dv_accounts WHERE status = 'expired' AND legal_hold = 0"
-                " AND purge_after <= ? ORDER BY purge_after, tenant",
-                _db(now),
-            ).fetchall()
-        return [(row[0], _py(row[1])) for row in rows]  # type: ignore[misc]
+        return self._expired_accounts("purge_after <= ?", now)
 
     def upcoming_purges(self, now: datetime, notice: timedelta) -> list[tuple[str, datetime]]:
         """Expired tenants, under no legal hold, whose purge falls within `notice` from `now`."""
+        return self._expired_accounts("purge_after > ? AND purge_after <= ?", now, now + notice)
+
+    def _expired_accounts(self, condition: str, *moments: datetime) -> list[tuple[str, datetime]]:
         with self.transaction() as cur:
             rows = cur.execute(
                 "SELECT tenant, purge_after FROM dv_accounts WHERE status = 'expired' AND legal_hold = 0"
-                " AND purge_after > ? AND purge_after <= ? ORDER BY purge_after, tenant",
-                _db(now),
-                _db(now + notice),
+                f" AND {condition} ORDER BY purge_after, tenant",
+                *(_db(m) for m in moments),
             ).fetchall()
         return [(row[0], _py(row[1])) for row in rows]  # type: ignore[misc]
 

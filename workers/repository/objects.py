@@ -6,11 +6,12 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import zstandard
 
 from workers.repository.crypto import DEFAULT_FRAME_SIZE, decrypt_stream, encrypt_stream
-from workers.repository.errors import IntegrityError, RepositoryError
+from workers.repository.errors import AlreadyExists, IntegrityError, RepositoryError
 from workers.repository.keyring import Keyring
 from workers.repository.s3 import S3Store, validate_key
 from workers.streams import ChunkReader, prefetched
@@ -104,6 +105,21 @@ class ObjectRepository:
         )
         self.store.put_bytes(key, sealed, if_none_match=if_none_match)
         return StoredObject(key, len(plain), len(sealed), hashlib.sha256(plain).hexdigest(), key_id)
+
+    def commit_json(self, key: str, document: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Write a commit point once: (the document, True), or (the one already there, False).
+
+        Two deliveries that raced past the ledger both get here; the first write wins and both go on
+        with the same document.
+        """
+        try:
+            self.put_json(key, document, if_none_match=True)
+        except AlreadyExists:
+            existing = self.get_json(key)
+            if not isinstance(existing, dict):
+                raise IntegrityError("it decrypted fine but is not a JSON object", key) from None
+            return existing, False
+        return document, True
 
     def get_json(self, key: str) -> object:
         """A document stored by `put_json`."""
