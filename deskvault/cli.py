@@ -207,8 +207,13 @@ def _parser() -> argparse.ArgumentParser:
         chosen.add_argument("--all", action="store_true", help="every dead letter of the pool")
         qa.set_defaults(func=_cmd_dlq_act, verb=verb)
 
-    st = sub.add_parser("status", help="targets' newest backups, queue depths, job counts")
+    st = sub.add_parser("status", help="per target RPO, backups and drills; per pool queues, jobs and waits")
     st.add_argument("--json", action="store_true")
+    st.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="read waits and failure rates from this Prometheus (default: [metrics] prometheus_url)",
+    )
     st.set_defaults(func=_cmd_status)
 
     m = sub.add_parser("migrate", help="create or upgrade the control database's tables")
@@ -618,16 +623,19 @@ def _cmd_backups_verify(args: argparse.Namespace, _extra: list[str]) -> int:
 def _cmd_backups_expire(args: argparse.Namespace, _extra: list[str]) -> int:
     from datetime import UTC, datetime
 
-    from workers.context import open_repository
+    from workers import usage
+    from workers.context import open_ledger, open_repository
     from workers.expire import expire
 
     settings = _settings(args)
-    result = expire(
-        open_repository(settings), settings.target(args.target), datetime.now(UTC), dry_run=args.dry_run
-    )
+    repo = open_repository(settings)
+    result = expire(repo, settings.target(args.target), datetime.now(UTC), dry_run=args.dry_run)
     for line in result.lines:
         print(line)
     if not args.dry_run:
+        ledger = open_ledger(settings)
+        ledger.forget_backups(args.target, list(result.forgotten))
+        usage.record(ledger, repo, args.target)
         print(f"deleted {result.deleted} object(s), aborted {result.aborted_uploads} stale upload(s)")
     return 0
 
@@ -724,7 +732,8 @@ def _parse_at(text: str | None) -> datetime | None:
 def _cmd_status(args: argparse.Namespace, _extra: list[str]) -> int:
     from deskvault.status import collect_status, render_status
 
-    status = collect_status(_settings(args))
+    settings = _settings(args)
+    status = collect_status(settings, args.prometheus or settings.metrics.prometheus_url)
     print(json.dumps(status, indent=2, default=str) if args.json else render_status(status))
     return 0
 

@@ -66,6 +66,8 @@ class RepositorySettings:
 class MetricsSettings:
     host: str = "127.0.0.1"
     port: int = 9310
+    # The Prometheus that scrapes deskvault; `deskvault status` reads waits and failure rates from it.
+    prometheus_url: str = ""
 
 
 @dataclass(frozen=True)

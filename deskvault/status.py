@@ -1,98 +1,227 @@
-"""`deskvault status`: is every target protected right now, and are the pools keeping up?"""
+"""`deskvault status`: is every target protected right now, and are the pools keeping up?
+
+Read straight from the sources, so it works when no metrics server does: the repository (how recent the
+archived WAL is: the live RPO), the ledger (newest backups, drills, running and failed jobs, purges) and
+RabbitMQ (queue depths, consumers, dead letters). Waits and failure rates exist only as metrics: with a
+Prometheus URL (`--prometheus` or [metrics] prometheus_url) they are added from it.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+import math
+import urllib.parse
+import urllib.request
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pika
 import pika.exceptions
+from prometheus_client.parser import text_string_to_metric_families
 
 from deskvault.config import Settings
-from messages.topology import POOLS, dead_letter_queue, delay_queue
-from workers.context import open_ledger
+from deskvault.errors import DeskvaultError
+from messages.topology import POOLS
+from workers.context import open_ledger, open_repository
+from workers.queues import QueueDepth, queue_depths
+from workers.walarchive import list_wal
+
+KINDS = ("full", "diff", "log")
+WAIT_P99 = "histogram_quantile(0.99, sum by (pool, le) (rate(deskvault_event_wait_seconds_bucket[15m])))"
+FAILURES_1H = "sum by (pool) (increase(deskvault_events_failed_total[1h]))"
+WAL_ARCHIVED = "max by (target) (deskvault_wal_archived_timestamp_seconds)"
 
 
-def collect_status(settings: Settings) -> dict[str, Any]:
+def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, Any]:
     now = datetime.now(UTC)
+    warnings: list[str] = []
     ledger = open_ledger(settings)
+    newest = ledger.newest_backups()
+    drills = ledger.newest_drills()
+    rates = _from_prometheus(prometheus_url, warnings) if prometheus_url else {}
+    archived_until = rates.get("wal_archived") or _wal_stream_gauge(settings)
+    uploads = _newest_wal_uploads(settings, warnings)
     targets = {}
     for name in sorted(settings.targets):
-        newest = ledger.newest_backup_time(name, "full")
+        archived = archived_until.get(name)
+        upload = uploads.get(name)
+        drill = drills.get(name)
         targets[name] = {
-            "newest_full": newest.isoformat() if newest else None,
-            "newest_full_age_seconds": int((now - newest).total_seconds()) if newest else None,
+            # The live RPO, as `deskvault wal-stream` reports it; None when no streamer answers.
+            "rpo_seconds": max(0, int(now.timestamp() - archived)) if archived else None,
+            "newest_wal_upload": _iso(upload),
+            "newest": {kind: _iso(newest.get((name, kind))) for kind in KINDS},
+            "age_seconds": {
+                kind: _seconds(now - newest[(name, kind)]) if (name, kind) in newest else None
+                for kind in KINDS
+            },
+            "drill": None
+            if drill is None
+            else {
+                "finished_at": _iso(drill["finished_at"]),
+                "passed": drill["succeeded"],
+                "passed_at": _iso(drill["passed_at"]),
+            },
         }
-    jobs: dict[str, dict[str, int]] = {pool: {} for pool in POOLS}
-    for (pool, state), count in ledger.job_counts().items():
-        jobs.setdefault(pool, {})[state] = count
+    jobs = ledger.job_counts()
+    failed_recently = ledger.failed_jobs_since(now - timedelta(days=1))
+    queues = _queues(settings.broker.url, warnings)
+    pools = {}
+    for pool in POOLS:
+        ready, consumers, dead = queues.get(pool, (None, None, None))
+        pools[pool] = {
+            "ready": ready,
+            "consumers": consumers,
+            "dead_letters": dead,
+            "running": jobs.get((pool, "running"), 0),
+            "failed_24h": failed_recently.get(pool, 0),
+            "wait_p99_seconds": rates.get("wait_p99", {}).get(pool),
+            "failures_1h": rates.get("failures_1h", {}).get(pool),
+        }
+    purges = ledger.purge_state(now)
     return {
-        "at": now.isoformat(),
+        "at": _iso(now),
         "targets": targets,
-        "queues": _queue_depths(settings.broker.url),
-        "jobs": jobs,
+        "pools": pools,
+        "purges": {
+            "pending": purges["pending"],
+            "on_legal_hold": purges["held"],
+            "due": purges["due"],
+            "oldest_due": _iso(purges["oldest_due"]),
+        },
+        "warnings": warnings,
     }
 
 
-def _queue_depths(url: str) -> dict[str, Any]:
+def _newest_wal_uploads(settings: Settings, warnings: list[str]) -> dict[str, datetime]:
+    """target -> when its newest WAL object reached the repository (an idle database uploads none)."""
+    found = {}
     try:
-        connection = pika.BlockingConnection(pika.URLParameters(url))
-    except pika.exceptions.AMQPError as e:
-        return {"error": f"RabbitMQ unreachable: {type(e).__name__}"}
-    depths: dict[str, Any] = {}
+        repo = open_repository(settings)
+        for name in settings.targets:
+            newest = max((e.uploaded_at for e in list_wal(repo, name)), default=None)
+            if newest is not None:
+                found[name] = newest
+    except DeskvaultError as e:
+        warnings.append(f"repository: {e}")
+    return found
+
+
+def _wal_stream_gauge(settings: Settings) -> dict[str, float]:
+    """target -> archived-until, from a `deskvault wal-stream` serving metrics where this config says."""
+    url = f"http://{settings.metrics.host}:{settings.wal.metrics_port}/metrics"
     try:
-        channel = connection.channel()
-        for pool in POOLS:
-            row = {}
-            for label, queue in (
-                ("ready", pool),
-                ("retrying", delay_queue(pool)),
-                ("dead_letters", dead_letter_queue(pool)),
-            ):
-                try:
-                    ok = channel.queue_declare(queue=queue, passive=True)
-                    row[label] = ok.method.message_count
-                    if label == "ready":
-                        row["consumers"] = ok.method.consumer_count
-                except pika.exceptions.ChannelClosedByBroker:
-                    row[label] = None  # not declared yet: no worker or producer has run
-                    channel = connection.channel()
-            depths[pool] = row
-    finally:
-        connection.close()
-    return depths
+        with urllib.request.urlopen(url, timeout=3) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    return {
+        sample.labels["target"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "deskvault_wal_archived_timestamp_seconds"
+    }
+
+
+def _queues(url: str, warnings: list[str]) -> dict[str, QueueDepth]:
+    try:
+        return queue_depths(url, POOLS)
+    except (pika.exceptions.AMQPError, OSError) as e:
+        warnings.append(f"RabbitMQ unreachable ({type(e).__name__}): check [broker] url and that it runs")
+        return {}
+
+
+def _from_prometheus(url: str, warnings: list[str]) -> dict[str, dict[str, float]]:
+    found: dict[str, dict[str, float]] = {}
+    for key, query in (("wait_p99", WAIT_P99), ("failures_1h", FAILURES_1H), ("wal_archived", WAL_ARCHIVED)):
+        address = url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+        try:
+            with urllib.request.urlopen(address, timeout=10) as response:
+                result = json.load(response)["data"]["result"]
+        except (OSError, ValueError, KeyError) as e:
+            warnings.append(
+                f"Prometheus at {url} could not be queried ({type(e).__name__}); waits are left out"
+            )
+            return {}
+        found[key] = {
+            r["metric"].get("pool") or r["metric"].get("target", ""): float(r["value"][1])
+            for r in result
+            if not math.isnan(float(r["value"][1]))
+        }
+    return found
 
 
 def render_status(status: dict[str, Any]) -> str:
-    lines = [
-        f"deskvault status at {status['at']}",
-        "",
-        "TARGET               NEWEST FULL                  AGE",
-    ]
+    lines = [f"deskvault status at {status['at']}", ""]
+    lines.append(f"{'TARGET':<16} {'RPO':>7} {'FULL':>8} {'DIFF':>8} {'LOG':>8}  RESTORE DRILL")
     for name, t in status["targets"].items():
-        age = _age(t["newest_full_age_seconds"])
-        newest = t["newest_full"][:19].replace("T", " ") + "Z" if t["newest_full"] else "none yet"
-        lines.append(f"{name:<20} {newest:<28} {age}")
-    lines += ["", "POOL        READY  RETRYING  DEAD  CONSUMERS  JOBS"]
-    queues = status["queues"]
-    if "error" in queues:
-        lines.append(f"  {queues['error']}")
-    for pool in POOLS:
-        q = queues.get(pool, {})
-        jobs = ", ".join(f"{state} {n}" for state, n in sorted(status["jobs"].get(pool, {}).items())) or "-"
+        ages = t["age_seconds"]
         lines.append(
-            f"{pool:<10} {_n(q.get('ready')):>6} {_n(q.get('retrying')):>9} "
-            f"{_n(q.get('dead_letters')):>5} {_n(q.get('consumers')):>10}  {jobs}"
+            f"{name:<16} {_span(t['rpo_seconds']):>7} {_span(ages['full']):>8} {_span(ages['diff']):>8} "
+            f"{_span(ages['log']):>8}  {_drill(t['drill'], status['at'])}"
+        )
+    lines.append(
+        "(ages since each; RPO: time since the WAL was last safe, as `deskvault wal-stream` reports it)"
+    )
+    lines += [
+        "",
+        f"{'POOL':<10} {'READY':>6} {'CONSUMERS':>9} {'RUNNING':>7} {'DEAD':>5} {'FAILED 24H':>10} "
+        f"{'WAIT P99':>8} {'FAILURES 1H':>11}",
+    ]
+    for pool, p in status["pools"].items():
+        wait = p["wait_p99_seconds"]
+        lines.append(
+            f"{pool:<10} {_n(p['ready']):>6} {_n(p['consumers']):>9} {p['running']:>7} "
+            f"{_n(p['dead_letters']):>5} {p['failed_24h']:>10} {_span(wait, precise=True):>8} "
+            f"{_n(p['failures_1h']):>11}"
+        )
+    purges = status["purges"]
+    due = f", oldest due since {purges['oldest_due']}" if purges["oldest_due"] else ""
+    lines += [
+        "",
+        f"expired tenants: {purges['pending']} kept until their purge date, {purges['due']} due for purge"
+        f"{due}, {purges['on_legal_hold']} on legal hold",
+    ]
+    lines += [f"WARNING: {w}" for w in status["warnings"]]
+    if any((p["dead_letters"] or 0) > 0 for p in status["pools"].values()):
+        lines.append(
+            "dead letters wait: list them with `deskvault dlq list --pool P` "
+            "(ops/runbooks/replay-dead-letters.md)"
         )
     return "\n".join(lines)
 
 
-def _n(value: int | None) -> str:
-    return "-" if value is None else str(value)
+def _drill(drill: dict[str, Any] | None, at: str) -> str:
+    if drill is None:
+        return "never run"
+    age = _span(_seconds(datetime.fromisoformat(at) - datetime.fromisoformat(drill["finished_at"])))
+    return f"passed {age} ago" if drill["passed"] else f"FAILED {age} ago"
 
 
-def _age(seconds: int | None) -> str:
+def _n(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def _span(seconds: float | None, *, precise: bool = False) -> str:
+    """Short human durations: 45s, 12m, 3h05m, 2d04h."""
     if seconds is None:
         return "-"
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m"
+    if precise and seconds < 10:
+        return f"{seconds:.2f}s"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _seconds(delta: timedelta) -> int:
+    return max(0, int(delta.total_seconds()))
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return f"{moment:%Y-%m-%dT%H:%M:%SZ}" if moment is not None else None

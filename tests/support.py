@@ -182,16 +182,18 @@ class OutboundListener:
 
 
 def exported_metric_names() -> set[str]:
-    """Every sample name deskvault's metrics module exports (counters' _total, histograms' _bucket)."""
+    """Every sample name deskvault exports: the workers' metrics (counters' _total, histograms' _bucket)
+    and the gauges the state collector reads at scrape time."""
     from prometheus_client import REGISTRY
 
     import workers.metrics  # noqa: F401 (registers every metric)
+    from workers.state_metrics import GAUGES
 
     return {
         name
         for metric in REGISTRY.collect()
         for name in (metric.name, f"{metric.name}_total", f"{metric.name}_bucket")
-    }
+    } | set(GAUGES)
 
 
 class Clock:

@@ -49,6 +49,8 @@ def build_broker(settings: Settings) -> tuple[DeskvaultBroker, PoolMetrics]:
     """A broker with deskvault's middleware and every pool's actors declared on it."""
     pool_metrics = PoolMetrics()
     middleware = [
+        # First, so its after-hooks run last (dramatiq runs them in reverse): Retries has decided by then.
+        pool_metrics,
         AgeLimit(),
         TimeLimit(),
         ShutdownNotifications(),
@@ -59,7 +61,6 @@ def build_broker(settings: Settings) -> tuple[DeskvaultBroker, PoolMetrics]:
             min_backoff=settings.broker.min_backoff_ms,
             max_backoff=MAX_BACKOFF_MS,
         ),
-        pool_metrics,
     ]
     broker = DeskvaultBroker(
         url=settings.broker.url, delivery_limit=settings.broker.delivery_limit, middleware=middleware

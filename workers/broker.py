@@ -24,6 +24,7 @@ from messages.envelope import MAX_MESSAGE_BYTES, check_envelope
 from messages.errors import MessageError
 from messages.topology import dead_letter_queue, dead_letter_queue_arguments, work_queue_arguments
 from workers import metrics
+from workers.errors import PERMANENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,22 @@ class DeskvaultBroker(RabbitmqBroker):
         log.warning("dead-lettered a message from %s: %s", queue_name, reason[:300])
 
 
+class _DecodeFailureLogged(logging.Filter):
+    """dramatiq logs a traceback for each undecodable body; dead-lettering logs it once, with the reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to decode message")
+
+
+_DECODE_FAILURE_LOGGED = _DecodeFailureLogged()
+
+
 class DeadLetteringConsumer(_RabbitmqConsumer):
     """Checks every delivery before dramatiq sees it and dead-letters failures with their reason."""
 
     def __init__(self, broker: DeskvaultBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)
+        self.logger.addFilter(_DECODE_FAILURE_LOGGED)
         self._last: tuple[Any, Any, bytes] | None = None
         self.iterator = self._remember(self.iterator)
 
@@ -147,8 +159,13 @@ def _failure_reason(message: Any) -> str:
     exception = getattr(message, "_exception", None)
     if exception is None:
         return "failed without an exception (rejected by middleware)"
-    retries = message.options.get("retries", 0)
-    prefix = f"after {retries} retries: " if retries and not isinstance(exception, MessageError) else ""
+    # dramatiq's Retries counts a failure before deciding whether to retry it, so once retries ran out
+    # the count includes the last attempt; a permanent error leaves it at the retries already made.
+    failures = message.options.get("retries", 0)
+    if isinstance(exception, PERMANENT_ERRORS):
+        prefix = f"after {failures} retries: " if failures else ""
+    else:
+        prefix = f"after {failures} attempts: "
     return f"{prefix}{type(exception).__name__}: {exception}"
 
 

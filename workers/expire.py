@@ -30,6 +30,8 @@ class ExpireResult:
     deleted: int
     aborted_uploads: int
     orphans: int
+    # Backups and log manifests whose manifests were deleted (none in a dry run): the ledger forgets them.
+    forgotten: tuple[str, ...] = ()
 
 
 def policy_for(target: TargetSettings) -> Policy:
@@ -94,6 +96,7 @@ def expire(repo: ObjectRepository, target: TargetSettings, now: datetime, *, dry
         len(doomed) + len(orphans),
         len(stale_uploads),
         len(orphans),
+        tuple(sorted(expired) + [m["backup_id"] for m in logs]),
     )
 
 

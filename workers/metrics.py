@@ -25,6 +25,11 @@ WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 
 EVENTS_HANDLED = Counter("deskvault_events_handled_total", "Events handled successfully", ["pool", "type"])
 EVENTS_FAILED = Counter("deskvault_events_failed_total", "Handler attempts that raised", ["pool", "type"])
+EVENTS_RETRIED = Counter(
+    "deskvault_events_retried_total",
+    "Handler attempts sent back for a later retry (failures within the limit, and waits for a busy job)",
+    ["pool", "type"],
+)
 EVENTS_DUPLICATE = Counter(
     "deskvault_events_duplicate_total", "Events skipped because their job was already done", ["pool", "type"]
 )
@@ -40,13 +45,13 @@ WAIT_SECONDS = Histogram(
     ["pool", "type"],
     buckets=WAIT_BUCKETS,
 )
-BACKUP_BYTES = Counter("deskvault_backup_bytes_total", "Plaintext bytes backed up", ["target", "kind"])
-BACKUP_LAST_SUCCESS = Gauge(
-    "deskvault_backup_last_success_timestamp_seconds",
-    "When the newest successful backup of a kind finished",
-    ["target", "kind"],
+STARTED_READY = Gauge(
+    "deskvault_event_started_ready_timestamp_seconds",
+    "When the newest event a worker started became ready (sent, or its retry delay ended)",
+    ["pool"],
     multiprocess_mode="max",
 )
+BACKUP_BYTES = Counter("deskvault_backup_bytes_total", "Plaintext bytes backed up", ["target", "kind"])
 
 
 def event_type_of(actor: str) -> str:
@@ -77,6 +82,7 @@ class PoolMetrics(dramatiq.Middleware):
         # A retry's wait starts when its backoff ends, not when the event was first sent.
         ready_ms = message.options.get("eta", message.message_timestamp)
         WAIT_SECONDS.labels(*labels).observe(max(0.0, (now_ms - ready_ms) / 1000))
+        STARTED_READY.labels(labels[0]).set(ready_ms / 1000)
         with self._lock:
             self._started[id(message)] = time.monotonic()
 
@@ -90,32 +96,46 @@ class PoolMetrics(dramatiq.Middleware):
             HANDLER_SECONDS.labels(*labels).observe(time.monotonic() - started)
         if exception is None:
             EVENTS_HANDLED.labels(*labels).inc()
-        elif not isinstance(exception, dramatiq.Retry):
+            return
+        if not isinstance(exception, dramatiq.Retry):
             EVENTS_FAILED.labels(*labels).inc()
+        # dramatiq's Retries middleware has marked a message failed for good by now (this middleware
+        # comes first in the list, and after-hooks run in reverse); any other raise is retried later.
+        if not message.failed:
+            EVENTS_RETRIED.labels(*labels).inc()
 
     def after_skip_message(self, broker: Any, message: Any) -> None:
         with self._lock:
             self._started.pop(id(message), None)
 
 
-def serve_multiprocess_metrics(host: str, port: int) -> None:
-    """Serve the sum of every worker process's samples (the parent of `deskvault worker` calls this)."""
+def initialize(pools: tuple[str, ...], targets: list[str]) -> None:
+    """Create every pool's and target's series at zero, so rates and alerts see them before a first event."""
+    for event_type, pool in EVENT_POOL.items():
+        if pool not in pools:
+            continue
+        for metric in (EVENTS_HANDLED, EVENTS_FAILED, EVENTS_RETRIED, EVENTS_DUPLICATE, EVENTS_DEAD_LETTERED):
+            metric.labels(pool, event_type)
+    if "verify" in pools:
+        for target in targets:
+            for outcome in ("passed", "failed"):
+                DRILLS.labels(target, outcome)
+
+
+def serve_multiprocess_metrics(host: str, port: int, *collectors: Any) -> None:
+    """Serve every worker process's samples summed, and `collectors` (the parent of `deskvault worker`)."""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         raise RuntimeError("PROMETHEUS_MULTIPROC_DIR must be set before metrics are served")
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
+    for collector in collectors:
+        registry.register(collector)
     start_http_server(port, addr=host, registry=registry)
 
 
 WAL_ARCHIVED = Gauge(
     "deskvault_wal_archived_timestamp_seconds",
     "Until when a target's WAL is safe in the repository (the live RPO is the time since)",
-    ["target"],
-    multiprocess_mode="max",
-)
-RESTORE_VERIFIED = Gauge(
-    "deskvault_restore_verified_timestamp_seconds",
-    "When a restore drill last proved the target restorable",
     ["target"],
     multiprocess_mode="max",
 )

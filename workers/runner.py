@@ -48,9 +48,12 @@ def run(options: WorkerOptions) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         if options.metrics_port is not None:
+            from deskvault.config import load_settings
             from workers.metrics import serve_multiprocess_metrics
+            from workers.state_metrics import state_collector
 
-            serve_multiprocess_metrics(options.metrics_host or "127.0.0.1", options.metrics_port)
+            collector = state_collector(load_settings(options.config), options.pools)
+            serve_multiprocess_metrics(options.metrics_host or "127.0.0.1", options.metrics_port, collector)
             log.info(
                 "metrics for pools %s on http://%s:%d/metrics",
                 ",".join(options.pools),
@@ -98,7 +101,7 @@ def _child(options: WorkerOptions, index: int) -> None:
     from deskvault.config import load_settings
     from deskvault.errors import DeskvaultError
     from deskvault.logs import setup_logging
-    from workers import context
+    from workers import context, metrics
     from workers.actors import build_broker
 
     setup_logging(options.log_level)
@@ -113,6 +116,7 @@ def _child(options: WorkerOptions, index: int) -> None:
         log.error("worker %d cannot start: %s", index, e)
         sys.exit(e.exit_code)
     broker, pool_metrics = build_broker(settings)
+    metrics.initialize(options.pools, sorted(settings.targets))
     queues = {q for pool in options.pools for q in (pool, delay_queue(pool))}
     worker = Worker(broker, queues=queues, worker_threads=options.threads)
     worker.start()

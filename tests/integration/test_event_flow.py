@@ -31,7 +31,9 @@ pytestmark = pytest.mark.integration
 def pools(make_settings):
     """Given all four pools running in-process (2 threads) against RabbitMQ, PostgreSQL and SeaweedFS."""
     # A short lease, so a duplicate that finds its job busy looks again within seconds.
-    settings = make_settings(servers={"app1": "0 3 * * *"}, lease_seconds=4)
+    # `down` is a target whose database never answers (nothing listens on port 1).
+    down = '[targets.down]\nengine = "postgresql"\nconninfo = "host=127.0.0.1 port=1 user=postgres"\n'
+    settings = make_settings(servers={"app1": "0 3 * * *"}, lease_seconds=4, extra=down)
     ctx = worker_context(settings)
     context.configure(ctx)
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
@@ -129,6 +131,36 @@ def test_the_same_backup_due_published_twice_gives_one_backup(pools) -> None:
     assert [m["backup_id"] for m in catalog.list_manifests(ctx.repository, "main")] == [
         catalog.backup_id_for("full", slot)
     ]
+
+
+def test_a_database_that_stays_down_is_retried_with_backoff_then_dead_lettered(pools) -> None:
+    settings, ctx = pools
+    labels = {"pool": "backup", "type": "backup-due"}
+    before = {
+        name: counter(name, **labels)
+        for name in (
+            "deskvault_events_failed_total",
+            "deskvault_events_retried_total",
+            "deskvault_events_dead_lettered_total",
+        )
+    }
+    event = BackupDue.new(target="down", kind="full", slot=datetime.now(UTC).replace(microsecond=0))
+
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher.publish(event)
+
+    # Then after the first attempt and max_retries (2) retries, it is dead-lettered saying why
+    body, headers = next_dead_letter(settings.broker.url, "backup")
+    assert json.loads(body)["args"][0]["idempotency_key"] == event.idempotency_key
+    assert headers[REASON_HEADER].startswith("after 3 attempts: EngineError: target down: ")
+    grown = {name: counter(name, **labels) - value for name, value in before.items()}
+    assert grown == {
+        "deskvault_events_failed_total": 3,
+        "deskvault_events_retried_total": 2,
+        "deskvault_events_dead_lettered_total": 1,
+    }
+    job = ctx.ledger.job(event.idempotency_key)
+    assert job.state == "failed" and job.attempts == 3
 
 
 def test_garbage_is_dead_lettered_with_a_reason_and_the_worker_goes_on(pools) -> None:

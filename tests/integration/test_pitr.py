@@ -34,6 +34,7 @@ from workers.handlers.drill import handle_restore_drill
 from workers.handlers.export import handle_export_requested
 from workers.pitr import Unreachable, plan_restore, restore
 from workers.repository.keyring import Keyring
+from workers.state_metrics import StateCollector
 from workers.tenantkeys import tenant_repository
 from workers.walarchive import list_wal
 from workers.walstream import WalStreamer
@@ -243,10 +244,23 @@ def test_one_flipped_byte_is_named_by_verify_and_by_restore(history, scratch_dir
         s3.put_object(Bucket=settings.repository.bucket, Key=full_key, Body=original)
 
 
-def test_a_restore_drill_runs_end_to_end_and_moves_its_metric(history) -> None:
+def _verified_at(ctx) -> float:
+    """The restore-verified gauge as a worker serves it (read from the ledger at scrape time)."""
+    collector = StateCollector(ctx.settings, ("verify",), ctx.ledger)
+    found = [
+        s.value
+        for family in collector.collect()
+        for s in family.samples
+        if s.name == "deskvault_restore_verified_timestamp_seconds" and s.labels == {"target": "main"}
+    ]
+    return found[0] if found else 0.0
+
+
+def test_a_restore_drill_runs_end_to_end_and_moves_its_metrics(history) -> None:
     _, ctx, _ = history
-    before = (
-        REGISTRY.get_sample_value("deskvault_restore_verified_timestamp_seconds", {"target": "main"}) or 0
+    before = _verified_at(ctx)
+    passed = REGISTRY.get_sample_value(
+        "deskvault_restore_drills_total", {"target": "main", "outcome": "passed"}
     )
     event = RestoreDrill.new(
         target="main",
@@ -258,8 +272,11 @@ def test_a_restore_drill_runs_end_to_end_and_moves_its_metric(history) -> None:
 
     assert outcome.startswith("drill passed: main restored to ")
     assert "pg_amcheck clean" in outcome and "public.marks=" in outcome
-    after = REGISTRY.get_sample_value("deskvault_restore_verified_timestamp_seconds", {"target": "main"})
-    assert after is not None and after > before
+    assert _verified_at(ctx) > before
+    now_passed = REGISTRY.get_sample_value(
+        "deskvault_restore_drills_total", {"target": "main", "outcome": "passed"}
+    )
+    assert now_passed == (passed or 0) + 1
     drill = ctx.ledger.drills("main")[-1]
     assert drill["succeeded"] and drill["drill_id"] == event.idempotency_key
     window = plan_restore(ctx.repository, "main", None).window

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from messages.events import BackupDue
-from workers import catalog, metrics
+from workers import catalog, metrics, usage
 from workers.context import WorkerContext
 from workers.engines.pgdiff import diff_backup
 from workers.engines.postgresql import BackupResult, PostgresEngine
@@ -45,6 +45,8 @@ def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:
     outcome = _recorded(ctx, event.target, result)
     # A new full is what lets older chains go: apply the retention policy now.
     expired = expire(ctx.repository, target, datetime.now(UTC), dry_run=False)
+    ctx.ledger.forget_backups(target.name, list(expired.forgotten))
+    usage.record(ctx.ledger, ctx.repository, target.name)
     if expired.plan.expired_backups:
         outcome += f"; retention expired {', '.join(expired.plan.expired_backups)}"
     return outcome
@@ -102,9 +104,6 @@ def _recorded(ctx: WorkerContext, target: str, result: BackupResult) -> str:
     )
     if result.created:
         metrics.BACKUP_BYTES.labels(target, m["kind"]).inc(m["plain_size"])
-    metrics.BACKUP_LAST_SUCCESS.labels(target, m["kind"]).set(
-        datetime.fromisoformat(m["finished_at"]).timestamp()
-    )
     verb = "stored" if result.created else "found already committed"
     base = f" on full {m['parent']}" if m["kind"] == "diff" else ""
     return (

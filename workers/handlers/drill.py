@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from deskvault.errors import DeskvaultError
@@ -72,7 +71,6 @@ def _drill(ctx: WorkerContext, event: RestoreDrill) -> str:
     if not succeeded:
         log.error("restore drill of %s to %s FAILED: %s", target.name, moment, detail)
         return f"drill FAILED: restoring {target.name} to {moment}: {detail}"
-    metrics.RESTORE_VERIFIED.labels(target.name).set(datetime.now(UTC).timestamp())
     return f"drill passed: {target.name} restored to {moment} in {seconds}s; {detail}"
 
 

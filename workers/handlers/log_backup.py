@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from messages.events import BackupDue
 from producers.publisher import Publisher
-from workers import catalog
+from workers import catalog, usage
 from workers.context import WorkerContext
 from workers.engines.postgresql import PostgresEngine
 from workers.engines.walnames import Segment, parse_lsn
@@ -87,6 +87,7 @@ def take_log_backup(ctx: WorkerContext, event: BackupDue) -> str:
         plain_bytes=0,
         stored_bytes=0,
     )
+    usage.record(ctx.ledger, ctx.repository, target.name)
     warning = ""
     if manifest.get("older_chain_gap"):
         warning = (

@@ -41,6 +41,10 @@ class PurgeRefused(LedgerError):
     """A purge-due event does not apply to the account as it stands; the message says why."""
 
 
+class _AccountRowAppeared(Exception):
+    """Another transaction created the account row between this one's UPDATE and SELECT."""
+
+
 class LeaseLost(LedgerError):
     """Another worker took this job over; this worker must stop writing its results."""
 
@@ -277,6 +281,15 @@ class Ledger:
             rows = cur.execute("SELECT pool, state, COUNT(*) FROM dv_jobs GROUP BY pool, state").fetchall()
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
+    def failed_jobs_since(self, since: datetime) -> dict[str, int]:
+        """pool -> jobs whose newest attempt failed at or after `since` (a later success clears them)."""
+        with self.transaction() as cur:
+            rows = cur.execute(
+                "SELECT pool, COUNT(*) FROM dv_jobs WHERE state = 'failed' AND updated_at >= ? GROUP BY pool",
+                _db(since),
+            ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
+
     # -- lifecycle records -----------------------------------------------------------------------------
     def record_account_event(
         self,
@@ -302,48 +315,27 @@ class Ledger:
         now = self._clock()
         placeholders = ", ".join("?" for _ in allowed_from)
         target, database = location or (None, None)
-        try:
-            with self.transaction() as cur:
-                cur.execute(
-                    "INSERT INTO dv_account_events (event_id, tenant, event_type, occurred_at, recorded_at,"
-                    " detail) VALUES (?, ?, ?, ?, ?, ?)",
-                    event_id,
-                    tenant,
-                    event_type,
-                    _db(occurred_at),
-                    _db(now),
-                    detail,
-                )
-                updated = cur.execute(
-                    "UPDATE dv_accounts SET plan = COALESCE(?, plan), status = ?, expired_at = ?,"
-                    " trial_started_at = ?, purge_after = ?, updated_at = ?, last_event_id = ?,"
-                    " target = COALESCE(?, target), database_name = COALESCE(?, database_name)"
-                    f" WHERE tenant = ? AND status IN ({placeholders})",
-                    plan,
-                    status,
-                    _db(expired_at),
-                    _db(trial_started_at),
-                    _db(purge_after),
-                    _db(now),
-                    event_id,
-                    target,
-                    database,
-                    tenant,
-                    *allowed_from,
-                ).rowcount
-                if updated == 0:
-                    row = cur.execute(
-                        "SELECT status, purged_at FROM dv_accounts WHERE tenant = ?", tenant
-                    ).fetchone()
-                    if row is not None:
-                        # Raising rolls back the event row too: a refused event leaves no trace here.
-                        raise AccountStateConflict(tenant, row[0], _py(row[1]))
+        # Two first events of a tenant race to insert its account row: the loser goes round again and
+        # then finds the row to update.
+        for _ in range(3):
+            try:
+                with self.transaction() as cur:
                     cur.execute(
-                        "INSERT INTO dv_accounts (tenant, plan, status, expired_at, trial_started_at,"
-                        " purge_after, updated_at, last_event_id, target, database_name)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO dv_account_events (event_id, tenant, event_type, occurred_at,"
+                        " recorded_at, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                        event_id,
                         tenant,
-                        plan or "unknown",
+                        event_type,
+                        _db(occurred_at),
+                        _db(now),
+                        detail,
+                    )
+                    updated = cur.execute(
+                        "UPDATE dv_accounts SET plan = COALESCE(?, plan), status = ?, expired_at = ?,"
+                        " trial_started_at = ?, purge_after = ?, updated_at = ?, last_event_id = ?,"
+                        " target = COALESCE(?, target), database_name = COALESCE(?, database_name)"
+                        f" WHERE tenant = ? AND status IN ({placeholders})",
+                        plan,
                         status,
                         _db(expired_at),
                         _db(trial_started_at),
@@ -352,10 +344,47 @@ class Ledger:
                         event_id,
                         target,
                         database,
-                    )
-            return True
-        except pyodbc.IntegrityError:
-            return False
+                        tenant,
+                        *allowed_from,
+                    ).rowcount
+                    if updated == 0:
+                        row = cur.execute(
+                            "SELECT status, purged_at FROM dv_accounts WHERE tenant = ?", tenant
+                        ).fetchone()
+                        if row is not None and row[0] in allowed_from:
+                            raise _AccountRowAppeared  # committed since the UPDATE looked
+                        if row is not None:
+                            # Raising rolls back the event row too: a refused event leaves no trace here.
+                            raise AccountStateConflict(tenant, row[0], _py(row[1]))
+                        cur.execute(
+                            "INSERT INTO dv_accounts (tenant, plan, status, expired_at, trial_started_at,"
+                            " purge_after, updated_at, last_event_id, target, database_name)"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            tenant,
+                            plan or "unknown",
+                            status,
+                            _db(expired_at),
+                            _db(trial_started_at),
+                            _db(purge_after),
+                            _db(now),
+                            event_id,
+                            target,
+                            database,
+                        )
+                return True
+            except _AccountRowAppeared:
+                continue
+            except pyodbc.IntegrityError:
+                if self._account_event_recorded(event_id):
+                    return False
+        raise LedgerError(f"account of tenant {tenant}: concurrent updates kept colliding; retry the event")
+
+    def _account_event_recorded(self, event_id: str) -> bool:
+        with self.transaction() as cur:
+            return (
+                cur.execute("SELECT 1 FROM dv_account_events WHERE event_id = ?", event_id).fetchone()
+                is not None
+            )
 
     def account(self, tenant: str) -> dict[str, Any] | None:
         with self.transaction() as cur:
@@ -651,6 +680,76 @@ class Ledger:
                 )
         except pyodbc.IntegrityError:
             pass
+
+    # -- state for metrics and `deskvault status` --------------------------------------------------------
+    def forget_backups(self, target: str, backup_ids: list[str]) -> None:
+        """Drop deleted backups from the index, so it keeps describing what the repository holds."""
+        with self.transaction() as cur:
+            for backup_id in backup_ids:
+                cur.execute("DELETE FROM dv_backups WHERE target = ? AND backup_id = ?", target, backup_id)
+
+    def newest_backups(self) -> dict[tuple[str, str], datetime]:
+        """(target, kind) -> when its newest indexed backup finished."""
+        with self.transaction() as cur:
+            rows = cur.execute(
+                "SELECT target, kind, MAX(finished_at) FROM dv_backups GROUP BY target, kind"
+            ).fetchall()
+        return {(r[0], r[1]): _py(r[2]) for r in rows}  # type: ignore[misc]
+
+    def newest_drills(self) -> dict[str, dict[str, Any]]:
+        """target -> its newest drill (`finished_at`, `succeeded`) and newest passed one (`passed_at`)."""
+        with self.transaction() as cur:
+            rows = cur.execute(
+                "SELECT target, finished_at, succeeded FROM dv_drills ORDER BY target, finished_at"
+            ).fetchall()
+        drills: dict[str, dict[str, Any]] = {}
+        for target, finished_at, succeeded in rows:
+            row = drills.setdefault(target, {"passed_at": None})
+            row["finished_at"], row["succeeded"] = _py(finished_at), bool(succeeded)
+            if succeeded:
+                row["passed_at"] = _py(finished_at)
+        return drills
+
+    def record_usage(self, target: str, area: str, objects: int, stored_bytes: int) -> None:
+        with self.transaction() as cur:
+            cur.execute("DELETE FROM dv_repository_usage WHERE target = ? AND area = ?", target, area)
+            cur.execute(
+                "INSERT INTO dv_repository_usage (target, area, objects, stored_bytes, measured_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                target,
+                area,
+                objects,
+                stored_bytes,
+                _db(self._clock()),
+            )
+
+    def repository_usage(self) -> list[tuple[str, str, int, int]]:
+        """(target, area, objects, stored bytes) as last measured."""
+        with self.transaction() as cur:
+            rows = cur.execute(
+                "SELECT target, area, objects, stored_bytes FROM dv_repository_usage ORDER BY target, area"
+            ).fetchall()
+        return [(r[0], r[1], int(r[2]), int(r[3])) for r in rows]
+
+    def purge_state(self, now: datetime) -> dict[str, Any]:
+        """Counts of expired tenants waiting, due, held; and the date of the oldest purge still due."""
+        with self.transaction() as cur:
+            rows = cur.execute(
+                "SELECT status, legal_hold, purge_after FROM dv_accounts"
+                " WHERE status IN ('expired', 'purging')"
+            ).fetchall()
+        state: dict[str, Any] = {"pending": 0, "due": 0, "held": 0, "oldest_due": None}
+        for status, held, purge_after in rows:
+            when = _py(purge_after)
+            if held and status == "expired":
+                state["held"] += 1
+            elif status == "purging" or (when is not None and when <= now):
+                state["due"] += 1
+                if when is not None and (state["oldest_due"] is None or when < state["oldest_due"]):
+                    state["oldest_due"] = when
+            else:
+                state["pending"] += 1
+        return state
 
 
 def _iso(moment: datetime | None) -> str:

@@ -134,6 +134,24 @@ MIGRATIONS.append(
     )
 )
 
+MIGRATIONS.append(
+    (
+        5,
+        [
+            # What each target occupies in the repository, measured after each full and log backup, so
+            # the stored-bytes metric survives worker restarts without listing the bucket on every scrape.
+            """CREATE TABLE dv_repository_usage (
+                target VARCHAR(63) NOT NULL,
+                area VARCHAR(16) NOT NULL,
+                objects BIGINT NOT NULL,
+                stored_bytes BIGINT NOT NULL,
+                measured_at {ts} NOT NULL,
+                PRIMARY KEY (target, area)
+            )""",
+        ],
+    )
+)
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

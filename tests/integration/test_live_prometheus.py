@@ -1,0 +1,200 @@
+"""A real Prometheus (Debian's package) scrapes a running deskvault: every dashboard query and every alert
+expression returns data, and every alert rule evaluates without error.
+
+This is what keeps ops/grafana and ops/prometheus from drifting away from the metrics the code exports:
+a renamed metric or label leaves a panel or an alert empty, and this test names it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from support import free_port, wait_for, worker_context
+
+from deskvault.local.demo_data import helpdesk_sql
+from deskvault.local.pgcluster import PgCluster
+from messages.events import AccountExpired, BackupDue, ExportRequested, RestoreDrill
+from producers.publisher import Publisher
+
+pytestmark = pytest.mark.integration
+
+OPS = Path(__file__).resolve().parents[2] / "ops"
+DASHBOARD = json.loads((OPS / "grafana" / "dashboards" / "deskvault.json").read_text())
+DASHBOARD_QUERIES = {
+    f"panel {panel['title']!r} ({target['refId']})": target["expr"]
+    for panel in DASHBOARD["panels"]
+    if panel["type"] != "row"
+    for target in panel["targets"]
+}
+ALERT_RULES = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+# An alert's expression returns data only while it fires; what must return data is what it compares.
+THRESHOLD = re.compile(r"\s*(>|<|==|!=|>=|<=)\s*[0-9*. ]+$")
+ALERT_QUERIES = {f"alert {rule['alert']}": THRESHOLD.sub("", rule["expr"].strip()) for rule in ALERT_RULES}
+
+
+def test_every_alert_expression_ends_in_the_threshold_this_test_strips() -> None:
+    for rule in ALERT_RULES:
+        assert THRESHOLD.search(rule["expr"].strip()), f"{rule['alert']}: no trailing comparison"
+
+
+@pytest.fixture(scope="module")
+def cluster(scratch_dir: Path) -> Iterator[PgCluster]:
+    """A target of its own: the WAL streamer leaves a replication slot behind on it."""
+    cluster = PgCluster(scratch_dir / f"live-prom-{uuid.uuid4().hex[:6]}", free_port())
+    cluster.initdb()
+    cluster.start()
+    cluster.psql("CREATE DATABASE acme")
+    cluster.psql(helpdesk_sql("acme"), "acme")
+    yield cluster
+    cluster.destroy()
+
+
+def _deskvault(settings, *args: str, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), *args]
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _prometheus_config(directory: Path, worker_port: int, wal_port: int) -> Path:
+    """ops/prometheus/prometheus.yml with this test's ports and a 1 s scrape, rules as they ship."""
+    config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(OPS / "prometheus" / "alerts.yml")]
+    ports = {"deskvault-workers": worker_port, "deskvault-wal-stream": wal_port}
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
+    path = directory / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _query(port: int, expr: str) -> list:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _status(settings, *args: str) -> str:
+    command = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "status", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _api(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}", timeout=10) as response:
+        return json.load(response)["data"]
+
+
+def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_alert(
+    make_settings, cluster: PgCluster, tmp_path: Path
+) -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: run ops/local/bootstrap.sh (Debian package prometheus)")
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    settings = make_settings(
+        target=cluster,
+        extra=f'[tenants.{tenant}]\nplan = "paid"\ndatabase = "acme"\ntarget = "main"\n',
+    )
+    ctx = worker_context(settings)
+    worker_port, wal_port, prom_port = free_port(), free_port(), free_port()
+    processes = [
+        _deskvault(
+            settings, "worker", "--threads", "2", "--metrics-port", str(worker_port), log=tmp_path / "w.log"
+        ),
+        _deskvault(settings, "wal-stream", "--metrics-port", str(wal_port), log=tmp_path / "wal.log"),
+        subprocess.Popen(
+            [
+                binary,
+                f"--config.file={_prometheus_config(tmp_path, worker_port, wal_port)}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            stdout=(tmp_path / "prometheus.log").open("w"),
+            stderr=subprocess.STDOUT,
+        ),
+    ]
+    try:
+        # Given a deskvault that has done one event of each kind: a full and a log backup, a restore
+        # drill, an expiry and an export, with the WAL streaming
+        wait_for(
+            lambda: cluster.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
+            timeout=60,
+            what="the WAL streamer to connect",
+        )
+        now = datetime.now(UTC).replace(microsecond=0)
+        events = [
+            BackupDue.new(target="main", kind="full", slot=now),
+            BackupDue.new(target="main", kind="log", slot=now),
+            RestoreDrill.new(target="main", slot=now),
+            AccountExpired.new(tenant=tenant, plan="paid", expired_at=now - timedelta(days=1)),
+            ExportRequested.new(tenant=tenant, request_id=uuid.uuid4().hex, requested_by="ops@example.com"),
+        ]
+        with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+            for event in events:
+                publisher.publish(event)
+                # One at a time: the log backup and the drill need the full before them.
+                wait_for(
+                    lambda e=event: (job := ctx.ledger.job(e.idempotency_key)) and job.state == "done",
+                    timeout=180,
+                    what=f"{event.type} to be done (see {tmp_path}/w.log)",
+                )
+        cluster.psql("SELECT pg_switch_wal()")
+
+        # When Prometheus has scraped for a while
+        def without_data() -> list[str]:
+            queries = {**DASHBOARD_QUERIES, **ALERT_QUERIES}
+            return [f"{name}: {expr}" for name, expr in queries.items() if not _query(prom_port, expr)]
+
+        deadline = time.monotonic() + 90
+        while (empty := without_data()) and time.monotonic() < deadline:
+            time.sleep(2)
+        # Then every dashboard query and every alert expression returns data
+        assert empty == [], "no data for:\n" + "\n".join(empty)
+
+        # Then every alert rule was evaluated without error, and none fires on a healthy deskvault
+        rules = [r for g in _api(prom_port, "rules")["groups"] for r in g["rules"]]
+        assert {r["name"] for r in rules} == {rule["alert"] for rule in ALERT_RULES}
+        assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+        alerts = _api(prom_port, "alerts")["alerts"]
+        firing = [a["labels"]["alertname"] for a in alerts if a["state"] == "firing"]
+        assert firing == [], firing
+        # And both deskvault jobs are up
+        up = {r["metric"]["job"]: r["value"][1] for r in _query(prom_port, 'up{job=~"deskvault.*"}')}
+        assert up == {"deskvault-workers": "1", "deskvault-wal-stream": "1"}
+
+        # And `deskvault status` shows the same picture, with waits read from this Prometheus
+        status = _status(settings, "--json", "--prometheus", f"http://127.0.0.1:{prom_port}")
+        main = json.loads(status)["targets"]["main"]
+        assert main["rpo_seconds"] is not None and main["rpo_seconds"] < 60
+        assert all(main["newest"][kind] for kind in ("full", "log"))
+        assert main["drill"]["passed"] is True
+        pools = json.loads(status)["pools"]
+        assert pools["backup"]["consumers"] == 1 and pools["backup"]["ready"] == 0
+        assert pools["backup"]["wait_p99_seconds"] is not None and pools["backup"]["failures_1h"] == 0
+        assert json.loads(status)["warnings"] == []
+        text = _status(settings, "--prometheus", f"http://127.0.0.1:{prom_port}")
+        assert "passed" in text.splitlines()[3] and text.splitlines()[3].startswith("main ")
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()

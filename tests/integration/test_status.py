@@ -1,0 +1,61 @@
+"""`deskvault status` against the real services, and when they are out of reach."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+from support import worker_context
+
+from deskvault.status import collect_status, render_status
+from messages.topology import POOLS
+from producers.publisher import Publisher
+
+pytestmark = pytest.mark.integration
+
+
+def test_status_reads_queues_and_the_ledger_and_renders_a_table(make_settings) -> None:
+    settings = make_settings()
+    worker_context(settings)
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher._open()  # declares the topology
+
+    status = collect_status(settings)
+
+    assert set(status["pools"]) == set(POOLS)
+    assert all(p["ready"] is not None and p["dead_letters"] is not None for p in status["pools"].values())
+    assert status["targets"]["main"]["rpo_seconds"] is None  # no WAL streamer answers in this test
+    assert status["warnings"] == []
+    text = render_status(status)
+    assert text.splitlines()[2].split() == ["TARGET", "RPO", "FULL", "DIFF", "LOG", "RESTORE", "DRILL"]
+    assert any(line.startswith("main ") and "never run" in line for line in text.splitlines())
+    assert all(any(line.startswith(f"{pool} ") for line in text.splitlines()) for pool in POOLS)
+
+
+def test_status_says_what_it_could_not_read_and_still_answers(make_settings) -> None:
+    settings = make_settings()
+    settings = replace(settings, broker=replace(settings.broker, url="amqp://guest:guest@127.0.0.1:1/"))
+    worker_context(settings)
+
+    status = collect_status(settings, prometheus_url="http://127.0.0.1:1")
+
+    assert any(w.startswith("RabbitMQ unreachable") for w in status["warnings"])
+    assert any("Prometheus at http://127.0.0.1:1 could not be queried" in w for w in status["warnings"])
+    assert all(p["ready"] is None for p in status["pools"].values())
+    assert "WARNING: RabbitMQ unreachable" in render_status(status)
+
+
+def test_status_json_from_the_cli_parses(make_settings) -> None:
+    settings = make_settings()
+    worker_context(settings)
+    result = subprocess.run(
+        [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert set(json.loads(result.stdout)) == {"at", "targets", "pools", "purges", "warnings"}
