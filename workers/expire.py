@@ -81,7 +81,7 @@ def expire(repo: ObjectRepository, target: TargetSettings, now: datetime, *, dry
     for key in doomed + orphans:
         repo.delete(key)
     for key, upload_id, _ in stale_uploads:
-        repo.store.client.abort_multipart_upload(Bucket=repo.store.bucket, Key=key, UploadId=upload_id)
+        repo.store.abort_upload(key, upload_id)
     if doomed or orphans or stale_uploads:
         log.info(
             "expire %s: deleted %d objects (%d unreferenced), aborted %d stale uploads",
@@ -125,12 +125,4 @@ def _orphans(repo: ObjectRepository, target: str, manifests: list[dict], now: da
 
 
 def _stale_uploads(repo: ObjectRepository, target: str, now: datetime) -> list[tuple[str, str, datetime]]:
-    store = repo.store
-    prefix = store.prefix + f"targets/{target}/"
-    found = []
-    paginator = store.client.get_paginator("list_multipart_uploads")
-    for page in paginator.paginate(Bucket=store.bucket, Prefix=prefix):
-        for upload in page.get("Uploads", ()):
-            if now - upload["Initiated"] > STALE:
-                found.append((upload["Key"], upload["UploadId"], upload["Initiated"]))
-    return found
+    return [u for u in repo.store.multipart_uploads(f"targets/{target}/") if now - u[2] > STALE]

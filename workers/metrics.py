@@ -110,11 +110,19 @@ class PoolMetrics(dramatiq.Middleware):
 
 
 def initialize(pools: tuple[str, ...], targets: list[str]) -> None:
-    """Create every pool's and target's series at zero, so rates and alerts see them before a first event."""
+    """Create every pool's and target's series at zero, so rates and alerts count a first event too."""
     for event_type, pool in EVENT_POOL.items():
         if pool not in pools:
             continue
-        for metric in (EVENTS_HANDLED, EVENTS_FAILED, EVENTS_RETRIED, EVENTS_DUPLICATE, EVENTS_DEAD_LETTERED):
+        for metric in (
+            EVENTS_HANDLED,
+            EVENTS_FAILED,
+            EVENTS_RETRIED,
+            EVENTS_DUPLICATE,
+            EVENTS_DEAD_LETTERED,
+            WAIT_SECONDS,
+            HANDLER_SECONDS,
+        ):
             metric.labels(pool, event_type)
     if "verify" in pools:
         for target in targets:

@@ -86,7 +86,7 @@ def test_a_burst_of_10000_events_adds_up_and_leaves_every_gauge_at_rest(
     done_before = [
         SnapshotDue.new(server=server, slot=now),
         ExportRequested.new(tenant=tenant, request_id=uuid.uuid4().hex, requested_by="ops@example.com"),
-        RestoreDrill.new(target="main", slot=now),
+        RestoreDrill.new(target="main", slot=now, idempotency_key=f"burst-drill-{uuid.uuid4().hex}"),
     ]
     for event in done_before:
         ctx.ledger.claim(
@@ -101,8 +101,11 @@ def test_a_burst_of_10000_events_adds_up_and_leaves_every_gauge_at_rest(
     # And the 10,000 messages: per pool 1,900 events and 100 garbage bodies
     events: dict[str, list[Event]] = {pool: [] for pool in POOLS}
     useful = PER_POOL - GARBAGE_PER_POOL
+    unique = uuid.uuid4().hex  # the control database is shared by the session: no slot-based keys
     events["backup"] = [
-        BackupDue.new(target="main", kind="log", slot=now - timedelta(minutes=i))
+        BackupDue.new(
+            target="main", kind="log", slot=now - timedelta(minutes=i), idempotency_key=f"burst-{unique}-{i}"
+        )
         for i in range(useful - UNKNOWN_TARGET)
     ] + [
         BackupDue.new(target="nowhere", kind="full", slot=now - timedelta(minutes=i))

@@ -88,6 +88,13 @@ def _query(port: int, expr: str) -> list:
     return body["data"]["result"]
 
 
+def _try_query(port: int, expr: str) -> list:
+    try:
+        return _query(port, expr)
+    except OSError:  # not listening yet
+        return []
+
+
 def _status(settings, *args: str) -> str:
     command = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "status", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -137,11 +144,18 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_alert(
             timeout=60,
             what="the WAL streamer to connect",
         )
+        # (and Prometheus scraping both, so it sees every counter move from its initial zero)
+        wait_for(
+            lambda: len(_try_query(prom_port, 'up{job=~"deskvault.*"} == 1')) == 2,
+            timeout=60,
+            what=f"Prometheus to scrape deskvault (see {tmp_path / 'prometheus.log'})",
+        )
         now = datetime.now(UTC).replace(microsecond=0)
+        unique = uuid.uuid4().hex  # the control database is shared by the session: no slot-based keys
         events = [
-            BackupDue.new(target="main", kind="full", slot=now),
-            BackupDue.new(target="main", kind="log", slot=now),
-            RestoreDrill.new(target="main", slot=now),
+            BackupDue.new(target="main", kind="full", slot=now, idempotency_key=f"live-full-{unique}"),
+            BackupDue.new(target="main", kind="log", slot=now, idempotency_key=f"live-log-{unique}"),
+            RestoreDrill.new(target="main", slot=now, idempotency_key=f"live-drill-{unique}"),
             AccountExpired.new(tenant=tenant, plan="paid", expired_at=now - timedelta(days=1)),
             ExportRequested.new(tenant=tenant, request_id=uuid.uuid4().hex, requested_by="ops@example.com"),
         ]

@@ -204,30 +204,51 @@ def test_verify_passes_on_an_intact_archive(history) -> None:
     assert "OK:" in result.stdout and "no WAL gaps" in result.stdout
 
 
+def _damaged(original: bytes, partner: bytes, how: str) -> bytes:
+    data = bytearray(original)
+    if how == "flipped byte":
+        data[len(data) // 2] ^= 0x20
+    elif how == "truncated":
+        del data[len(data) // 2 :]
+    elif how == "reordered":  # two blocks of the ciphertext change places
+        a, b, n = len(data) // 3, 2 * len(data) // 3, 16
+        data[a : a + n], data[b : b + n] = data[b : b + n], data[a : a + n]
+    else:  # "swapped": another valid object of the repository stored under this key
+        return partner
+    return bytes(data)
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "truncated", "reordered", "swapped"])
 @pytest.mark.parametrize("kind", ["full data", "differential data", "manifest", "WAL segment"])
-def test_one_flipped_byte_is_named_by_verify_and_by_restore(history, scratch_dir, kind) -> None:
-    # Given one flipped byte in one stored object (put back afterwards, so the other tests are unaffected)
+def test_a_damaged_object_is_named_by_verify_and_by_restore(history, scratch_dir, kind, how) -> None:
+    # Given one damaged object (swapped: two objects exchanged), put back afterwards for the other tests
     settings, ctx, times = history
     manifests = catalog.list_manifests(ctx.repository, "main")
-    full, diff = (m for m in manifests if m["kind"] in ("full", "diff"))
+    full, diff, log_backup = (next(m for m in manifests if m["kind"] == k) for k in ("full", "diff", "log"))
     plan = plan_restore(ctx.repository, "main", times[12])
-    key = {
-        "full data": full["objects"][0]["key"],
-        "differential data": diff["objects"][0]["key"],
-        "manifest": catalog.manifest_key("main", diff["backup_id"]),
-        "WAL segment": next(e for e in plan.wal if not e.partial).key,
+    segments = [e.key for e in plan.wal if not e.partial]
+    key, partner = {
+        "full data": (full["objects"][0]["key"], diff["objects"][0]["key"]),
+        "differential data": (diff["objects"][0]["key"], full["objects"][0]["key"]),
+        "manifest": (
+            catalog.manifest_key("main", diff["backup_id"]),
+            catalog.manifest_key("main", log_backup["backup_id"]),
+        ),
+        "WAL segment": (segments[0], segments[1]),
     }[kind]
     s3 = raw_s3(settings)
-    full_key = settings.repository.prefix + key
-    original = s3.get_object(Bucket=settings.repository.bucket, Key=full_key)["Body"].read()
-    damaged = bytearray(original)
-    damaged[len(damaged) // 2] ^= 0x20
-    s3.put_object(Bucket=settings.repository.bucket, Key=full_key, Body=bytes(damaged))
+    bucket, prefix = settings.repository.bucket, settings.repository.prefix
+    originals = {k: s3.get_object(Bucket=bucket, Key=prefix + k)["Body"].read() for k in (key, partner)}
+    s3.put_object(Bucket=bucket, Key=prefix + key, Body=_damaged(originals[key], originals[partner], how))
+    if how == "swapped":
+        s3.put_object(Bucket=bucket, Key=prefix + partner, Body=originals[key])
     try:
         # When verify runs, then it names the object and fails
         verify = run_cli(settings, "backups", "verify", "--target", "main")
         assert verify.returncode == 1
         assert f"BAD {key}" in verify.stdout
+        if how == "swapped":
+            assert f"BAD {partner}" in verify.stdout
 
         into = scratch_dir / f"damaged-{uuid.uuid4().hex[:6]}"
         if kind == "manifest":
@@ -236,12 +257,14 @@ def test_one_flipped_byte_is_named_by_verify_and_by_restore(history, scratch_dir
             assert replanned.diff is None
             assert any(key in skipped for skipped in replanned.skipped)
         else:
-            # and a restore that needs it fails naming it, leaving no half-restored folder
-            with pytest.raises(DeskvaultError, match=re.escape(key)):
+            # and a restore that needs it fails naming it (or its swapped partner), leaving no folder
+            names = f"({re.escape(key)}|{re.escape(partner)})" if how == "swapped" else re.escape(key)
+            with pytest.raises(DeskvaultError, match=names):
                 restore(ctx.repository, plan_restore(ctx.repository, "main", times[12]), into)
             assert not into.exists()
     finally:
-        s3.put_object(Bucket=settings.repository.bucket, Key=full_key, Body=original)
+        for k, body in originals.items():
+            s3.put_object(Bucket=bucket, Key=prefix + k, Body=body)
 
 
 def _verified_at(ctx) -> float:

@@ -31,7 +31,9 @@ def test_status_reads_queues_and_the_ledger_and_renders_a_table(make_settings) -
     assert status["warnings"] == []
     text = render_status(status)
     assert text.splitlines()[2].split() == ["TARGET", "RPO", "FULL", "DIFF", "LOG", "RESTORE", "DRILL"]
-    assert any(line.startswith("main ") and "never run" in line for line in text.splitlines())
+    newest_drill = worker_context(settings).ledger.newest_drills().get("main")
+    expected = "never run" if newest_drill is None else ("passed" if newest_drill["succeeded"] else "FAILED")
+    assert any(line.startswith("main ") and expected in line for line in text.splitlines())
     assert all(any(line.startswith(f"{pool} ") for line in text.splitlines()) for pool in POOLS)
 
 

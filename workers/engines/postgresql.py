@@ -75,6 +75,8 @@ class PostgresEngine:
         segment_size = self.wal_segment_size()
         started_at = datetime.now(UTC)
         prefix = catalog.backup_prefix(self.target.name, backup_id)
+        if aborted := repo.abort_uploads(prefix):
+            log.info("backup %s: aborted %d upload(s) left by an earlier attempt", backup_id, aborted)
         stream = _BaseBackupStream(self._basebackup_command(backup_id), self.env)
         # PostgreSQL's own backup_manifest lists every file with its size and time: the differential
         # layer compares the data directory against it.

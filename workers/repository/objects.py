@@ -145,6 +145,16 @@ class ObjectRepository:
         """Remove the object at `key` (no error if it is missing)."""
         self.store.delete(key)
 
+    def abort_uploads(self, prefix: str) -> int:
+        """Abort every unfinished multipart upload under `prefix`; returns how many there were.
+
+        For a caller holding a job's lease: uploads under its job's keys were left by an attempt that died.
+        """
+        uploads = self.store.multipart_uploads(prefix)
+        for key, upload_id, _ in uploads:
+            self.store.abort_upload(key, upload_id)
+        return len(uploads)
+
     def _compressor(self) -> zstandard.ZstdCompressor:
         # A context per operation: zstandard contexts must not be shared between threads.
         # The content checksum catches corruption that happened before encryption.

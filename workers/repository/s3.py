@@ -228,6 +228,22 @@ class S3Store:
             )
         return str(response["ETag"])
 
+    def multipart_uploads(self, prefix: str) -> list[tuple[str, str, datetime]]:
+        """Unfinished multipart uploads under `prefix`: (relative key, upload id, when started)."""
+        found = []
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        with self._errors("list the multipart uploads of", prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for upload in page.get("Uploads", ()):
+                    found.append((upload["Key"][len(self.prefix) :], upload["UploadId"], upload["Initiated"]))
+        return found
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        with self._errors("abort the multipart upload of", key):
+            self._client.abort_multipart_upload(
+                Bucket=self.bucket, Key=self.full_key(key), UploadId=upload_id
+            )
+
     def _abort(self, full: str, upload_id: str) -> None:
         try:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)

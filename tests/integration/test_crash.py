@@ -1,0 +1,105 @@
+"""SIGKILL to a worker in the middle of a backup's multipart upload: nothing half-written is ever listed or
+restorable, the redelivered event completes the backup once, and the abandoned upload is aborted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from support import free_port, run_cli, wait_for, worker_context
+
+from deskvault.errors import DeskvaultError
+from deskvault.local.pgcluster import PgCluster
+from messages.events import BackupDue
+from producers.publisher import Publisher
+from workers import catalog
+from workers.pitr import plan_restore
+
+pytestmark = pytest.mark.integration
+
+LEASE_SECONDS = 3
+
+
+@pytest.fixture(scope="module")
+def big_cluster(scratch_dir: Path):
+    """A target whose base backup takes many 5 MiB parts (about 100 MiB of incompressible rows)."""
+    cluster = PgCluster(scratch_dir / f"crash-{uuid.uuid4().hex[:6]}", free_port())
+    cluster.initdb()
+    cluster.start()
+    cluster.psql(
+        "CREATE TABLE blobs AS SELECT g AS id,"
+        " string_agg(decode(md5(random()::text), 'hex'), ''::bytea) AS body"
+        " FROM generate_series(1, 50000) g, generate_series(1, 128) r GROUP BY g"
+    )
+    cluster.psql("CHECKPOINT")
+    yield cluster
+    cluster.destroy()
+
+
+def _worker(settings, *extra: str) -> list[str]:
+    base = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "worker"]
+    return [*base, "--pool", "backup", "--threads", "1", "--no-metrics", *extra]
+
+
+def test_sigkill_mid_upload_then_redelivery_backs_up_once(make_settings, big_cluster, tmp_path) -> None:
+    settings = make_settings(target=big_cluster, lease_seconds=LEASE_SECONDS)
+    ctx = worker_context(settings)
+    store = ctx.repository.store
+    event = BackupDue.new(
+        target="main",
+        kind="full",
+        slot=datetime.now(UTC).replace(microsecond=0),
+        idempotency_key=f"crash-{uuid.uuid4().hex}",  # the control database is shared by the session
+    )
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher.publish(event)
+
+    # Given a worker in the middle of the base backup's multipart upload
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(_worker(settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(
+            lambda: store.multipart_uploads("targets/main/backups/"),
+            timeout=120,
+            what=f"the multipart upload to start (see {tmp_path / 'first.log'})",
+        )
+    finally:
+        # When the worker, its processes and its pg_basebackup are killed outright
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+
+    # Then nothing of the backup is listed or restorable, though its upload is left unfinished
+    assert catalog.list_manifests(ctx.repository, "main") == []
+    listed = run_cli(settings, "backups", "list", "--target", "main", "--json")
+    assert listed.returncode == 0, listed.stderr
+    listing = json.loads(listed.stdout)
+    assert listing["backups"] == [] and listing["restorable_window"] is None
+    with pytest.raises(DeskvaultError):
+        plan_restore(ctx.repository, "main", None)
+    abandoned = store.multipart_uploads("targets/main/backups/")
+    assert abandoned, "the kill came too late: no upload was left unfinished"
+    job = ctx.ledger.job(event.idempotency_key)
+    assert job.state == "running"  # claimed by the dead worker, its lease running out
+
+    # When RabbitMQ redelivers the event to a new worker, once the dead worker's lease has run out
+    time.sleep(LEASE_SECONDS + 1)
+    second = subprocess.run(_worker(settings, "--burst"), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    # Then the backup is done once, by the second attempt, and restorable; no upload is left behind
+    job = ctx.ledger.job(event.idempotency_key)
+    assert job.state == "done" and job.attempts == 2, job
+    fulls = catalog.list_manifests(ctx.repository, "main")
+    assert [m["backup_id"] for m in fulls] == [catalog.backup_id_for("full", event.slot)]
+    assert store.multipart_uploads("targets/main/") == []
+    assert "aborted 1 upload(s) left by an earlier attempt" in second.stdout + second.stderr
+    verify = run_cli(settings, "backups", "verify", "--target", "main")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
