@@ -226,7 +226,8 @@ def test_a_damaged_object_is_named_by_verify_and_by_restore(history, scratch_dir
     manifests = catalog.list_manifests(ctx.repository, "main")
     full, diff, log_backup = (next(m for m in manifests if m["kind"] == k) for k in ("full", "diff", "log"))
     plan = plan_restore(ctx.repository, "main", times[12])
-    segments = [e.key for e in plan.wal if not e.partial]
+    needed = next(e.key for e in plan.wal if not e.partial)
+    other = next(e.key for e in list_wal(ctx.repository, "main") if not e.partial and e.key != needed)
     key, partner = {
         "full data": (full["objects"][0]["key"], diff["objects"][0]["key"]),
         "differential data": (diff["objects"][0]["key"], full["objects"][0]["key"]),
@@ -234,7 +235,7 @@ def test_a_damaged_object_is_named_by_verify_and_by_restore(history, scratch_dir
             catalog.manifest_key("main", diff["backup_id"]),
             catalog.manifest_key("main", log_backup["backup_id"]),
         ),
-        "WAL segment": (segments[0], segments[1]),
+        "WAL segment": (needed, other),
     }[kind]
     s3 = raw_s3(settings)
     bucket, prefix = settings.repository.bucket, settings.repository.prefix
