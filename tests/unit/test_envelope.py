@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from dramatiq.message import Message
+from hypothesis import given
+from hypothesis import strategies as st
 
 from messages import (
     EVENT_CLASSES,
@@ -27,7 +29,7 @@ from messages import (
 )
 from messages.envelope import ENVELOPE_KEYS
 from messages.events import MAX_EVENT_BYTES
-from messages.topology import EVENT_POOL, actor_name, delay_queue
+from messages.topology import EVENT_POOL, POOLS, actor_name, delay_queue
 
 SLOT = datetime(2026, 11, 28, 4, tzinfo=UTC)
 MESSAGE_ID = "3f2e1d0c-b9a8-4765-8432-10fedcba9876"
@@ -203,3 +205,23 @@ def test_the_largest_valid_event_wraps_well_within_the_message_limit() -> None:
 def test_actor_names_are_the_topology_ones() -> None:
     fields = envelope()
     assert fields["actor_name"] == actor_name("backup-due")
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=8),
+    max_leaves=20,
+)
+
+
+@given(
+    body=st.binary(max_size=500) | _json.map(lambda v: json.dumps(v).encode()), pool=st.sampled_from(POOLS)
+)
+def test_the_consumer_check_turns_any_body_into_a_reason_or_a_pass(body: bytes, pool: str) -> None:
+    from workers.broker import _envelope_problem
+
+    try:
+        problem = _envelope_problem(body, None, pool)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # not JSON at all: dramatiq's decoder refuses these before this check runs
+    assert problem is None or problem.startswith(("InvalidEnvelope: envelope", "(payload)"))
