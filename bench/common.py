@@ -22,9 +22,9 @@ from workers.context import open_ledger, open_repository  # noqa: E402
 from workers.repository.keyring import Keyring  # noqa: E402
 
 
-def system_psql(sql: str, *, check: bool = True) -> None:
+def system_psql(sql: str, *, check: bool = True, database: str = "postgres") -> None:
     """SQL on the machine's PostgreSQL, where a benchmark's control database lives."""
-    cmd = ["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c", sql]
+    cmd = ["psql", "-X", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", database, "-c", sql]
     subprocess.run(cmd, check=check, capture_output=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pika
@@ -80,3 +81,32 @@ def test_two_replicas_publish_each_slot_once_and_catch_up_only_the_newest(schedu
     assert first.tick() == []
     queued = drain(settings.broker.url, "backup")
     assert sorted(e["idempotency_key"] for e in queued) == sorted(e.idempotency_key for e in caught_up)
+
+
+def test_scheduled_exports_resume_after_a_tick_that_died_midway(make_settings) -> None:
+    names = [f"t{uuid.uuid4().hex[:10]}" for _ in range(3)]
+    tenants = "".join(
+        f'[tenants.{n}]\nplan = "company"\ndatabase = "acme"\ntarget = "main"\ndownloadable_backups = true\n'
+        for n in names
+    )
+    settings = make_settings(extra=tenants)
+    ledger = worker_context(settings).ledger
+    now = datetime(2031, 4, 9, 11, 0, tzinfo=UTC)  # a time no other test uses
+    slot = datetime(2031, 4, 9, 2, 30, tzinfo=UTC)
+    # Given a tick that published and recorded the first tenant's export, then died
+    ledger.mark_emitted(f"tenant:{names[0]}", "scheduled-export", slot, "from the tick that died")
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher._open()
+        drain(settings.broker.url, "export")
+        # When the next tick runs
+        exports = [
+            e
+            for e in Scheduler(settings, ledger, publisher, Clock(now)).tick()
+            if e.type == "export-requested"
+        ]
+    # Then it requests the others (and acme), not the one already requested
+    assert sorted(e.tenant for e in exports) == sorted(["acme", *names[1:]])
+    assert ledger.emitted_subjects("scheduled-export", slot) >= {f"tenant:{n}" for n in names}
+    # And marking a batch that overlaps marks made elsewhere (a second scheduler) is not an error
+    ledger.mark_emitted_many("scheduled-export", slot, [(f"tenant:{names[1]}", "k1"), ("tenant:late", "k2")])
+    assert "tenant:late" in ledger.emitted_subjects("scheduled-export", slot)

@@ -751,6 +751,34 @@ class Ledger:
                 state["pending"] += 1
         return state
 
+    def emitted_subjects(self, kind: str, slot: datetime) -> set[str]:
+        """Every subject whose `kind` event for `slot` was already published."""
+        with self.transaction() as cur:
+            rows = cur.execute(
+                "SELECT subject FROM dv_schedule WHERE kind = ? AND slot = ?", kind, _db(slot)
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def mark_emitted_many(self, kind: str, slot: datetime, marks: list[tuple[str, str]]) -> None:
+        """mark_emitted for many (subject, idempotency key) pairs, in one transaction."""
+        now = _db(self._clock())
+        try:
+            with self.transaction() as cur:
+                cur.executemany(
+                    "INSERT INTO dv_schedule (subject, kind, slot, emitted_at, idempotency_key)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(subject, kind, _db(slot), now, key) for subject, key in marks],
+                )
+        except pyodbc.IntegrityError:  # another scheduler marked some of them: mark the rest one by one
+            for subject, key in marks:
+                self.mark_emitted(subject, kind, slot, key)
+
+    def account_statuses(self) -> dict[str, str]:
+        """tenant -> status, for every account the ledger knows (others are active)."""
+        with self.transaction() as cur:
+            rows = cur.execute("SELECT tenant, status FROM dv_accounts").fetchall()
+        return {r[0]: r[1] for r in rows}
+
 
 def _iso(moment: datetime | None) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%SZ}" if moment is not None else "(none)"
