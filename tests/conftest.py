@@ -11,6 +11,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import build_settings, free_port
@@ -124,17 +125,21 @@ def make_settings(tmp_path: Path, key_file: Path, request: pytest.FixtureRequest
         lease_seconds: int = 120,
         target: PgCluster | None = None,
         extra: str = "",
+        s3: Any = None,
+        retries: tuple[int, int] = (2, 200),
     ) -> Settings:
+        """`retries`: (max_retries, min_backoff_ms); `s3`: another S3 endpoint than the session's."""
         return build_settings(
             tmp_path,
             key_file,
-            request.getfixturevalue("s3_endpoint"),
+            s3 or request.getfixturevalue("s3_endpoint"),
             request.getfixturevalue("rabbit_url"),
             request.getfixturevalue("control_db_odbc"),
             target or request.getfixturevalue("pg_target"),
             servers=servers,
             lease_seconds=lease_seconds,
             extra=extra,
+            retries=retries,
         )
 
     return make

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -32,13 +36,14 @@ def build_settings(
     servers: dict[str, str] | None = None,
     lease_seconds: int = 120,
     extra: str = "",
+    retries: tuple[int, int] = (2, 200),
 ) -> Settings:
     """A config file for the test services (a fresh bucket prefix each time), loaded like deskvault does."""
     text = f"""
 [broker]
 url = "{rabbit_url}"
-min_backoff_ms = 200
-max_retries = 2
+min_backoff_ms = {retries[1]}
+max_retries = {retries[0]}
 [control_db]
 odbc = "{control_db_odbc}"
 lease_seconds = {lease_seconds}
@@ -214,3 +219,56 @@ def clocked_context(settings: Settings, now: datetime) -> tuple[WorkerContext, C
     base = worker_context(settings)
     ledger = Ledger(settings.control_db.odbc, clock=clock)
     return WorkerContext(settings=settings, ledger=ledger, repository=base.repository), clock
+
+
+OPS = Path(__file__).resolve().parents[1] / "ops"
+
+
+def start_prometheus(directory: Path, worker_port: int, wal_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """Debian's Prometheus running ops/prometheus/prometheus.yml on these ports, scraping every second."""
+    import yaml
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise AssertionError(
+            "prometheus is not installed: run ops/local/bootstrap.sh (Debian package prometheus)"
+        )
+    config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(OPS / "prometheus" / "alerts.yml")]
+    ports = {"deskvault-workers": worker_port, "deskvault-wal-stream": wal_port}
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=(directory / "prometheus.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    return process, port
+
+
+def prom_query(port: int, expr: str) -> list[Any]:
+    """The result vector of an instant query; [] while Prometheus is not answering yet."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.load(response)
+    except OSError:
+        return []
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def alert_expression(name: str) -> str:
+    """The expression of an alert rule in ops/prometheus/alerts.yml."""
+    import yaml
+
+    rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    return next(rule["expr"] for rule in rules if rule["alert"] == name).strip()

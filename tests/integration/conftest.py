@@ -9,6 +9,7 @@ from uuid import uuid4
 
 import pytest
 
+from deskvault.local.pgcluster import PgCluster, free_port
 from deskvault.local.seaweedfs import S3Endpoint, SeaweedError, ensure_running
 from workers.repository.s3 import MIN_PART_SIZE, S3Store
 
@@ -59,3 +60,19 @@ def s3_store(s3_endpoint: S3Endpoint) -> Iterator[S3Store]:
         store.client.abort_multipart_upload(
             Bucket=TEST_BUCKET, Key=upload["Key"], UploadId=upload["UploadId"]
         )
+
+
+@pytest.fixture(scope="session")
+def big_cluster(scratch_dir: Path) -> Iterator[PgCluster]:
+    """A target whose base backup takes many 5 MiB parts (about 100 MiB of incompressible rows)."""
+    cluster = PgCluster(scratch_dir / f"big-{uuid4().hex[:6]}", free_port())
+    cluster.initdb()
+    cluster.start()
+    cluster.psql(
+        "CREATE TABLE blobs AS SELECT g AS id,"
+        " string_agg(decode(md5(random()::text), 'hex'), ''::bytea) AS body"
+        " FROM generate_series(1, 50000) g, generate_series(1, 128) r GROUP BY g"
+    )
+    cluster.psql("CHECKPOINT")
+    yield cluster
+    cluster.destroy()

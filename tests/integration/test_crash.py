@@ -11,13 +11,11 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
-from support import free_port, run_cli, wait_for, worker_context
+from support import run_cli, wait_for, worker_context
 
 from deskvault.errors import DeskvaultError
-from deskvault.local.pgcluster import PgCluster
 from messages.events import BackupDue
 from producers.publisher import Publisher
 from workers import catalog
@@ -26,22 +24,6 @@ from workers.pitr import plan_restore
 pytestmark = pytest.mark.integration
 
 LEASE_SECONDS = 3
-
-
-@pytest.fixture(scope="module")
-def big_cluster(scratch_dir: Path):
-    """A target whose base backup takes many 5 MiB parts (about 100 MiB of incompressible rows)."""
-    cluster = PgCluster(scratch_dir / f"crash-{uuid.uuid4().hex[:6]}", free_port())
-    cluster.initdb()
-    cluster.start()
-    cluster.psql(
-        "CREATE TABLE blobs AS SELECT g AS id,"
-        " string_agg(decode(md5(random()::text), 'hex'), ''::bytea) AS body"
-        " FROM generate_series(1, 50000) g, generate_series(1, 128) r GROUP BY g"
-    )
-    cluster.psql("CHECKPOINT")
-    yield cluster
-    cluster.destroy()
 
 
 def _worker(settings, *extra: str) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import free_port, wait_for, worker_context
+from support import free_port, prom_query, start_prometheus, wait_for, worker_context
 
 from deskvault.local.demo_data import helpdesk_sql
 from deskvault.local.pgcluster import PgCluster
@@ -67,34 +66,6 @@ def _deskvault(settings, *args: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def _prometheus_config(directory: Path, worker_port: int, wal_port: int) -> Path:
-    """ops/prometheus/prometheus.yml with this test's ports and a 1 s scrape, rules as they ship."""
-    config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
-    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    config["rule_files"] = [str(OPS / "prometheus" / "alerts.yml")]
-    ports = {"deskvault-workers": worker_port, "deskvault-wal-stream": wal_port}
-    for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
-    path = directory / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _query(port: int, expr: str) -> list:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body = json.load(response)
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-def _try_query(port: int, expr: str) -> list:
-    try:
-        return _query(port, expr)
-    except OSError:  # not listening yet
-        return []
-
-
 def _status(settings, *args: str) -> str:
     command = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "status", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -110,31 +81,20 @@ def _api(port: int, path: str) -> dict:
 def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_alert(
     make_settings, cluster: PgCluster, tmp_path: Path
 ) -> None:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus is not installed: run ops/local/bootstrap.sh (Debian package prometheus)")
     tenant = f"t{uuid.uuid4().hex[:10]}"
     settings = make_settings(
         target=cluster,
         extra=f'[tenants.{tenant}]\nplan = "paid"\ndatabase = "acme"\ntarget = "main"\n',
     )
     ctx = worker_context(settings)
-    worker_port, wal_port, prom_port = free_port(), free_port(), free_port()
+    worker_port, wal_port = free_port(), free_port()
+    prometheus, prom_port = start_prometheus(tmp_path, worker_port, wal_port)
     processes = [
         _deskvault(
             settings, "worker", "--threads", "2", "--metrics-port", str(worker_port), log=tmp_path / "w.log"
         ),
         _deskvault(settings, "wal-stream", "--metrics-port", str(wal_port), log=tmp_path / "wal.log"),
-        subprocess.Popen(
-            [
-                binary,
-                f"--config.file={_prometheus_config(tmp_path, worker_port, wal_port)}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            stdout=(tmp_path / "prometheus.log").open("w"),
-            stderr=subprocess.STDOUT,
-        ),
+        prometheus,
     ]
     try:
         # Given a deskvault that has done one event of each kind: a full and a log backup, a restore
@@ -146,7 +106,7 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_alert(
         )
         # (and Prometheus scraping both, so it sees every counter move from its initial zero)
         wait_for(
-            lambda: len(_try_query(prom_port, 'up{job=~"deskvault.*"} == 1')) == 2,
+            lambda: len(prom_query(prom_port, 'up{job=~"deskvault.*"} == 1')) == 2,
             timeout=60,
             what=f"Prometheus to scrape deskvault (see {tmp_path / 'prometheus.log'})",
         )
@@ -173,7 +133,7 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_alert(
         # When Prometheus has scraped for a while
         def without_data() -> list[str]:
             queries = {**DASHBOARD_QUERIES, **ALERT_QUERIES}
-            return [f"{name}: {expr}" for name, expr in queries.items() if not _query(prom_port, expr)]
+            return [f"{name}: {expr}" for name, expr in queries.items() if not prom_query(prom_port, expr)]
 
         deadline = time.monotonic() + 90
         while (empty := without_data()) and time.monotonic() < deadline:
@@ -189,7 +149,7 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_alert(
         firing = [a["labels"]["alertname"] for a in alerts if a["state"] == "firing"]
         assert firing == [], firing
         # And both deskvault jobs are up
-        up = {r["metric"]["job"]: r["value"][1] for r in _query(prom_port, 'up{job=~"deskvault.*"}')}
+        up = {r["metric"]["job"]: r["value"][1] for r in prom_query(prom_port, 'up{job=~"deskvault.*"}')}
         assert up == {"deskvault-workers": "1", "deskvault-wal-stream": "1"}
 
         # And `deskvault status` shows the same picture, with waits read from this Prometheus

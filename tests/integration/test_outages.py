@@ -1,0 +1,203 @@
+"""Outages of what deskvault depends on, with real services: the object store stopped for 30 s in the
+middle of a backup's upload, and the target database down when its backup is due."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from support import (
+    alert_expression,
+    free_port,
+    prom_query,
+    run_cli,
+    start_prometheus,
+    wait_for,
+    worker_context,
+)
+
+from deskvault.local import seaweedfs
+from deskvault.local.pgcluster import PgCluster
+from messages.events import BackupDue
+from producers.publisher import Publisher
+from workers import catalog
+
+pytestmark = pytest.mark.integration
+
+# Retries 0.5, 1, 2, 4, 8, 16, 32 s apart (with jitter): enough to span a 30-60 s outage.
+PATIENT = (10, 500)
+OUTAGE_SECONDS = 30
+
+
+def _ports_free(base: int) -> bool:
+    for port in [*range(base - 3, base + 2), *range(base + 10000 - 3, base + 10000 + 2)]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.fixture
+def own_seaweedfs(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A SeaweedFS of this test's own (state dir, S3 port), so stopping it disturbs no other test."""
+    state = tmp_path / "seaweed-state"
+    state.mkdir()
+    port = next(p for p in (random.randrange(40000, 50000, 10) for _ in range(50)) if _ports_free(p))
+    yield state, port
+    seaweedfs.stop(state)
+
+
+def _worker(settings, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "worker"]
+    return subprocess.Popen(
+        [*command, "--pool", "backup", "--threads", "1", *extra],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _publish_full(settings) -> BackupDue:
+    event = BackupDue.new(
+        target="main",
+        kind="full",
+        slot=datetime.now(UTC).replace(microsecond=0),
+        idempotency_key=f"outage-{uuid.uuid4().hex}",
+    )
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher.publish(event)
+    return event
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_the_object_store_down_for_30_s_mid_upload_then_the_backup_completes(
+    make_settings, big_cluster, own_seaweedfs, tmp_path
+) -> None:
+    state, port = own_seaweedfs
+    endpoint = seaweedfs.ensure_running(state, s3_port=port)
+    settings = make_settings(target=big_cluster, s3=endpoint, retries=PATIENT, lease_seconds=5)
+    ctx = worker_context(settings)
+    store = ctx.repository.store
+    worker = _worker(settings, tmp_path / "worker.log", "--no-metrics")
+    try:
+        event = _publish_full(settings)
+        # Given a backup in the middle of its multipart upload
+        wait_for(lambda: store.multipart_uploads("targets/main/backups/"), timeout=120, what="the upload")
+        # When the object store stops for 30 s
+        seaweedfs.stop(state)
+        stopped = time.monotonic()
+        # Then the attempt fails cleanly (recorded in the ledger) while it is down
+        wait_for(
+            lambda: (job := ctx.ledger.job(event.idempotency_key)) and job.state == "failed" and job,
+            timeout=OUTAGE_SECONDS + 60,
+            what=f"the attempt to fail (see {tmp_path / 'worker.log'})",
+        )
+        assert catalog.manifest_key("main", catalog.backup_id_for("full", event.slot))
+        time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - stopped)))
+        seaweedfs.ensure_running(state, s3_port=port)
+        # And once it is back, a retry completes the backup: once, whole, with no upload left over
+        job = wait_for(
+            lambda: (j := ctx.ledger.job(event.idempotency_key)) and j.state == "done" and j,
+            timeout=180,
+            what=f"the backup to complete after the outage (see {tmp_path / 'worker.log'})",
+        )
+    finally:
+        _stop(worker)
+    assert job.attempts >= 2
+    fulls = catalog.list_manifests(ctx.repository, "main")
+    assert [m["backup_id"] for m in fulls] == [catalog.backup_id_for("full", event.slot)]
+    assert store.multipart_uploads("targets/main/") == []
+    verify = run_cli(settings, "backups", "verify", "--target", "main")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.fixture
+def small_cluster(scratch_dir: Path) -> Iterator[PgCluster]:
+    cluster = PgCluster(scratch_dir / f"outage-{uuid.uuid4().hex[:6]}", free_port())
+    cluster.initdb()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+def test_the_database_down_when_its_backup_is_due_is_retried_and_the_rpo_alert_fires(
+    make_settings, small_cluster: PgCluster, tmp_path: Path
+) -> None:
+    settings = make_settings(target=small_cluster, retries=PATIENT)
+    ctx = worker_context(settings)
+    worker_port, wal_port = free_port(), free_port()
+    prometheus, prom_port = start_prometheus(tmp_path, worker_port, wal_port)
+    processes = [
+        prometheus,
+        _worker(settings, tmp_path / "worker.log", "--metrics-port", str(worker_port)),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deskvault.cli",
+                "--config",
+                str(settings.source),
+                "wal-stream",
+                "--metrics-port",
+                str(wal_port),
+            ],
+            stdout=(tmp_path / "wal.log").open("w"),
+            stderr=subprocess.STDOUT,
+        ),
+    ]
+    rpo_high = alert_expression("DeskvaultRPOHigh")
+    failed = 'sum(deskvault_events_failed_total{pool="backup", type="backup-due"})'
+    try:
+        # Given the target's WAL streaming, and Prometheus seeing it
+        wait_for(
+            lambda: prom_query(prom_port, "deskvault_wal_archived_timestamp_seconds"),
+            timeout=90,
+            what=f"the WAL stream's metric in Prometheus (see {tmp_path})",
+        )
+        assert prom_query(prom_port, rpo_high) == []
+        # When the database goes down and its backup falls due
+        small_cluster.stop()
+        event = _publish_full(settings)
+        # Then the backup fails, is counted and retried with backoff rather than dead-lettered
+        wait_for(
+            lambda: (job := ctx.ledger.job(event.idempotency_key)) and job.attempts >= 3 and job,
+            timeout=60,
+            what="retries",
+        )
+        assert ctx.ledger.job(event.idempotency_key).state in ("failed", "running")
+        wait_for(
+            lambda: (r := prom_query(prom_port, failed)) and float(r[0]["value"][1]) >= 3, what="failures"
+        )
+        # And the RPO alert's expression fires once the WAL is a minute behind
+        fired = wait_for(
+            lambda: prom_query(prom_port, rpo_high), timeout=120, what="the RPO expression to fire"
+        )
+        assert fired[0]["metric"]["target"] == "main"
+        # When the database is back, then the backup succeeds on a retry and the RPO recovers
+        small_cluster.start()
+        job = wait_for(
+            lambda: (j := ctx.ledger.job(event.idempotency_key)) and j.state == "done" and j,
+            timeout=120,
+            what=f"the backup to succeed after the outage (see {tmp_path / 'worker.log'})",
+        )
+        assert job.outcome.startswith("full backup ")
+        wait_for(lambda: not prom_query(prom_port, rpo_high), timeout=120, what="the RPO to recover")
+    finally:
+        for process in processes:
+            _stop(process)
