@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ class BrokerSettings:
     max_retries: int = 8
     # First retry after this many ms; dramatiq doubles it per attempt.
     min_backoff_ms: int = 5000
+    # For an amqps:// url: the CA that signed the broker's certificate (default: the system's CAs).
+    ca_bundle: str = ""
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,7 @@ def _build(raw: dict[str, Any], source: str) -> Settings:
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section in {source}")
     sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
+    sections["broker"] = _with_ca_bundle(sections["broker"])
     _check_cron(sections["downloads"].scheduled, "downloads.scheduled")
     if sections["downloads"].scheduled_keep < 1:
         raise ConfigError("downloads.scheduled_keep: must be at least 1")
@@ -256,6 +260,20 @@ def _build(raw: dict[str, Any], source: str) -> Settings:
     servers = {name: _server(name, value) for name, value in _table(raw, "servers").items()}
     tenants = {name: _tenant(name, value, targets) for name, value in _table(raw, "tenants").items()}
     return Settings(**sections, targets=targets, servers=servers, tenants=tenants, source=source)
+
+
+def _with_ca_bundle(broker: BrokerSettings) -> BrokerSettings:
+    """Carry broker.ca_bundle in the url, where pika reads TLS options, so every connection verifies."""
+    if not broker.ca_bundle:
+        return broker
+    parsed = urllib.parse.urlsplit(broker.url)
+    if parsed.scheme != "amqps":
+        raise ConfigError("broker.ca_bundle: set, but broker.url is not amqps:// (TLS)")
+    if not Path(broker.ca_bundle).is_file():
+        raise ConfigError(f"broker.ca_bundle: {broker.ca_bundle} is not a readable file")
+    options = repr({"cafile": broker.ca_bundle, "server_hostname": parsed.hostname})
+    query = "&".join(q for q in (parsed.query, "ssl_options=" + urllib.parse.quote(options)) if q)
+    return dataclasses.replace(broker, url=urllib.parse.urlunsplit(parsed._replace(query=query)))
 
 
 def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:

@@ -137,9 +137,9 @@ def _channel(url: str, pool: str) -> Iterator[Any]:
         raise DeskvaultError(f"--pool: {pool!r} is not a pool (pools: {', '.join(POOLS)})")
     try:
         connection = pika.BlockingConnection(pika.URLParameters(url))
-    except pika.exceptions.AMQPError as e:
+    except (pika.exceptions.AMQPError, OSError) as e:  # OSError: TLS refused the certificate
         raise DeskvaultError(
-            f"cannot reach RabbitMQ at {redact(url)} ({type(e).__name__}); check [broker] url"
+            f"cannot reach RabbitMQ at {redact(url)} ({type(e).__name__}); check [broker] url and ca_bundle"
         ) from None
     try:
         yield connection.channel()

@@ -59,11 +59,11 @@ class Publisher:
                 channel = self._connection.channel()
                 channel.confirm_delivery()
                 declare_topology(channel, self._delivery_limit)
-            except pika.exceptions.AMQPError as e:
+            except (pika.exceptions.AMQPError, OSError) as e:  # OSError: TLS refused the certificate
                 self.close()
                 raise PublishError(
                     f"cannot reach RabbitMQ at {redact(self._url)} ({type(e).__name__}: {e}); "
-                    "check [broker] url and that RabbitMQ is running"
+                    "check [broker] url (and ca_bundle for amqps://) and that RabbitMQ is running"
                 ) from None
             self._channel = channel
         return self._channel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -272,3 +273,63 @@ def alert_expression(name: str) -> str:
 
     rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
     return next(rule["expr"] for rule in rules if rule["alert"] == name).strip()
+
+
+class TlsProxy:
+    """TLS in front of a plain-text local service, as a load balancer would terminate it.
+
+    RabbitMQ and SeaweedFS run here without TLS listeners; this lets the tests check what deskvault
+    controls -- that its clients verify the server's certificate against the configured CA.
+    """
+
+    def __init__(self, upstream_port: int, cert: Path, key: Path) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self._upstream = upstream_port
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(cert, key)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client, socket), daemon=True).start()
+
+    def _serve(self, client: Any, socket: Any) -> None:
+        import threading
+
+        try:
+            secure = self._context.wrap_socket(client, server_side=True)
+        except OSError:  # the client refused our certificate (or spoke no TLS)
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self._upstream))
+
+        def pipe(source: Any, sink: Any) -> None:
+            try:
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (source, sink):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pipe, args=(upstream, secure), daemon=True).start()
+        pipe(secure, upstream)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
