@@ -333,3 +333,8 @@ class TlsProxy:
     def close(self) -> None:
         self._closed = True
         self._listener.close()
+
+
+def deskvault_command(settings: Settings, *args: str) -> list[str]:
+    """The command line of `deskvault --config <the test's file> ARGS...`, for a process of its own."""
+    return [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), *args]

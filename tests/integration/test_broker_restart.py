@@ -10,14 +10,13 @@ message may reach the queue twice, and the workers' ledger must make that one jo
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support import wait_for, worker_context
+from support import deskvault_command, wait_for, worker_context
 
 from messages.events import BackupDue
 from producers.publisher import Publisher, PublishError
@@ -46,12 +45,8 @@ def test_a_broker_restart_mid_burst_loses_nothing_and_does_nothing_twice(make_se
     ]
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deskvault.cli",
-            "--config",
-            str(settings.source),
+        deskvault_command(
+            settings,
             "--log-level",
             "WARNING",
             "worker",
@@ -62,7 +57,7 @@ def test_a_broker_restart_mid_burst_loses_nothing_and_does_nothing_twice(make_se
             "--threads",
             "4",
             "--no-metrics",
-        ],
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -22,7 +21,7 @@ from pathlib import Path
 import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import free_port, worker_context
+from support import deskvault_command, free_port, worker_context
 
 from messages.envelope import wrap
 from messages.events import AccountExpired, BackupDue, Event, ExportRequested, RestoreDrill, SnapshotDue
@@ -122,12 +121,8 @@ def test_a_burst_of_10000_events_adds_up_and_leaves_every_gauge_at_rest(
     port = free_port()
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deskvault.cli",
-            "--config",
-            str(settings.source),
+        deskvault_command(
+            settings,
             "--log-level",
             "WARNING",
             "worker",
@@ -137,7 +132,7 @@ def test_a_burst_of_10000_events_adds_up_and_leaves_every_gauge_at_rest(
             "4",
             "--metrics-port",
             str(port),
-        ],
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from datetime import UTC, datetime
 
 import pytest
-from support import run_cli, wait_for, worker_context
+from support import deskvault_command, run_cli, wait_for, worker_context
 
 from deskvault.errors import DeskvaultError
 from messages.events import BackupDue
@@ -27,8 +26,7 @@ LEASE_SECONDS = 3
 
 
 def _worker(settings, *extra: str) -> list[str]:
-    base = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "worker"]
-    return [*base, "--pool", "backup", "--threads", "1", "--no-metrics", *extra]
+    return deskvault_command(settings, "worker", "--pool", "backup", "--threads", "1", "--no-metrics", *extra)
 
 
 def test_sigkill_mid_upload_then_redelivery_backs_up_once(make_settings, big_cluster, tmp_path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import free_port, prom_query, start_prometheus, wait_for, worker_context
+from support import deskvault_command, free_port, prom_query, start_prometheus, wait_for, worker_context
 
 from deskvault.local.demo_data import helpdesk_sql
 from deskvault.local.pgcluster import PgCluster
@@ -62,12 +61,12 @@ def cluster(scratch_dir: Path) -> Iterator[PgCluster]:
 
 
 def _deskvault(settings, *args: str, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), *args]
+    command = deskvault_command(settings, *args)
     return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def _status(settings, *args: str) -> str:
-    command = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "status", *args]
+    command = deskvault_command(settings, "status", *args)
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout

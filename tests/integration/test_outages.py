@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from support import (
     alert_expression,
+    deskvault_command,
     free_port,
     prom_query,
     run_cli,
@@ -58,12 +58,8 @@ def own_seaweedfs(tmp_path: Path) -> Iterator[tuple[Path, int]]:
 
 
 def _worker(settings, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "worker"]
-    return subprocess.Popen(
-        [*command, "--pool", "backup", "--threads", "1", *extra],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    command = deskvault_command(settings, "worker", "--pool", "backup", "--threads", "1", *extra)
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def _publish_full(settings) -> BackupDue:
@@ -147,16 +143,7 @@ def test_the_database_down_when_its_backup_is_due_is_retried_and_the_rpo_alert_f
         prometheus,
         _worker(settings, tmp_path / "worker.log", "--metrics-port", str(worker_port)),
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "deskvault.cli",
-                "--config",
-                str(settings.source),
-                "wal-stream",
-                "--metrics-port",
-                str(wal_port),
-            ],
+            deskvault_command(settings, "wal-stream", "--metrics-port", str(wal_port)),
             stdout=(tmp_path / "wal.log").open("w"),
             stderr=subprocess.STDOUT,
         ),

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import build_settings, free_port, wait_for, worker_context
+from support import build_settings, deskvault_command, free_port, wait_for, worker_context
 
 from deskvault.cli import _parser
 from messages.events import AccountExpired, BackupDue, ExportRequested
@@ -87,7 +87,7 @@ link_secret = "{secrets["download link secret"]}"
     )
     worker_context(settings)
     outputs: dict[str, str] = {}
-    base = [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source)]
+    base = deskvault_command(settings)
 
     def run(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([*base, *args], capture_output=True, text=True, timeout=timeout)
