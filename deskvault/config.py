@@ -36,8 +36,9 @@ class BrokerSettings:
     url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     delivery_limit: int = 5
     max_retries: int = 8
-    # First retry after this many ms; dramatiq doubles it per attempt.
+    # First retry after this many ms; dramatiq doubles it per attempt, up to max_backoff_ms.
     min_backoff_ms: int = 5000
+    max_backoff_ms: int = 3600 * 1000
     # For an amqps:// url: the CA that signed the broker's certificate (default: the system's CAs).
     ca_bundle: str = ""
 
@@ -253,6 +254,8 @@ def _build(raw: dict[str, Any], source: str) -> Settings:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section in {source}")
     sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()}
     sections["broker"] = _with_ca_bundle(sections["broker"])
+    if sections["broker"].max_backoff_ms < sections["broker"].min_backoff_ms:
+        raise ConfigError("broker.max_backoff_ms: must be at least broker.min_backoff_ms")
     _check_cron(sections["downloads"].scheduled, "downloads.scheduled")
     if sections["downloads"].scheduled_keep < 1:
         raise ConfigError("downloads.scheduled_keep: must be at least 1")

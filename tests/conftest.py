@@ -126,9 +126,9 @@ def make_settings(tmp_path: Path, key_file: Path, request: pytest.FixtureRequest
         target: PgCluster | None = None,
         extra: str = "",
         s3: Any = None,
-        retries: tuple[int, int] = (2, 200),
+        retries: tuple[int, int, int] = (2, 200, 3_600_000),
     ) -> Settings:
-        """`retries`: (max_retries, min_backoff_ms); `s3`: another S3 endpoint than the session's."""
+        """`retries`: (max_retries, min_backoff_ms, max_backoff_ms); `s3`: another S3 endpoint."""
         return build_settings(
             tmp_path,
             key_file,

@@ -37,13 +37,14 @@ def build_settings(
     servers: dict[str, str] | None = None,
     lease_seconds: int = 120,
     extra: str = "",
-    retries: tuple[int, int] = (2, 200),
+    retries: tuple[int, int, int] = (2, 200, 3_600_000),
 ) -> Settings:
     """A config file for the test services (a fresh bucket prefix each time), loaded like deskvault does."""
     text = f"""
 [broker]
 url = "{rabbit_url}"
 min_backoff_ms = {retries[1]}
+max_backoff_ms = {retries[2]}
 max_retries = {retries[0]}
 [control_db]
 odbc = "{control_db_odbc}"

@@ -42,7 +42,6 @@ TIME_LIMIT_MS = {
     "export": 6 * 3600 * 1000,
     "lifecycle": 10 * 60 * 1000,
 }
-MAX_BACKOFF_MS = 3600 * 1000
 
 
 def build_broker(settings: Settings) -> tuple[DeskvaultBroker, PoolMetrics]:
@@ -59,7 +58,7 @@ def build_broker(settings: Settings) -> tuple[DeskvaultBroker, PoolMetrics]:
         Retries(
             max_retries=settings.broker.max_retries,
             min_backoff=settings.broker.min_backoff_ms,
-            max_backoff=MAX_BACKOFF_MS,
+            max_backoff=settings.broker.max_backoff_ms,
         ),
     ]
     broker = DeskvaultBroker(

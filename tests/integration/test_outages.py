@@ -32,8 +32,9 @@ from workers import catalog
 
 pytestmark = pytest.mark.integration
 
-# Retries 0.5, 1, 2, 4, 8, 16, 32 s apart (with jitter): enough to span a 30-60 s outage.
-PATIENT = (10, 500)
+# Retries 0.5, 1, 2, 4 and then every 5 s (with jitter): 30 of them span a 30-90 s outage, and the
+# first retry after it ends comes within seconds.
+PATIENT = (30, 500, 5000)
 OUTAGE_SECONDS = 30
 
 
