@@ -22,6 +22,7 @@ from support import build_settings, deskvault_command, free_port, wait_for, work
 
 from deskvault.cli import _parser
 from messages.events import AccountExpired, BackupDue, ExportRequested
+from messages.topology import POOLS, dead_letter_queue, delay_queue
 from producers.publisher import Publisher
 
 pytestmark = pytest.mark.integration
@@ -86,6 +87,7 @@ link_secret = "{secrets["download link secret"]}"
         extra=extra,
     )
     worker_context(settings)
+    _empty_queues(settings.broker.url)  # other tests' leftovers in the session's vhost would muddle dlq list
     outputs: dict[str, str] = {}
     base = deskvault_command(settings)
 
@@ -167,3 +169,11 @@ def _finished_metrics(port: int, expected: int) -> str | None:
         if s.name in ("deskvault_events_handled_total", "deskvault_events_dead_lettered_total")
     )
     return text if done >= expected else None
+
+
+def _empty_queues(url: str) -> None:
+    with Publisher(url, delivery_limit=5) as publisher:
+        channel = publisher._open()  # declares the topology
+        for pool in POOLS:
+            for queue in (pool, delay_queue(pool), dead_letter_queue(pool)):
+                channel.queue_purge(queue)
