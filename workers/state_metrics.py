@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
 
 import pika
 import pika.exceptions
@@ -242,7 +241,7 @@ def _newest_started_ready() -> dict[str, float]:
     return found
 
 
-def state_collector(settings: Settings, pools: tuple[str, ...]) -> Any:
+def state_collector(settings: Settings, pools: tuple[str, ...]) -> StateCollector:
     """The collector for the pools one `deskvault worker` runs, with its own ledger connection."""
     from workers.context import open_ledger
 
