@@ -279,8 +279,8 @@ def alert_expression(name: str) -> str:
 class TlsProxy:
     """TLS in front of a plain-text local service, as a load balancer would terminate it.
 
-    RabbitMQ and SeaweedFS run here without TLS listeners; this lets the tests check what deskvault
-    controls -- that its clients verify the server's certificate against the configured CA.
+    This machine's RabbitMQ has no TLS listener (adding one means reconfiguring the system broker); this
+    lets the tests check what deskvault controls -- that its client verifies the server's certificate.
     """
 
     def __init__(self, upstream_port: int, cert: Path, key: Path) -> None:

@@ -56,12 +56,16 @@ def ensure_running(
     filer_port: int | None = None,
     admin_port: int | None = None,
     grpc_offset: int = GRPC_OFFSET,
+    https: tuple[int, Path, Path] | None = None,
 ) -> S3Endpoint:
     """Reuse or start a `weed mini` serving S3 on 127.0.0.1:`s3_port` with this state dir's credentials.
 
     The other ports default to neighbours of `s3_port` (master -3, volume -2, filer -1, admin +1; 8330-8334
     by default), and each gRPC port to its HTTP port + `grpc_offset` (18330-18334), so the usual service
     ports (5432, 5672, 3306, 6379, 15672, 15692, 9090, 9100-9400) stay free.
+
+    `https` = (port, certificate, key) also serves S3 over HTTPS there (when this call starts it); the
+    returned endpoint is the plain-HTTP one, which readiness is probed on.
     """
     ports = {
         "s3": s3_port,
@@ -87,7 +91,7 @@ def ensure_running(
             # This state dir's weed is alive but not answering yet: wait for it rather than start a twin.
             _wait_ready(endpoint, home, pid, None)
             return endpoint
-        proc = _start(home, ports, grpc_offset)
+        proc = _start(home, ports, grpc_offset, https)
         _wait_ready(endpoint, home, proc.pid, proc)
         return endpoint
 
@@ -207,7 +211,9 @@ def _find_weed() -> str:
     )
 
 
-def _start(home: Path, ports: dict[str, int], grpc_offset: int) -> subprocess.Popen[bytes]:
+def _start(
+    home: Path, ports: dict[str, int], grpc_offset: int, https: tuple[int, Path, Path] | None = None
+) -> subprocess.Popen[bytes]:
     data = home / "data"
     data.mkdir(exist_ok=True, mode=0o700)
     # weed mini persists options to data/mini.options and reloads them, but flags given here win.
@@ -231,6 +237,9 @@ def _start(home: Path, ports: dict[str, int], grpc_offset: int) -> subprocess.Po
         args += [f"-{flag}.port={ports[name]}", f"-{flag}.port.grpc={ports[name] + grpc_offset}"]
     # The admin server still listens with the UI off; port 0 would pick a random one.
     args += [f"-admin.port={ports['admin']}", f"-admin.port.grpc={ports['admin'] + grpc_offset}"]
+    if https is not None:
+        port, cert, key = https
+        args += [f"-s3.port.https={port}", f"-s3.cert.file={cert}", f"-s3.key.file={key}"]
     with open(home / "weed.log", "ab") as log:
         log.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting: {' '.join(args)}\n".encode())
         log.flush()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import uuid4
@@ -10,7 +12,7 @@ from uuid import uuid4
 import pytest
 
 from deskvault.local.pgcluster import PgCluster, free_port
-from deskvault.local.seaweedfs import S3Endpoint, SeaweedError, ensure_running
+from deskvault.local.seaweedfs import S3Endpoint, SeaweedError, ensure_running, stop
 from workers.repository.s3 import MIN_PART_SIZE, S3Store
 
 STATE_DIR = Path(__file__).resolve().parents[2] / ".deskvault"
@@ -76,3 +78,41 @@ def big_cluster(scratch_dir: Path) -> Iterator[PgCluster]:
     cluster.psql("CHECKPOINT")
     yield cluster
     cluster.destroy()
+
+
+class OwnSeaweedFS:
+    """A SeaweedFS of one test's own (ports picked free), so stopping it disturbs no other test."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.port = next(p for p in (random.randrange(40000, 50000, 10) for _ in range(50)) if _ports_free(p))
+        self.https_port = self.port + 5
+
+    def start(self, https: tuple[Path, Path] | None = None) -> S3Endpoint:
+        """Start (or find running) and return its plain-HTTP endpoint; `https`: (certificate, key)."""
+        tls = (self.https_port, *https) if https else None
+        return ensure_running(self.state, s3_port=self.port, https=tls)
+
+    def stop(self) -> None:
+        stop(self.state)
+
+
+def _ports_free(base: int) -> bool:
+    """The ports ensure_running derives from `base`, their gRPC twins, and base + 5 for HTTPS."""
+    ports = [*range(base - 3, base + 2), *range(base + 10000 - 3, base + 10000 + 2), base + 5]
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.fixture
+def own_seaweedfs(tmp_path: Path) -> Iterator[OwnSeaweedFS]:
+    state = tmp_path / "seaweed-state"
+    state.mkdir()
+    own = OwnSeaweedFS(state)
+    yield own
+    own.stop()

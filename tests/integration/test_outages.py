@@ -3,8 +3,6 @@ middle of a backup's upload, and the target database down when its backup is due
 
 from __future__ import annotations
 
-import random
-import socket
 import subprocess
 import time
 import uuid
@@ -24,7 +22,6 @@ from support import (
     worker_context,
 )
 
-from deskvault.local import seaweedfs
 from deskvault.local.pgcluster import PgCluster
 from messages.events import BackupDue
 from producers.publisher import Publisher
@@ -36,26 +33,6 @@ pytestmark = pytest.mark.integration
 # first retry after it ends comes within seconds.
 PATIENT = (30, 500, 5000)
 OUTAGE_SECONDS = 30
-
-
-def _ports_free(base: int) -> bool:
-    for port in [*range(base - 3, base + 2), *range(base + 10000 - 3, base + 10000 + 2)]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-@pytest.fixture
-def own_seaweedfs(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    """A SeaweedFS of this test's own (state dir, S3 port), so stopping it disturbs no other test."""
-    state = tmp_path / "seaweed-state"
-    state.mkdir()
-    port = next(p for p in (random.randrange(40000, 50000, 10) for _ in range(50)) if _ports_free(p))
-    yield state, port
-    seaweedfs.stop(state)
 
 
 def _worker(settings, log: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -86,8 +63,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def test_the_object_store_down_for_30_s_mid_upload_then_the_backup_completes(
     make_settings, big_cluster, own_seaweedfs, tmp_path
 ) -> None:
-    state, port = own_seaweedfs
-    endpoint = seaweedfs.ensure_running(state, s3_port=port)
+    endpoint = own_seaweedfs.start()
     settings = make_settings(target=big_cluster, s3=endpoint, retries=PATIENT, lease_seconds=5)
     ctx = worker_context(settings)
     store = ctx.repository.store
@@ -97,7 +73,7 @@ def test_the_object_store_down_for_30_s_mid_upload_then_the_backup_completes(
         # Given a backup in the middle of its multipart upload
         wait_for(lambda: store.multipart_uploads("targets/main/backups/"), timeout=120, what="the upload")
         # When the object store stops for 30 s
-        seaweedfs.stop(state)
+        own_seaweedfs.stop()
         stopped = time.monotonic()
         # Then the attempt fails cleanly (recorded in the ledger) while it is down
         wait_for(
@@ -107,7 +83,7 @@ def test_the_object_store_down_for_30_s_mid_upload_then_the_backup_completes(
         )
         assert catalog.manifest_key("main", catalog.backup_id_for("full", event.slot))
         time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - stopped)))
-        seaweedfs.ensure_running(state, s3_port=port)
+        own_seaweedfs.start()
         # And once it is back, a retry completes the backup: once, whole, with no upload left over
         job = wait_for(
             lambda: (j := ctx.ledger.job(event.idempotency_key)) and j.state == "done" and j,

@@ -1,10 +1,13 @@
-"""AMQP over TLS and S3 over HTTPS, verified against a locally generated CA: deskvault works through a
-server whose certificate that CA signed, and refuses one it did not sign."""
+"""AMQP over TLS and S3 over HTTPS, verified against a locally generated CA: deskvault works with a
+server whose certificate that CA signed, and refuses one it did not sign.
+
+S3: SeaweedFS's own HTTPS listener. AMQP: this machine's RabbitMQ has no TLS listener (adding one means
+reconfiguring the system broker), so a TLS terminator stands in front of it, as a load balancer would.
+"""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -12,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from support import TlsProxy, build_settings, self_signed_cert, worker_context
+from support import TlsProxy, build_settings, deskvault_command, self_signed_cert, worker_context
 
 from deskvault.config import load_settings
 from deskvault.errors import ConfigError
@@ -27,39 +30,31 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def certificates(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
-    """'trusted': signed by the CA deskvault is given; 'rogue': by a CA it has never seen."""
+    """Two local CAs (each signing its own server certificate): the servers use 'local', and deskvault
+    is given either 'local' or 'other', a CA that did not sign them."""
     made = {}
-    for name in ("trusted", "rogue"):
+    for name in ("local", "other"):
         (tmp_path / name).mkdir()
         made[name] = self_signed_cert(tmp_path / name)
     return made
 
 
 @pytest.fixture
-def proxies(certificates, rabbit_url: str, s3_endpoint):
-    made = {
-        (service, name): TlsProxy(upstream, *certificates[name])
-        for service, upstream in (
-            ("amqp", urlparse(rabbit_url).port),
-            ("s3", urlparse(s3_endpoint.endpoint_url).port),
-        )
-        for name in ("trusted", "rogue")
-    }
-    yield {key: proxy.port for key, proxy in made.items()}
-    for proxy in made.values():
-        proxy.close()
+def servers(certificates, rabbit_url: str, own_seaweedfs):
+    """RabbitMQ behind a TLS terminator, and a SeaweedFS serving S3 over HTTPS, both with 'local'."""
+    amqp = TlsProxy(urlparse(rabbit_url).port, *certificates["local"])
+    plain = own_seaweedfs.start(https=certificates["local"])
+    yield amqp.port, replace(plain, endpoint_url=f"https://127.0.0.1:{own_seaweedfs.https_port}")
+    amqp.close()
 
 
-def _tls_settings(
-    tmp_path, key_file, s3_endpoint, rabbit_url, control_db_odbc, pg_target, ca: Path, amqp, s3
-):
-    vhost = urlparse(rabbit_url).path
-    s3_tls = replace(s3_endpoint, endpoint_url=f"https://127.0.0.1:{s3}")
+def _tls_settings(tmp_path, key_file, rabbit_url, control_db_odbc, pg_target, servers, ca: Path):
+    amqp_port, s3 = servers
     settings = build_settings(
         tmp_path,
         key_file,
-        s3_tls,
-        f"amqps://guest:guest@127.0.0.1:{amqp}{vhost}",
+        s3,
+        f"amqps://guest:guest@127.0.0.1:{amqp_port}{urlparse(rabbit_url).path}",
         control_db_odbc,
         pg_target,
         extra=f'[tenants.tls{uuid.uuid4().hex[:8]}]\nplan = "paid"\ndatabase = "acme"\ntarget = "main"\n',
@@ -71,46 +66,25 @@ def _tls_settings(
     return load_settings(settings.source, env={})
 
 
-def test_through_servers_the_ca_signed_everything_works(
-    tmp_path, key_file, s3_endpoint, rabbit_url, control_db_odbc, pg_target, certificates, proxies
+def test_with_servers_the_ca_signed_everything_works(
+    tmp_path, key_file, rabbit_url, control_db_odbc, pg_target, certificates, servers
 ) -> None:
-    ca = certificates["trusted"][0]
-    settings = _tls_settings(
-        tmp_path,
-        key_file,
-        s3_endpoint,
-        rabbit_url,
-        control_db_odbc,
-        pg_target,
-        ca,
-        proxies[("amqp", "trusted")],
-        proxies[("s3", "trusted")],
-    )
+    ca = certificates["local"][0]
+    settings = _tls_settings(tmp_path, key_file, rabbit_url, control_db_odbc, pg_target, servers, ca)
     tenant = next(iter(t for t in settings.tenants if t.startswith("tls")))
     # S3 over HTTPS: a stored object reads back
     repo = open_repository(settings)
     repo.store.ensure_bucket()
     repo.put_json("tls-check.json", {"ok": True})
     assert repo.get_json("tls-check.json") == {"ok": True}
-    # AMQP over TLS: an event published, counted, and handled by a worker connected through TLS
+    # AMQP over TLS: an event published, counted, and handled by a worker connected over TLS
     worker_context(settings)
     event = AccountExpired.new(tenant=tenant, plan="paid", expired_at=datetime.now(UTC) - timedelta(days=1))
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         publisher.publish(event)
     assert queue_depths(settings.broker.url, ("lifecycle",))["lifecycle"].ready >= 1
     worker = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deskvault.cli",
-            "--config",
-            str(settings.source),
-            "worker",
-            "--pool",
-            "lifecycle",
-            "--burst",
-            "--no-metrics",
-        ],
+        deskvault_command(settings, "worker", "--pool", "lifecycle", "--burst", "--no-metrics"),
         capture_output=True,
         text=True,
         timeout=120,
@@ -120,19 +94,10 @@ def test_through_servers_the_ca_signed_everything_works(
 
 
 def test_servers_the_ca_did_not_sign_are_refused(
-    tmp_path, key_file, s3_endpoint, rabbit_url, control_db_odbc, pg_target, certificates, proxies
+    tmp_path, key_file, rabbit_url, control_db_odbc, pg_target, certificates, servers
 ) -> None:
-    settings = _tls_settings(
-        tmp_path,
-        key_file,
-        s3_endpoint,
-        rabbit_url,
-        control_db_odbc,
-        pg_target,
-        certificates["trusted"][0],
-        proxies[("amqp", "rogue")],
-        proxies[("s3", "rogue")],
-    )
+    other = certificates["other"][0]
+    settings = _tls_settings(tmp_path, key_file, rabbit_url, control_db_odbc, pg_target, servers, other)
     with pytest.raises(RepositoryError, match=r"(?i)certificate"):
         open_repository(settings).store.ensure_bucket()
     with (
@@ -147,7 +112,7 @@ def test_a_ca_bundle_without_tls_is_a_configuration_error(tmp_path, make_setting
     text = (
         Path(settings.source)
         .read_text()
-        .replace("[broker]\n", f'[broker]\nca_bundle = "{certificates["trusted"][0]}"\n', 1)
+        .replace("[broker]\n", f'[broker]\nca_bundle = "{certificates["local"][0]}"\n', 1)
     )
     Path(settings.source).write_text(text)
     with pytest.raises(ConfigError, match=r"broker\.ca_bundle: set, but broker\.url is not amqps://"):
