@@ -628,14 +628,14 @@ def _cmd_backups_expire(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.expire import expire
 
     settings = _settings(args)
-    repo = open_repository(settings)
-    result = expire(repo, settings.target(args.target), datetime.now(UTC), dry_run=args.dry_run)
+    repo, target, now = open_repository(settings), settings.target(args.target), datetime.now(UTC)
+    if args.dry_run:
+        result = expire(repo, target, now, dry_run=True)
+    else:
+        result = usage.expire_and_record(open_ledger(settings), repo, target, now)
     for line in result.lines:
         print(line)
     if not args.dry_run:
-        ledger = open_ledger(settings)
-        ledger.forget_backups(args.target, list(result.forgotten))
-        usage.record(ledger, repo, args.target)
         print(f"deleted {result.deleted} object(s), aborted {result.aborted_uploads} stale upload(s)")
     return 0
 

@@ -26,9 +26,15 @@ from workers.queues import QueueDepth, queue_depths
 from workers.walarchive import list_wal
 
 KINDS = ("full", "diff", "log")
-WAIT_P99 = "histogram_quantile(0.99, sum by (pool, le) (rate(deskvault_event_wait_seconds_bucket[15m])))"
-FAILURES_1H = "sum by (pool) (increase(deskvault_events_failed_total[1h]))"
-WAL_ARCHIVED = "max by (target) (deskvault_wal_archived_timestamp_seconds)"
+# What status reads from Prometheus: name -> (the label results are keyed by, query).
+PROMETHEUS_QUERIES = {
+    "wait_p99": (
+        "pool",
+        "histogram_quantile(0.99, sum by (pool, le) (rate(deskvault_event_wait_seconds_bucket[15m])))",
+    ),
+    "failures_1h": ("pool", "sum by (pool) (increase(deskvault_events_failed_total[1h]))"),
+    "wal_archived": ("target", "max by (target) (deskvault_wal_archived_timestamp_seconds)"),
+}
 
 
 def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, Any]:
@@ -62,7 +68,7 @@ def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, An
                 "passed_at": _iso(drill["passed_at"]),
             },
         }
-    jobs = ledger.job_counts()
+    running = ledger.running_jobs()
     failed_recently = ledger.failed_jobs_since(now - timedelta(days=1))
     queues = _queues(settings.broker.url, warnings)
     pools = {}
@@ -72,7 +78,7 @@ def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, An
             "ready": ready,
             "consumers": consumers,
             "dead_letters": dead,
-            "running": jobs.get((pool, "running"), 0),
+            "running": running.get(pool, 0),
             "failed_24h": failed_recently.get(pool, 0),
             "wait_p99_seconds": rates.get("wait_p99", {}).get(pool),
             "failures_1h": rates.get("failures_1h", {}).get(pool),
@@ -132,7 +138,7 @@ def _queues(url: str, warnings: list[str]) -> dict[str, QueueDepth]:
 
 def _from_prometheus(url: str, warnings: list[str]) -> dict[str, dict[str, float]]:
     found: dict[str, dict[str, float]] = {}
-    for key, query in (("wait_p99", WAIT_P99), ("failures_1h", FAILURES_1H), ("wal_archived", WAL_ARCHIVED)):
+    for key, (label, query) in PROMETHEUS_QUERIES.items():
         address = url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
         try:
             with urllib.request.urlopen(address, timeout=10) as response:
@@ -143,7 +149,7 @@ def _from_prometheus(url: str, warnings: list[str]) -> dict[str, dict[str, float
             )
             return {}
         found[key] = {
-            r["metric"].get("pool") or r["metric"].get("target", ""): float(r["value"][1])
+            r["metric"].get(label, ""): float(r["value"][1])
             for r in result
             if not math.isnan(float(r["value"][1]))
         }

@@ -339,3 +339,10 @@ class TlsProxy:
 def deskvault_command(settings: Settings, *args: str) -> list[str]:
     """The command line of `deskvault --config <the test's file> ARGS...`, for a process of its own."""
     return [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), *args]
+
+
+def start_deskvault(settings: Settings, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`deskvault ARGS...` (a worker, a WAL streamer) running in a process of its own, output to `log`."""
+    return subprocess.Popen(
+        deskvault_command(settings, *args), stdout=log.open("w"), stderr=subprocess.STDOUT
+    )

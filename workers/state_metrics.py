@@ -12,6 +12,7 @@ queue non-empty; it is 0 once the queue is empty.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import threading
@@ -158,13 +159,11 @@ class StateCollector(Collector):
             since = max(since, newest_started)
         return max(0.0, now - since)
 
-    def _ledger_families(
-        self, queues: dict[str, tuple[int, int, int]], now: float
-    ) -> list[GaugeMetricFamily]:
+    def _ledger_families(self, queues: dict[str, QueueDepth], now: float) -> list[GaugeMetricFamily]:
         running = _gauge("deskvault_jobs_running")
-        counts = self._ledger.job_counts()
+        counts = self._ledger.running_jobs()
         for pool in self._pools:
-            running.add_metric([pool], counts.get((pool, "running"), 0))
+            running.add_metric([pool], counts.get(pool, 0))
         families = [running]
         if "backup" in self._pools:
             families += self._backup_families()
@@ -174,7 +173,7 @@ class StateCollector(Collector):
             families += self._purge_families(now)
         if "export" in self._pools and "export" in queues:
             pending = _gauge("deskvault_exports_pending")
-            pending.add_metric([], queues["export"].ready + counts.get(("export", "running"), 0))
+            pending.add_metric([], queues["export"].ready + counts.get("export", 0))
             families.append(pending)
         return families
 
@@ -230,9 +229,12 @@ class StateCollector(Collector):
 def _newest_started_ready() -> dict[str, float]:
     """pool -> the workers' `deskvault_event_started_ready_timestamp_seconds` (max over processes)."""
     found: dict[str, float] = {}
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory is None:
         return found  # not under `deskvault worker`: no worker process reports here
-    for family in MultiProcessCollector(None).collect():
+    # Only the max-mode gauge files: the registry already merges every file for this scrape.
+    files = glob.glob(os.path.join(directory, "gauge_max_*.db"))
+    for family in MultiProcessCollector.merge(files, accumulate=False):
         if family.name != "deskvault_event_started_ready_timestamp_seconds":
             continue
         for sample in family.samples:

@@ -1,7 +1,14 @@
-"""What a target occupies in the repository, by area (`backups`, `wal`), kept in the ledger for metrics."""
+"""What a target occupies in the repository, by area (`backups`, `wal`), kept in the ledger for metrics.
+
+Measured after each full backup (with its retention run) and each hourly log backup.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from deskvault.config import TargetSettings
+from workers.expire import ExpireResult, expire
 from workers.ledger.ledger import Ledger
 from workers.repository.objects import ObjectRepository
 
@@ -22,3 +29,13 @@ def measure(repo: ObjectRepository, target: str) -> dict[str, tuple[int, int]]:
 def record(ledger: Ledger, repo: ObjectRepository, target: str) -> None:
     for area, (objects, stored_bytes) in measure(repo, target).items():
         ledger.record_usage(target, area, objects, stored_bytes)
+
+
+def expire_and_record(
+    ledger: Ledger, repo: ObjectRepository, target: TargetSettings, now: datetime
+) -> ExpireResult:
+    """Apply retention, then bring the ledger's backup index and the target's usage up to date."""
+    result = expire(repo, target, now, dry_run=False)
+    ledger.forget_backups(target.name, list(result.forgotten))
+    record(ledger, repo, target.name)
+    return result

@@ -16,7 +16,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support import deskvault_command, wait_for, worker_context
+from support import start_deskvault, wait_for, worker_context
 
 from messages.events import BackupDue
 from producers.publisher import Publisher, PublishError
@@ -43,24 +43,8 @@ def test_a_broker_restart_mid_burst_loses_nothing_and_does_nothing_twice(make_se
         )
         for i in range(EVENTS)
     ]
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen(
-        deskvault_command(
-            settings,
-            "--log-level",
-            "WARNING",
-            "worker",
-            "--pool",
-            "backup",
-            "--processes",
-            "2",
-            "--threads",
-            "4",
-            "--no-metrics",
-        ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    worker_args = ("worker", "--pool", "backup", "--processes", "2", "--threads", "4", "--no-metrics")
+    worker = start_deskvault(settings, tmp_path / "worker.log", "--log-level", "WARNING", *worker_args)
     restarted = threading.Event()
     republished = 0
 

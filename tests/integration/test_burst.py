@@ -21,7 +21,7 @@ from pathlib import Path
 import pika
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import deskvault_command, free_port, worker_context
+from support import free_port, start_deskvault, worker_context
 
 from messages.envelope import wrap
 from messages.events import AccountExpired, BackupDue, Event, ExportRequested, RestoreDrill, SnapshotDue
@@ -119,23 +119,8 @@ def test_a_burst_of_10000_events_adds_up_and_leaves_every_gauge_at_rest(
     assert sum(map(len, events.values())) + GARBAGE_PER_POOL * len(POOLS) == 10_000
 
     port = free_port()
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen(
-        deskvault_command(
-            settings,
-            "--log-level",
-            "WARNING",
-            "worker",
-            "--processes",
-            "2",
-            "--threads",
-            "4",
-            "--metrics-port",
-            str(port),
-        ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    worker_args = ("worker", "--processes", "2", "--threads", "4", "--metrics-port", str(port))
+    worker = start_deskvault(settings, tmp_path / "worker.log", "--log-level", "WARNING", *worker_args)
     try:
         # When they are all published (confirmed), interleaved across the pools, while the workers consume
         channel.confirm_delivery()

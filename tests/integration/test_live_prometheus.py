@@ -20,7 +20,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import deskvault_command, free_port, prom_query, start_prometheus, wait_for, worker_context
+from support import (
+    deskvault_command,
+    free_port,
+    prom_query,
+    start_deskvault,
+    start_prometheus,
+    wait_for,
+    worker_context,
+)
 
 from deskvault.local.demo_data import helpdesk_sql
 from deskvault.local.pgcluster import PgCluster
@@ -60,11 +68,6 @@ def cluster(scratch_dir: Path) -> Iterator[PgCluster]:
     cluster.destroy()
 
 
-def _deskvault(settings, *args: str, log: Path) -> subprocess.Popen:
-    command = deskvault_command(settings, *args)
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
 def _status(settings, *args: str) -> str:
     command = deskvault_command(settings, "status", *args)
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -89,10 +92,10 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_alert(
     worker_port, wal_port = free_port(), free_port()
     prometheus, prom_port = start_prometheus(tmp_path, worker_port, wal_port)
     processes = [
-        _deskvault(
-            settings, "worker", "--threads", "2", "--metrics-port", str(worker_port), log=tmp_path / "w.log"
+        start_deskvault(
+            settings, tmp_path / "w.log", "worker", "--threads", "2", "--metrics-port", str(worker_port)
         ),
-        _deskvault(settings, "wal-stream", "--metrics-port", str(wal_port), log=tmp_path / "wal.log"),
+        start_deskvault(settings, tmp_path / "wal.log", "wal-stream", "--metrics-port", str(wal_port)),
         prometheus,
     ]
     try:

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from support import (
     alert_expression,
-    deskvault_command,
     free_port,
     prom_query,
     run_cli,
+    start_deskvault,
     start_prometheus,
     wait_for,
     worker_context,
@@ -36,8 +36,7 @@ OUTAGE_SECONDS = 30
 
 
 def _worker(settings, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    command = deskvault_command(settings, "worker", "--pool", "backup", "--threads", "1", *extra)
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return start_deskvault(settings, log, "worker", "--pool", "backup", "--threads", "1", *extra)
 
 
 def _publish_full(settings) -> BackupDue:
@@ -119,11 +118,7 @@ def test_the_database_down_when_its_backup_is_due_is_retried_and_the_rpo_alert_f
     processes = [
         prometheus,
         _worker(settings, tmp_path / "worker.log", "--metrics-port", str(worker_port)),
-        subprocess.Popen(
-            deskvault_command(settings, "wal-stream", "--metrics-port", str(wal_port)),
-            stdout=(tmp_path / "wal.log").open("w"),
-            stderr=subprocess.STDOUT,
-        ),
+        start_deskvault(settings, tmp_path / "wal.log", "wal-stream", "--metrics-port", str(wal_port)),
     ]
     rpo_high = alert_expression("DeskvaultRPOHigh")
     failed = 'sum(deskvault_events_failed_total{pool="backup", type="backup-due"})'

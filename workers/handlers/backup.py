@@ -12,7 +12,6 @@ from workers.context import WorkerContext
 from workers.engines.pgdiff import diff_backup
 from workers.engines.postgresql import BackupResult, PostgresEngine
 from workers.errors import PermanentError, UnknownTarget
-from workers.expire import expire
 from workers.handlers.log_backup import take_log_backup
 from workers.jobs import run_once
 
@@ -44,9 +43,7 @@ def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:
     )
     outcome = _recorded(ctx, event.target, result)
     # A new full is what lets older chains go: apply the retention policy now.
-    expired = expire(ctx.repository, target, datetime.now(UTC), dry_run=False)
-    ctx.ledger.forget_backups(target.name, list(expired.forgotten))
-    usage.record(ctx.ledger, ctx.repository, target.name)
+    expired = usage.expire_and_record(ctx.ledger, ctx.repository, target, datetime.now(UTC))
     if expired.plan.expired_backups:
         outcome += f"; retention expired {', '.join(expired.plan.expired_backups)}"
     return outcome

@@ -275,11 +275,13 @@ class Ledger:
             return None
         return Job(row[0], row[1], row[2], row[3], row[4], int(row[5]), row[6], _py(row[7]), row[8], row[9])
 
-    def job_counts(self) -> dict[tuple[str, str], int]:
-        """(pool, state) -> number of jobs."""
+    def running_jobs(self) -> dict[str, int]:
+        """pool -> jobs claimed and not finished (read through the state index: dv_jobs only grows)."""
         with self.transaction() as cur:
-            rows = cur.execute("SELECT pool, state, COUNT(*) FROM dv_jobs GROUP BY pool, state").fetchall()
-        return {(r[0], r[1]): int(r[2]) for r in rows}
+            rows = cur.execute(
+                "SELECT pool, COUNT(*) FROM dv_jobs WHERE state = 'running' GROUP BY pool"
+            ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
     def failed_jobs_since(self, since: datetime) -> dict[str, int]:
         """pool -> jobs whose newest attempt failed at or after `since` (a later success clears them)."""
@@ -313,64 +315,25 @@ class Ledger:
         otherwise nothing is written and AccountStateConflict says what the account's status is.
         """
         now = self._clock()
-        placeholders = ", ".join("?" for _ in allowed_from)
         target, database = location or (None, None)
+        # The columns both the UPDATE and the INSERT write, in their order in each.
+        values = (
+            status,
+            _db(expired_at),
+            _db(trial_started_at),
+            _db(purge_after),
+            _db(now),
+            event_id,
+            target,
+            database,
+        )
+        event_row = (event_id, tenant, event_type, _db(occurred_at), _db(now), detail)
         # Two first events of a tenant race to insert its account row: the loser goes round again and
         # then finds the row to update.
         for _ in range(3):
             try:
                 with self.transaction() as cur:
-                    cur.execute(
-                        "INSERT INTO dv_account_events (event_id, tenant, event_type, occurred_at,"
-                        " recorded_at, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                        event_id,
-                        tenant,
-                        event_type,
-                        _db(occurred_at),
-                        _db(now),
-                        detail,
-                    )
-                    updated = cur.execute(
-                        "UPDATE dv_accounts SET plan = COALESCE(?, plan), status = ?, expired_at = ?,"
-                        " trial_started_at = ?, purge_after = ?, updated_at = ?, last_event_id = ?,"
-                        " target = COALESCE(?, target), database_name = COALESCE(?, database_name)"
-                        f" WHERE tenant = ? AND status IN ({placeholders})",
-                        plan,
-                        status,
-                        _db(expired_at),
-                        _db(trial_started_at),
-                        _db(purge_after),
-                        _db(now),
-                        event_id,
-                        target,
-                        database,
-                        tenant,
-                        *allowed_from,
-                    ).rowcount
-                    if updated == 0:
-                        row = cur.execute(
-                            "SELECT status, purged_at FROM dv_accounts WHERE tenant = ?", tenant
-                        ).fetchone()
-                        if row is not None and row[0] in allowed_from:
-                            raise _AccountRowAppeared  # committed since the UPDATE looked
-                        if row is not None:
-                            # Raising rolls back the event row too: a refused event leaves no trace here.
-                            raise AccountStateConflict(tenant, row[0], _py(row[1]))
-                        cur.execute(
-                            "INSERT INTO dv_accounts (tenant, plan, status, expired_at, trial_started_at,"
-                            " purge_after, updated_at, last_event_id, target, database_name)"
-                            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            tenant,
-                            plan or "unknown",
-                            status,
-                            _db(expired_at),
-                            _db(trial_started_at),
-                            _db(purge_after),
-                            _db(now),
-                            event_id,
-                            target,
-                            database,
-                        )
+                    self._apply_account_event(cur, tenant, plan, values, event_row, allowed_from)
                 return True
             except _AccountRowAppeared:
                 continue
@@ -378,6 +341,47 @@ class Ledger:
                 if self._account_event_recorded(event_id):
                     return False
         raise LedgerError(f"account of tenant {tenant}: concurrent updates kept colliding; retry the event")
+
+    @staticmethod
+    def _apply_account_event(
+        cur: pyodbc.Cursor,
+        tenant: str,
+        plan: str | None,
+        values: tuple[Any, ...],
+        event_row: tuple[Any, ...],
+        allowed_from: tuple[str, ...],
+    ) -> None:
+        cur.execute(
+            "INSERT INTO dv_account_events (event_id, tenant, event_type, occurred_at, recorded_at, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            *event_row,
+        )
+        placeholders = ", ".join("?" for _ in allowed_from)
+        updated = cur.execute(
+            "UPDATE dv_accounts SET plan = COALESCE(?, plan), status = ?, expired_at = ?,"
+            " trial_started_at = ?, purge_after = ?, updated_at = ?, last_event_id = ?,"
+            " target = COALESCE(?, target), database_name = COALESCE(?, database_name)"
+            f" WHERE tenant = ? AND status IN ({placeholders})",
+            plan,
+            *values,
+            tenant,
+            *allowed_from,
+        ).rowcount
+        if updated == 1:
+            return
+        row = cur.execute("SELECT status, purged_at FROM dv_accounts WHERE tenant = ?", tenant).fetchone()
+        if row is not None and row[0] in allowed_from:
+            raise _AccountRowAppeared  # committed since the UPDATE looked
+        if row is not None:
+            # Raising rolls back the event row too: a refused event leaves no trace here.
+            raise AccountStateConflict(tenant, row[0], _py(row[1]))
+        cur.execute(
+            "INSERT INTO dv_accounts (tenant, plan, status, expired_at, trial_started_at, purge_after,"
+            " updated_at, last_event_id, target, database_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            tenant,
+            plan or "unknown",
+            *values,
+        )
 
     def _account_event_recorded(self, event_id: str) -> bool:
         with self.transaction() as cur:
@@ -408,6 +412,12 @@ class Ledger:
             "target": row[9],
             "database": row[10],
         }
+
+    def account_statuses(self) -> dict[str, str]:
+        """tenant -> status, for every account the ledger knows (others are active)."""
+        with self.transaction() as cur:
+            rows = cur.execute("SELECT tenant, status FROM dv_accounts").fetchall()
+        return {r[0]: r[1] for r in rows}
 
     # -- account lifecycle: purges, legal holds, tenant keys ------------------------------------------
     def due_purges(self, now: datetime) -> list[tuple[str, datetime]]:
@@ -601,6 +611,12 @@ class Ledger:
         except pyodbc.IntegrityError:
             pass  # already indexed: a redelivery after the manifest was written
 
+    def forget_backups(self, target: str, backup_ids: list[str]) -> None:
+        """Drop deleted backups from the index, so it keeps describing what the repository holds."""
+        with self.transaction() as cur:
+            for backup_id in backup_ids:
+                cur.execute("DELETE FROM dv_backups WHERE target = ? AND backup_id = ?", target, backup_id)
+
     def newest_backup_time(self, target: str, kind: str) -> datetime | None:
         with self.transaction() as cur:
             row = cur.execute(
@@ -681,13 +697,29 @@ class Ledger:
         except pyodbc.IntegrityError:
             pass
 
-    # -- state for metrics and `deskvault status` --------------------------------------------------------
-    def forget_backups(self, target: str, backup_ids: list[str]) -> None:
-        """Drop deleted backups from the index, so it keeps describing what the repository holds."""
+    def emitted_subjects(self, kind: str, slot: datetime) -> set[str]:
+        """Every subject whose `kind` event for `slot` was already published."""
         with self.transaction() as cur:
-            for backup_id in backup_ids:
-                cur.execute("DELETE FROM dv_backups WHERE target = ? AND backup_id = ?", target, backup_id)
+            rows = cur.execute(
+                "SELECT subject FROM dv_schedule WHERE kind = ? AND slot = ?", kind, _db(slot)
+            ).fetchall()
+        return {r[0] for r in rows}
 
+    def mark_emitted_many(self, kind: str, slot: datetime, marks: list[tuple[str, str]]) -> None:
+        """mark_emitted for many (subject, idempotency key) pairs, in one transaction."""
+        now = _db(self._clock())
+        try:
+            with self.transaction() as cur:
+                cur.executemany(
+                    "INSERT INTO dv_schedule (subject, kind, slot, emitted_at, idempotency_key)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(subject, kind, _db(slot), now, key) for subject, key in marks],
+                )
+        except pyodbc.IntegrityError:  # another scheduler marked some of them: mark the rest one by one
+            for subject, key in marks:
+                self.mark_emitted(subject, kind, slot, key)
+
+    # -- state for metrics and `deskvault status` --------------------------------------------------------
     def newest_backups(self) -> dict[tuple[str, str], datetime]:
         """(target, kind) -> when its newest indexed backup finished."""
         with self.transaction() as cur:
@@ -750,34 +782,6 @@ class Ledger:
             else:
                 state["pending"] += 1
         return state
-
-    def emitted_subjects(self, kind: str, slot: datetime) -> set[str]:
-        """Every subject whose `kind` event for `slot` was already published."""
-        with self.transaction() as cur:
-            rows = cur.execute(
-                "SELECT subject FROM dv_schedule WHERE kind = ? AND slot = ?", kind, _db(slot)
-            ).fetchall()
-        return {r[0] for r in rows}
-
-    def mark_emitted_many(self, kind: str, slot: datetime, marks: list[tuple[str, str]]) -> None:
-        """mark_emitted for many (subject, idempotency key) pairs, in one transaction."""
-        now = _db(self._clock())
-        try:
-            with self.transaction() as cur:
-                cur.executemany(
-                    "INSERT INTO dv_schedule (subject, kind, slot, emitted_at, idempotency_key)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [(subject, kind, _db(slot), now, key) for subject, key in marks],
-                )
-        except pyodbc.IntegrityError:  # another scheduler marked some of them: mark the rest one by one
-            for subject, key in marks:
-                self.mark_emitted(subject, kind, slot, key)
-
-    def account_statuses(self) -> dict[str, str]:
-        """tenant -> status, for every account the ledger knows (others are active)."""
-        with self.transaction() as cur:
-            rows = cur.execute("SELECT tenant, status FROM dv_accounts").fetchall()
-        return {r[0]: r[1] for r in rows}
 
 
 def _iso(moment: datetime | None) -> str:
