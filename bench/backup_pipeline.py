@@ -32,9 +32,9 @@ import zstandard  # noqa: E402
 
 from bench.common import BenchServices, backup_worker_command, log, publish_full_backup  # noqa: E402
 from deskvault.local.demo_data import helpdesk_sql  # noqa: E402
-from deskvault.local.pgcluster import PgCluster, free_port  # noqa: E402
-from workers import catalog  # noqa: E402
 from workers.context import open_repository  # noqa: E402
+from workers.engines.postgresql.cluster import PgCluster, free_port  # noqa: E402
+from workers.repository import catalog  # noqa: E402
 from workers.repository.crypto import encrypt_stream  # noqa: E402
 from workers.repository.keyring import Keyring  # noqa: E402
 

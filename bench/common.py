@@ -14,8 +14,8 @@ import pika
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deskvault.config import Settings, load_settings  # noqa: E402
 from deskvault.local import seaweedfs  # noqa: E402
+from deskvault_core.config import Settings, load_settings  # noqa: E402
 from messages.events import BackupDue  # noqa: E402
 from producers.publisher import Publisher  # noqa: E402
 from workers.context import open_ledger, open_repository  # noqa: E402

@@ -44,16 +44,16 @@ sys.path.insert(0, str(ROOT))
 
 import pyodbc  # noqa: E402
 
-from deskvault.config import WalSettings, load_settings  # noqa: E402
 from deskvault.local import seaweedfs  # noqa: E402
-from deskvault.local.pgcluster import PgCluster, free_port  # noqa: E402
+from deskvault_core.config import WalSettings, load_settings  # noqa: E402
 from workers.context import open_repository  # noqa: E402
-from workers.engines.walnames import Segment, parse_lsn, parse_size  # noqa: E402
+from workers.engines.postgresql.cluster import PgCluster, free_port  # noqa: E402
+from workers.engines.postgresql.walarchive import WalEntry, list_wal  # noqa: E402
+from workers.engines.postgresql.walnames import Segment, parse_lsn, parse_size  # noqa: E402
+from workers.engines.postgresql.walstream import WalStreamer  # noqa: E402
 from workers.repository.errors import ObjectNotFound  # noqa: E402
 from workers.repository.keyring import Keyring  # noqa: E402
 from workers.repository.objects import ObjectRepository  # noqa: E402
-from workers.walarchive import WalEntry, list_wal  # noqa: E402
-from workers.walstream import WalStreamer  # noqa: E402
 
 TARGET = "bench"
 GOAL_P99_S = 60.0

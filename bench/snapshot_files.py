@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import BenchServices, log  # noqa: E402
-from workers import filesnap  # noqa: E402
 from workers.context import open_repository  # noqa: E402
+from workers.servers import filetrees  # noqa: E402
 
 MIB = 2**20
 FILE_SIZE = 4 * MIB
@@ -71,20 +71,20 @@ def main() -> int:
         read_s = _timed(lambda: _read_all(tree))
         log(f"read: {size / MIB / read_s:.0f} MiB/s")
         first_s = _timed(
-            lambda: filesnap.take_snapshot(repo, "bench", (str(tree),), snapshot_id="s1", extra={})
+            lambda: filetrees.take_snapshot(repo, "bench", (str(tree),), snapshot_id="s1", extra={})
         )
         log(f"snapshot: {size / MIB / first_s:.0f} MiB/s")
         changed = _change_one_percent(tree, rng, size)
         again_s = _timed(
-            lambda: filesnap.take_snapshot(repo, "bench", (str(tree),), snapshot_id="s2", extra={})
+            lambda: filetrees.take_snapshot(repo, "bench", (str(tree),), snapshot_id="s2", extra={})
         )
-        second = filesnap.list_snapshots(repo, "bench")[-1]
+        second = filetrees.list_snapshots(repo, "bench")[-1]
         log(
             f"second snapshot after {changed / MIB:.1f} MiB changed: {again_s:.1f}s, "
             f"{second['new_bytes'] / MIB:.1f} MiB new"
         )
         into = scratch / "restored"
-        restore_s = _timed(lambda: filesnap.restore_snapshot(repo, second, into, on_progress=log))
+        restore_s = _timed(lambda: filetrees.restore_snapshot(repo, second, into, on_progress=log))
         result = {
             "tree_mib": round(size / MIB),
             "files": files,

@@ -54,12 +54,12 @@ from bench.common import (  # noqa: E402
     queue_consumers,
 )
 from deskvault.local.demo_data import TABLES, helpdesk_sql  # noqa: E402
-from deskvault.local.pgcluster import DEFAULT_PG_BIN, PgCluster, free_port, hand_over, server_user  # noqa: E402
-from workers import catalog  # noqa: E402
 from workers.context import open_repository  # noqa: E402
-from workers.pitr import plan_restore, restore  # noqa: E402
-from workers.walarchive import list_wal  # noqa: E402
-from workers.walstream import WalStreamer  # noqa: E402
+from workers.engines.postgresql.cluster import DEFAULT_PG_BIN, PgCluster, free_port, hand_over, server_user  # noqa: E402
+from workers.engines.postgresql.restore import plan_restore, restore  # noqa: E402
+from workers.engines.postgresql.walarchive import list_wal  # noqa: E402
+from workers.engines.postgresql.walstream import WalStreamer  # noqa: E402
+from workers.repository import catalog  # noqa: E402
 
 MIB = 2**20
 TARGET = "bench"

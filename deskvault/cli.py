@@ -18,8 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from deskvault.errors import DeskvaultError
-from deskvault.logs import setup_logging
+from deskvault_core.errors import DeskvaultError
+from deskvault_core.logs import setup_logging
 from messages.events import EVENT_CLASSES
 
 log = logging.getLogger("deskvault")
@@ -229,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from deskvault.config import load_settings
+    from deskvault_core.config import load_settings
 
     return load_settings(_config_path(args))
 
@@ -303,7 +303,7 @@ def _cmd_worker(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_wal_stream(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
-    from workers.walstream import WalStreamer
+    from workers.engines.postgresql.walstream import WalStreamer
 
     settings = _settings(args)
     names = args.targets or sorted(settings.targets)
@@ -374,7 +374,7 @@ def _usage(message: str) -> DeskvaultError:
 
 def _cmd_tenants_list(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_ledger
-    from workers.tenants import TenantRegistry
+    from workers.tenants.registry import TenantRegistry
 
     settings = _settings(args)
     ledger = open_ledger(settings)
@@ -416,7 +416,7 @@ def _cmd_tenants_list(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_tenants_hold(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_ledger
-    from workers.tenants import TenantRegistry
+    from workers.tenants.registry import TenantRegistry
 
     settings = _settings(args)
     ledger = open_ledger(settings)
@@ -429,13 +429,13 @@ def _cmd_tenants_hold(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _download_service(settings: Any) -> Any:
     from workers.context import build
-    from workers.downloads import DownloadService
+    from workers.tenants.downloads import DownloadService
 
     return DownloadService(build(settings))
 
 
 def _cmd_tenants_token(args: argparse.Namespace, _extra: list[str]) -> int:
-    from workers.tenants import TenantRegistry
+    from workers.tenants.registry import TenantRegistry
 
     settings = _settings(args)
     TenantRegistry(settings).get(args.tenant)
@@ -445,9 +445,9 @@ def _cmd_tenants_token(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_exports_list(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import build
-    from workers.exports import list_exports
-    from workers.tenantkeys import TenantKeyDestroyed, tenant_repository
-    from workers.tenants import TenantRegistry
+    from workers.tenants.exports import list_exports
+    from workers.tenants.keys import TenantKeyDestroyed, tenant_repository
+    from workers.tenants.registry import TenantRegistry
 
     settings = _settings(args)
     TenantRegistry(settings).get(args.tenant)
@@ -476,7 +476,7 @@ def _second(iso: str | None, absent: str = "latest") -> str:
 
 
 def _cmd_downloads_serve(args: argparse.Namespace, _extra: list[str]) -> int:
-    from workers.downloads import build_server
+    from workers.tenants.downloads import build_server
 
     settings = _settings(args)
     server = build_server(_download_service(settings))
@@ -495,8 +495,8 @@ def _cmd_downloads_serve(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_snapshots_list(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
-    from workers.ebs import list_sets
-    from workers.filesnap import list_snapshots
+    from workers.servers.ebs import list_sets
+    from workers.servers.filetrees import list_snapshots
 
     settings = _settings(args)
     servers = [args.server] if args.server else sorted(settings.servers)
@@ -538,7 +538,7 @@ def _cmd_snapshots_list(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_snapshots_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
-    from workers.filesnap import list_snapshots, restore_snapshot
+    from workers.servers.filetrees import list_snapshots, restore_snapshot
 
     settings = _settings(args)
     if args.server not in settings.servers:
@@ -560,8 +560,8 @@ def _cmd_snapshots_restore(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.backups.inventory import inventory
     from workers.context import open_repository
-    from workers.inventory import inventory
 
     settings = _settings(args)
     settings.target(args.target)
@@ -595,8 +595,8 @@ def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def _cmd_backups_verify(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.backups.verify import verify
     from workers.context import open_repository
-    from workers.verify import verify
 
     settings = _settings(args)
     settings.target(args.target)
@@ -623,9 +623,9 @@ def _cmd_backups_verify(args: argparse.Namespace, _extra: list[str]) -> int:
 def _cmd_backups_expire(args: argparse.Namespace, _extra: list[str]) -> int:
     from datetime import UTC, datetime
 
-    from workers import usage
+    from workers.backups import usage
+    from workers.backups.expire import expire
     from workers.context import open_ledger, open_repository
-    from workers.expire import expire
 
     settings = _settings(args)
     repo, target, now = open_repository(settings), settings.target(args.target), datetime.now(UTC)
@@ -646,7 +646,7 @@ def _mib(n: int) -> str:
 
 def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
-    from workers.pitr import plan_restore, restore
+    from workers.engines.postgresql.restore import plan_restore, restore
 
     settings = _settings(args)
     target = settings.target(args.target)

@@ -19,8 +19,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from deskvault.errors import DeskvaultError
-from deskvault.logs import redact
+from deskvault_core.errors import DeskvaultError
+from deskvault_core.logs import redact
 from messages.topology import POOLS, dead_letter_queue
 from workers.broker import REASON_HEADER
 

@@ -18,12 +18,12 @@ from typing import Any
 import pika.exceptions
 from prometheus_client.parser import text_string_to_metric_families
 
-from deskvault.config import Settings
-from deskvault.errors import DeskvaultError
+from deskvault_core.config import Settings
+from deskvault_core.errors import DeskvaultError
 from messages.topology import POOLS
 from workers.context import open_ledger, open_repository
+from workers.engines.postgresql.walarchive import list_wal
 from workers.queues import QueueDepth, queue_depths
-from workers.walarchive import list_wal
 
 KINDS = ("full", "diff", "log")
 # What status reads from Prometheus: name -> (the label results are keyed by, query).

@@ -14,8 +14,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from deskvault.errors import DeskvaultError
-from deskvault.logs import redact
+from deskvault_core.errors import DeskvaultError
+from deskvault_core.logs import redact
 from messages.envelope import wrap
 from messages.events import Event
 from messages.outbound import OUTBOUND_EXCHANGE

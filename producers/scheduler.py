@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from deskvault.config import Settings
+from deskvault_core.config import Settings
+from deskvault_core.cron import Cron
 from messages import outbound
 from messages.events import BackupDue, Event, ExportRequested, PurgeDue, RestoreDrill, SnapshotDue
-from producers.cron import Cron
 from producers.publisher import Publisher
 from workers.ledger.ledger import Ledger
-from workers.tenants import TenantRegistry
+from workers.tenants.registry import TenantRegistry
 
 log = logging.getLogger(__name__)
 

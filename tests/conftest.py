@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from support import build_settings, free_port
 
-from deskvault.config import Settings
 from deskvault.local.demo_data import helpdesk_sql
-from deskvault.local.pgcluster import ClusterError, PgCluster
+from deskvault_core.config import Settings
+from workers.engines.postgresql.cluster import ClusterError, PgCluster
 from workers.repository.keyring import Keyring
 
 IN_CI = bool(os.environ.get("CI"))

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 import boto3
 
-from deskvault.config import Settings, load_settings
-from deskvault.local.pgcluster import free_port
+from deskvault_core.config import Settings, load_settings
 from workers.context import WorkerContext, open_ledger, open_repository
+from workers.engines.postgresql.cluster import free_port
 
 T = TypeVar("T")
 __all__ = ["build_settings", "free_port", "raw_s3", "run_cli", "wait_for", "worker_context"]

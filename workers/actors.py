@@ -8,7 +8,7 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
-from deskvault.config import Settings
+from deskvault_core.config import Settings
 from messages.errors import InvalidEvent
 from messages.events import decode_event
 from messages.topology import EVENT_POOL, actor_name

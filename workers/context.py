@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deskvault.config import Settings
+from deskvault_core.config import Settings
 from workers.ledger.ledger import Ledger
 from workers.repository.keyring import Keyring
 from workers.repository.objects import ObjectRepository

@@ -48,7 +48,7 @@ def run(options: WorkerOptions) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         if options.metrics_port is not None:
-            from deskvault.config import load_settings
+            from deskvault_core.config import load_settings
             from workers.metrics import serve_multiprocess_metrics
             from workers.state_metrics import state_collector
 
@@ -98,9 +98,9 @@ def _supervise(options: WorkerOptions) -> int:
 def _child(options: WorkerOptions, index: int) -> None:
     from dramatiq import Worker
 
-    from deskvault.config import load_settings
-    from deskvault.errors import DeskvaultError
-    from deskvault.logs import setup_logging
+    from deskvault_core.config import load_settings
+    from deskvault_core.errors import DeskvaultError
+    from deskvault_core.logs import setup_logging
     from workers import context, metrics
     from workers.actors import build_broker
 

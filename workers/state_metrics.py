@@ -26,7 +26,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from deskvault.config import Settings
+from deskvault_core.config import Settings
 from workers.ledger.ledger import Ledger
 from workers.queues import QueueDepth, queue_depths
 

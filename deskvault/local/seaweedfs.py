@@ -22,7 +22,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from deskvault.errors import DeskvaultError
+from deskvault_core.errors import DeskvaultError
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"

@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deskvault.config import load_settings
-from deskvault.errors import DeskvaultError
 from deskvault.local import seaweedfs
 from deskvault.local.demo_data import helpdesk_sql
-from deskvault.local.pgcluster import PgCluster
+from deskvault_core.config import load_settings
+from deskvault_core.errors import DeskvaultError
 from messages.topology import POOLS
 from workers.context import open_ledger, open_repository
+from workers.engines.postgresql.cluster import PgCluster
 from workers.repository.keyring import Keyring
 
 log = logging.getLogger(__name__)

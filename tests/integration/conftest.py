@@ -11,8 +11,8 @@ from uuid import uuid4
 
 import pytest
 
-from deskvault.local.pgcluster import PgCluster, free_port
 from deskvault.local.seaweedfs import S3Endpoint, SeaweedError, ensure_running, stop
+from workers.engines.postgresql.cluster import PgCluster, free_port
 from workers.repository.s3 import MIN_PART_SIZE, S3Store
 
 STATE_DIR = Path(__file__).resolve().parents[2] / ".deskvault"

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from support import free_port, raw_s3, worker_context
 
-from deskvault.config import Settings
 from deskvault.local.demo_data import TABLES, table_fingerprint_sql
-from deskvault.local.pgcluster import PgCluster
+from deskvault_core.config import Settings
 from messages.events import BackupDue
-from workers import catalog
-from workers.engines.postgresql import restore_full
+from workers.engines.postgresql.basebackup import restore_full
+from workers.engines.postgresql.cluster import PgCluster
 from workers.handlers.backup import handle_backup_due
+from workers.repository import catalog
 from workers.repository.errors import IntegrityError
 
 pytestmark = pytest.mark.integration

@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 import pytest
 from support import deskvault_command, run_cli, wait_for, worker_context
 
-from deskvault.errors import DeskvaultError
+from deskvault_core.errors import DeskvaultError
 from messages.events import BackupDue
 from producers.publisher import Publisher
-from workers import catalog
-from workers.pitr import plan_restore
+from workers.engines.postgresql.restore import plan_restore
+from workers.repository import catalog
 
 pytestmark = pytest.mark.integration
 

@@ -21,10 +21,10 @@ from support import free_port, run_cli, wait_for, worker_context
 
 from messages.events import SnapshotDue
 from workers.context import WorkerContext
-from workers.ebs import TAG_EVENT, TAG_SERVER, TAG_SET, TAG_SOURCE, EbsDriver, set_key
 from workers.errors import PermanentError
 from workers.handlers.snapshot import handle_snapshot_due
-from workers.snapretention import keep
+from workers.servers.ebs import TAG_EVENT, TAG_SERVER, TAG_SET, TAG_SOURCE, EbsDriver, set_key
+from workers.servers.retention import keep
 
 pytestmark = pytest.mark.integration
 

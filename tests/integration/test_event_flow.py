@@ -20,9 +20,10 @@ from messages.events import AccountExpired, AccountReactivated, BackupDue, Expor
 from messages.schema_files import load_schema
 from messages.topology import POOLS, dead_letter_queue, delay_queue
 from producers.publisher import Publisher
-from workers import catalog, context
+from workers import context
 from workers.actors import build_broker
 from workers.broker import REASON_HEADER
+from workers.repository import catalog
 
 pytestmark = pytest.mark.integration
 

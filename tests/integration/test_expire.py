@@ -10,9 +10,9 @@ import pytest
 from support import worker_context
 
 from messages.events import BackupDue
-from workers import catalog
-from workers.expire import expire
+from workers.backups.expire import expire
 from workers.handlers.backup import handle_backup_due
+from workers.repository import catalog
 
 pytestmark = pytest.mark.integration
 

@@ -23,15 +23,15 @@ from support import (
     wait_for,
 )
 
-from deskvault.local.pgcluster import DEFAULT_PG_BIN
 from messages.events import ExportRequested
 from messages.schema_files import SCHEMA_DIR
-from workers import exports
-from workers.downloads import DownloadService, serve_in_thread
+from workers.engines.postgresql.cluster import DEFAULT_PG_BIN
 from workers.errors import PermanentError
 from workers.handlers.export import handle_export_requested
-from workers.tenantkeys import tenant_prefix, tenant_repository
-from workers.tenants import UnknownTenant
+from workers.tenants import exports
+from workers.tenants.downloads import DownloadService, serve_in_thread
+from workers.tenants.keys import tenant_prefix, tenant_repository
+from workers.tenants.registry import UnknownTenant
 
 pytestmark = pytest.mark.integration
 

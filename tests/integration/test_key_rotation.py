@@ -12,9 +12,9 @@ import pytest
 from support import raw_s3, run_cli, worker_context
 
 from messages.events import BackupDue
-from workers import catalog
-from workers.engines.postgresql import restore_full
+from workers.engines.postgresql.basebackup import restore_full
 from workers.handlers.backup import handle_backup_due
+from workers.repository import catalog
 from workers.repository.crypto import header_key_id
 from workers.repository.errors import KeyNotFound
 from workers.repository.keyring import Keyring

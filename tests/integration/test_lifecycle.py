@@ -17,7 +17,7 @@ from support import clocked_context, run_cli
 from messages.events import AccountExpired, AccountReactivated
 from workers.errors import PermanentError
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
-from workers.tenants import AccountsQueryError, TenantRegistry, UnknownTenant
+from workers.tenants.registry import AccountsQueryError, TenantRegistry, UnknownTenant
 
 pytestmark = pytest.mark.integration
 

@@ -31,9 +31,9 @@ from support import (
 )
 
 from deskvault.local.demo_data import helpdesk_sql
-from deskvault.local.pgcluster import PgCluster
 from messages.events import AccountExpired, BackupDue, ExportRequested, RestoreDrill
 from producers.publisher import Publisher
+from workers.engines.postgresql.cluster import PgCluster
 
 pytestmark = pytest.mark.integration
 

@@ -22,10 +22,10 @@ from support import (
     worker_context,
 )
 
-from deskvault.local.pgcluster import PgCluster
 from messages.events import BackupDue
 from producers.publisher import Publisher
-from workers import catalog
+from workers.engines.postgresql.cluster import PgCluster
+from workers.repository import catalog
 
 pytestmark = pytest.mark.integration
 

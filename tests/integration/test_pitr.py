@@ -22,22 +22,23 @@ import pytest
 from prometheus_client import REGISTRY
 from support import build_settings, free_port, raw_s3, run_cli, wait_for, worker_context
 
-from deskvault.config import TenantSettings
-from deskvault.errors import DeskvaultError
-from deskvault.local.pgcluster import PgCluster
+from deskvault_core.config import TenantSettings
+from deskvault_core.errors import DeskvaultError
 from messages.events import BackupDue, ExportRequested, RestoreDrill
-from workers import catalog, exports
 from workers.context import WorkerContext
+from workers.engines.postgresql.cluster import PgCluster
+from workers.engines.postgresql.restore import Unreachable, plan_restore, restore
+from workers.engines.postgresql.walarchive import list_wal
+from workers.engines.postgresql.walstream import WalStreamer
 from workers.errors import HandlerError
 from workers.handlers.backup import handle_backup_due
 from workers.handlers.drill import handle_restore_drill
 from workers.handlers.export import handle_export_requested
-from workers.pitr import Unreachable, plan_restore, restore
+from workers.repository import catalog
 from workers.repository.keyring import Keyring
 from workers.state_metrics import StateCollector
-from workers.tenantkeys import tenant_repository
-from workers.walarchive import list_wal
-from workers.walstream import WalStreamer
+from workers.tenants import exports
+from workers.tenants.keys import tenant_repository
 
 pytestmark = pytest.mark.integration
 

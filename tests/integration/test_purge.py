@@ -23,7 +23,7 @@ from workers.errors import PermanentError
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
 from workers.handlers.purge import handle_purge_due
 from workers.repository.errors import KeyNotFound
-from workers.tenantkeys import TenantKeyDestroyed, tenant_prefix, tenant_repository
+from workers.tenants.keys import TenantKeyDestroyed, tenant_prefix, tenant_repository
 
 pytestmark = pytest.mark.integration
 

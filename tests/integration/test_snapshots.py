@@ -15,9 +15,9 @@ import pytest
 from support import run_cli, worker_context
 
 from messages.events import SnapshotDue
-from workers import filesnap
 from workers.errors import PermanentError, UnknownTarget
 from workers.handlers.snapshot import handle_snapshot_due
+from workers.servers import filetrees
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +103,7 @@ def test_a_second_snapshot_after_one_percent_changed_stores_little_and_both_rest
     after = describe(root)
     snapshot(ctx, server, datetime(2026, 12, 2, 3, 0, tzinfo=UTC))
 
-    first_m, second_m = filesnap.list_snapshots(ctx.repository, server)
+    first_m, second_m = filetrees.list_snapshots(ctx.repository, server)
     assert 0.009 < changed / total < 0.011
     ratio = second_m["new_bytes"] / second_m["bytes"]
     print(
@@ -115,7 +115,7 @@ def test_a_second_snapshot_after_one_percent_changed_stores_little_and_both_rest
 
     for manifest, expected in ((first_m, before), (second_m, after)):
         into = tmp_path / f"restored-{manifest['snapshot_id']}"
-        filesnap.restore_snapshot(ctx.repository, manifest, into)
+        filetrees.restore_snapshot(ctx.repository, manifest, into)
         assert describe(into / str(root).lstrip("/")) == expected
 
 
@@ -129,7 +129,7 @@ def test_a_redelivered_snapshot_due_takes_one_snapshot(files_server) -> None:
         ctx, SnapshotDue.new(server=server, slot=slot, idempotency_key=uuid.uuid4().hex)
     )
     assert again.startswith("snapshot (already taken) 20261203T030000Z")
-    assert len(filesnap.list_snapshots(ctx.repository, server)) == 1
+    assert len(filetrees.list_snapshots(ctx.repository, server)) == 1
 
 
 def test_an_unreadable_path_is_refused_and_nothing_is_recorded(make_settings, tmp_path) -> None:
@@ -138,7 +138,7 @@ def test_an_unreadable_path_is_refused_and_nothing_is_recorded(make_settings, tm
     ctx = worker_context(make_settings(extra=f'[servers.{name}]\ndriver = "files"\npaths = ["{missing}"]\n'))
     with pytest.raises(PermanentError, match=rf"paths: {missing} is not a readable directory"):
         snapshot(ctx, name, datetime(2026, 12, 3, 3, 0, tzinfo=UTC))
-    assert filesnap.list_snapshots(ctx.repository, name) == []
+    assert filetrees.list_snapshots(ctx.repository, name) == []
     assert list(ctx.repository.list_keys(f"servers/{name}/")) == []
 
 

@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 import pytest
 from support import TlsProxy, build_settings, deskvault_command, self_signed_cert, worker_context
 
-from deskvault.config import load_settings
-from deskvault.errors import ConfigError
+from deskvault_core.config import load_settings
+from deskvault_core.errors import ConfigError
 from messages.events import AccountExpired
 from producers.publisher import Publisher, PublishError
 from workers.context import open_repository

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 from support import free_port, wait_for
 
-from deskvault.local.pgcluster import PgCluster
+from workers.engines.postgresql.cluster import PgCluster
 
 pytestmark = pytest.mark.integration
 

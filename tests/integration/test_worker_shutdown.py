@@ -12,7 +12,7 @@ from support import wait_for, worker_context
 
 from messages.events import BackupDue
 from producers.publisher import Publisher
-from workers import catalog
+from workers.repository import catalog
 
 pytestmark = pytest.mark.integration
 

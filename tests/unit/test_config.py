@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from deskvault.config import load_settings
-from deskvault.errors import ConfigError
+from deskvault_core.config import load_settings
+from deskvault_core.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deskvault.example.toml"
 

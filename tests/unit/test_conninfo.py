@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.engines.conninfo import libpq_env, split_password, with_dbname
+from workers.engines.postgresql.conninfo import libpq_env, split_password, with_dbname
 
 
 @pytest.mark.parametrize(
@@ -28,8 +28,8 @@ def test_the_password_travels_in_the_environment() -> None:
 
 
 def test_the_backup_command_line_carries_no_password() -> None:
-    from deskvault.config import TargetSettings
-    from workers.engines.postgresql import PostgresEngine
+    from deskvault_core.config import TargetSettings
+    from workers.engines.postgresql.basebackup import PostgresEngine
 
     engine = PostgresEngine(
         TargetSettings(name="main", engine="postgresql", conninfo="host=db user=backup password=s3cret")
@@ -41,7 +41,7 @@ def test_the_backup_command_line_carries_no_password() -> None:
 
 
 def test_odbc_connection_string_names_the_same_server() -> None:
-    from workers.engines.conninfo import odbc_connection_string
+    from workers.engines.postgresql.conninfo import odbc_connection_string
 
     odbc = odbc_connection_string("host=127.0.0.1 port=55432 user=postgres dbname=postgres password=p}w")
     assert odbc == (

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from deskvault.errors import DeskvaultError
-from producers.cron import Cron, CronError
+from deskvault_core.cron import Cron, CronError
+from deskvault_core.errors import DeskvaultError
 
 FULL = "0 1 * * 0"
 DIFF = "0 */2 * * *"

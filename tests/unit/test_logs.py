@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from deskvault.logs import RedactingFormatter, redact
+from deskvault_core.logs import RedactingFormatter, redact
 
 
 def test_credentials_in_urls_and_key_values_are_masked() -> None:

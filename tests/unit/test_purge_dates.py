@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deskvault.config import LifecycleSettings
-from workers.purge_dates import add_months, purge_after
+from deskvault_core.config import LifecycleSettings
+from workers.tenants.purge_dates import add_months, purge_after
 
 POLICY = LifecycleSettings()
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.retention import Backup, Plan, Policy, WalObject, describe, plan
+from workers.backups.retention import Backup, Plan, Policy, WalObject, describe, plan
 
 T0 = datetime(2026, 10, 4, 1, 0, tzinfo=UTC)  # a Sunday, 01:00 UTC: the default full slot
 

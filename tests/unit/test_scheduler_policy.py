@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from deskvault.config import load_settings
+from deskvault_core.config import load_settings
 from producers.scheduler import due_now
 
 

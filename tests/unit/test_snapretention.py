@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.snapretention import keep
+from workers.servers.retention import keep
 
 START = datetime(2026, 11, 2, 3, 0, tzinfo=UTC)  # a Monday
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from workers.streams import ChunkReader, counted, prefetched
+from workers.repository.streams import ChunkReader, counted, prefetched
 
 
 def test_chunk_reader_serves_any_read_sizes() -> None:

@@ -8,7 +8,7 @@ import tarfile
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.engines.tarwatch import TarMemberWatcher
+from workers.engines.postgresql.tarwatch import TarMemberWatcher
 
 
 def archive(members: dict[str, bytes]) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.engines.untar import UnpackError, unpack_tar
+from workers.engines.postgresql.untar import UnpackError, unpack_tar
 
 
 def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:

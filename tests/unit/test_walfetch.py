@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.walfetch import EXPECTED_LIST, FETCH_SCRIPT, STOPPED_MARKER, WalDownloads
+from workers.engines.postgresql.walfetch import EXPECTED_LIST, FETCH_SCRIPT, STOPPED_MARKER, WalDownloads
 
 SEGMENT = "000000010000000000000003"
 

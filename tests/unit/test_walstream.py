@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deskvault.config import TargetSettings
-from workers.walarchive import archivable
-from workers.walstream import WalStreamer, slot_name
+from deskvault_core.config import TargetSettings
+from workers.engines.postgresql.walarchive import archivable
+from workers.engines.postgresql.walstream import WalStreamer, slot_name
 
 
 def test_a_partial_segment_renamed_while_listed_is_left_for_the_next_round(tmp_path: Path) -> None:

@@ -7,13 +7,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from messages.events import BackupDue
-from workers import catalog, metrics, usage
+from workers import metrics
+from workers.backups import usage
 from workers.context import WorkerContext
-from workers.engines.pgdiff import diff_backup
-from workers.engines.postgresql import BackupResult, PostgresEngine
+from workers.engines.postgresql.basebackup import BackupResult, PostgresEngine
+from workers.engines.postgresql.diff import diff_backup
 from workers.errors import PermanentError, UnknownTarget
 from workers.handlers.log_backup import take_log_backup
 from workers.jobs import run_once
+from workers.repository import catalog
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from deskvault.errors import DeskvaultError
-from deskvault.local.pgcluster import PgCluster, free_port
+from deskvault_core.errors import DeskvaultError
 from messages.events import RestoreDrill
 from workers import metrics
 from workers.context import WorkerContext
+from workers.engines.postgresql.cluster import PgCluster, free_port
+from workers.engines.postgresql.restore import plan_restore, restore
 from workers.errors import UnknownTarget
 from workers.jobs import run_once
-from workers.pitr import plan_restore, restore
 
 log = logging.getLogger(__name__)
 

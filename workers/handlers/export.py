@@ -16,18 +16,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from deskvault.local.pgcluster import PgCluster, free_port
 from messages import outbound
 from messages.events import ExportRequested
 from producers.publisher import Publisher
-from workers import catalog, exports
 from workers.context import WorkerContext
-from workers.engines.pgdump import dump_stream
+from workers.engines.postgresql.cluster import PgCluster, free_port
+from workers.engines.postgresql.dump import dump_stream
+from workers.engines.postgresql.restore import RestorePlan, Unreachable, plan_restore, restore
 from workers.errors import PermanentError
 from workers.jobs import run_once
-from workers.pitr import RestorePlan, Unreachable, plan_restore, restore
-from workers.tenantkeys import tenant_repository
-from workers.tenants import Tenant, TenantRegistry
+from workers.repository import catalog
+from workers.tenants import exports
+from workers.tenants.keys import tenant_repository
+from workers.tenants.registry import Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 

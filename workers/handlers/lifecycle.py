@@ -15,8 +15,8 @@ from workers.context import WorkerContext
 from workers.errors import PermanentError
 from workers.jobs import run_once
 from workers.ledger.ledger import AccountStateConflict
-from workers.purge_dates import purge_after
-from workers.tenants import TenantRegistry
+from workers.tenants.purge_dates import purge_after
+from workers.tenants.registry import TenantRegistry
 
 
 def handle_account_expired(ctx: WorkerContext, event: AccountExpired) -> str | None:

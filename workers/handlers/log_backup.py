@@ -12,12 +12,13 @@ from datetime import UTC, datetime
 
 from messages.events import BackupDue
 from producers.publisher import Publisher
-from workers import catalog, usage
+from workers.backups import usage
 from workers.context import WorkerContext
-from workers.engines.postgresql import PostgresEngine
-from workers.engines.walnames import Segment, parse_lsn
+from workers.engines.postgresql.basebackup import PostgresEngine
+from workers.engines.postgresql.walarchive import first_gap, list_wal, wal_key
+from workers.engines.postgresql.walnames import Segment, parse_lsn
 from workers.errors import HandlerError
-from workers.walarchive import first_gap, list_wal, wal_key
+from workers.repository import catalog
 
 # How long the switched segment may take to reach the bucket (the streamer uploads every few seconds).
 ARCHIVE_WAIT_SECONDS = 120.0

@@ -17,12 +17,12 @@ import logging
 
 from messages.events import PurgeDue
 from workers.context import WorkerContext
-from workers.engines.postgresql import PostgresEngine
+from workers.engines.postgresql.basebackup import PostgresEngine
 from workers.errors import PermanentError
 from workers.jobs import run_once
 from workers.ledger.ledger import PurgeRefused
-from workers.tenantkeys import tenant_prefix
-from workers.tenants import TenantRegistry
+from workers.tenants.keys import tenant_prefix
+from workers.tenants.registry import TenantRegistry
 
 log = logging.getLogger(__name__)
 

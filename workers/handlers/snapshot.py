@@ -1,7 +1,7 @@
 """snapshot-due: a server's daily snapshot, by its driver.
 
 `ebs`: every volume of the instance as one set, copied to the DR region (see `ebs`), then retention in
-each region. `files`: the configured directory trees into the repository (see `filesnap`), then
+each region. `files`: the configured directory trees into the repository (see `filetrees`), then
 retention (the newest per day and per week) and the removal of chunks no kept snapshot uses. A server
 with no driver is refused with the reason.
 """
@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from deskvault.config import ServerSettings
+from deskvault_core.config import ServerSettings
 from messages.events import SnapshotDue
-from workers import filesnap
 from workers.context import WorkerContext
-from workers.ebs import EbsDriver, check_settings
 from workers.errors import PermanentError, UnknownTarget
 from workers.jobs import run_once
 from workers.repository.objects import ObjectRepository
-from workers.snapretention import keep
+from workers.servers import filetrees
+from workers.servers.ebs import EbsDriver, check_settings
+from workers.servers.retention import keep
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _ebs(ctx: WorkerContext, event: SnapshotDue, server: ServerSettings) -> str:
 
 def _files(ctx: WorkerContext, event: SnapshotDue, server: ServerSettings) -> str:
     snapshot_id = f"{event.slot:%Y%m%dT%H%M%SZ}"
-    manifest, created = filesnap.take_snapshot(
+    manifest, created = filetrees.take_snapshot(
         ctx.repository,
         server.name,
         server.paths,
@@ -83,7 +83,7 @@ def expire_snapshots(
 ) -> tuple[int, int]:
     """Apply the server's retention, then delete chunks no kept snapshot lists; (snapshots, chunks) gone."""
     now = now or datetime.now(UTC)
-    snapshots = filesnap.list_snapshots(repo, server.name)
+    snapshots = filetrees.list_snapshots(repo, server.name)
     kept_ids = keep(
         # By schedule slot (a daily snapshot belongs to its day even if it ran late), else when taken.
         [(m["snapshot_id"], datetime.fromisoformat(m.get("slot") or m["finished_at"])) for m in snapshots],
@@ -93,11 +93,11 @@ def expire_snapshots(
     kept = [m for m in snapshots if m["snapshot_id"] in kept_ids]
     for manifest in snapshots:
         if manifest["snapshot_id"] not in kept_ids:
-            repo.delete(filesnap.manifest_key(server.name, manifest["snapshot_id"]))
+            repo.delete(filetrees.manifest_key(server.name, manifest["snapshot_id"]))
     used = {c for m in kept for e in m["entries"] for c in e.get("chunks", ())}
     removed = 0
     for listed in repo.store.list_entries(f"servers/{server.name}/chunks/"):
-        chunk_id = filesnap.chunk_id_of(listed.key)
+        chunk_id = filetrees.chunk_id_of(listed.key)
         if chunk_id not in used and listed.uploaded_at < now - CHUNK_GRACE:
             repo.delete(listed.key)
             removed += 1

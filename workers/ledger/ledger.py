@@ -17,7 +17,7 @@ from typing import Any
 
 import pyodbc
 
-from deskvault.errors import DeskvaultError
+from deskvault_core.errors import DeskvaultError
 from workers.ledger.schema import MIGRATIONS, statements
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deskvault.errors import DeskvaultError
+from deskvault_core.errors import DeskvaultError
 
 
 class RepositoryError(DeskvaultError):

@@ -14,7 +14,7 @@ from workers.repository.crypto import DEFAULT_FRAME_SIZE, decrypt_stream, encryp
 from workers.repository.errors import AlreadyExists, IntegrityError, RepositoryError
 from workers.repository.keyring import Keyring
 from workers.repository.s3 import S3Store, validate_key
-from workers.streams import ChunkReader, prefetched
+from workers.repository.streams import ChunkReader, prefetched
 
 # Decompressed output is handed out in pieces of at most this size, whatever the compression ratio.
 _OUTPUT_PIECE = 2**20

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deskvault.errors import ConfigError
+from deskvault_core.errors import ConfigError
 
 ENV_PREFIX = "DESKVAULT_"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -337,7 +337,7 @@ def _tenant(name: str, value: Any, targets: Mapping[str, TargetSettings]) -> Ten
 
 
 def _check_cron(expression: str, where: str) -> None:
-    from producers.cron import Cron, CronError
+    from deskvault_core.cron import Cron, CronError
 
     try:
         Cron.parse(expression)

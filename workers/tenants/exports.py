@@ -14,7 +14,7 @@ from typing import Any
 
 from workers.repository.errors import IntegrityError
 from workers.repository.objects import ObjectRepository
-from workers.tenantkeys import tenant_prefix
+from workers.tenants.keys import tenant_prefix
 
 MANIFEST_SUFFIX = ".json.dv"
 DUMP_SUFFIX = ".dump.dv"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from workers import catalog
-from workers.engines.walnames import DEFAULT_SEGMENT_SIZE, Segment
-from workers.pitr import Unreachable, plan_restore
+from workers.engines.postgresql.restore import Unreachable, plan_restore
+from workers.engines.postgresql.walarchive import list_wal
+from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment
+from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
-from workers.walarchive import list_wal
 
 
 def inventory(repo: ObjectRepository, target: str) -> dict[str, Any]:

@@ -29,11 +29,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from deskvault.errors import ConfigError
-from workers import exports
+from deskvault_core.errors import ConfigError
 from workers.context import WorkerContext
 from workers.repository.errors import RepositoryError
-from workers.tenantkeys import TenantKeyDestroyed, tenant_repository
+from workers.tenants import exports
+from workers.tenants.keys import TenantKeyDestroyed, tenant_repository
 
 log = logging.getLogger(__name__)
 

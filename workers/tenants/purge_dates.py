@@ -11,7 +11,7 @@ from __future__ import annotations
 import calendar
 from datetime import datetime
 
-from deskvault.config import LifecycleSettings
+from deskvault_core.config import LifecycleSettings
 
 
 def add_months(moment: datetime, months: int) -> datetime:

@@ -20,17 +20,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deskvault.config import TargetSettings
-from deskvault.errors import DeskvaultError
-from deskvault.local.pgcluster import hand_over
-from workers import catalog
-from workers.engines.conninfo import libpq_env, split_password, with_dbname
+from deskvault_core.config import TargetSettings
+from deskvault_core.errors import DeskvaultError
+from workers.engines.postgresql.cluster import hand_over
+from workers.engines.postgresql.conninfo import libpq_env, split_password, with_dbname
+from workers.engines.postgresql.tarwatch import TarMemberWatcher
+from workers.engines.postgresql.untar import unpack_tar
+from workers.engines.postgresql.walnames import parse_size
 from workers.engines.procstream import ProcessStream
-from workers.engines.tarwatch import TarMemberWatcher
-from workers.engines.untar import unpack_tar
-from workers.engines.walnames import parse_size
+from workers.repository import catalog
 from workers.repository.objects import ObjectRepository, StoredObject
-from workers.streams import counted
+from workers.repository.streams import counted
 
 log = logging.getLogger(__name__)
 

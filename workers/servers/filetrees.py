@@ -23,9 +23,9 @@ from typing import Any
 
 from fastcdc import fastcdc
 
-from deskvault.errors import DeskvaultError
-from workers import catalog
+from deskvault_core.errors import DeskvaultError
 from workers.errors import PermanentError
+from workers.repository import catalog
 from workers.repository.errors import IntegrityError
 from workers.repository.objects import ObjectRepository
 

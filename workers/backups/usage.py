@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from deskvault.config import TargetSettings
-from workers.expire import ExpireResult, expire
+from deskvault_core.config import TargetSettings
+from workers.backups.expire import ExpireResult, expire
 from workers.ledger.ledger import Ledger
 from workers.repository.objects import ObjectRepository
 

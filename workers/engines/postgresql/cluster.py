@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deskvault.errors import DeskvaultError
+from deskvault_core.errors import DeskvaultError
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 

@@ -20,10 +20,10 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from deskvault.config import ServerSettings
+from deskvault_core.config import ServerSettings
 from workers.errors import HandlerError, PermanentError
 from workers.repository.objects import ObjectRepository
-from workers.snapretention import keep
+from workers.servers.retention import keep
 
 log = logging.getLogger(__name__)
 

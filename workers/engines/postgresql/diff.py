@@ -22,12 +22,12 @@ from typing import Any
 
 import pyodbc
 
-from deskvault.config import TargetSettings
-from workers import catalog
-from workers.engines.conninfo import odbc_connection_string
-from workers.engines.postgresql import BackupResult, EngineError, commit, object_entry
-from workers.engines.untar import unpack_tar
+from deskvault_core.config import TargetSettings
+from workers.engines.postgresql.basebackup import BackupResult, EngineError, commit, object_entry
+from workers.engines.postgresql.conninfo import odbc_connection_string
+from workers.engines.postgresql.untar import unpack_tar
 from workers.errors import PermanentError
+from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
 
 log = logging.getLogger(__name__)

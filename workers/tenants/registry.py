@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import pyodbc
 
-from deskvault.config import NAME_PATTERN, Settings
-from deskvault.errors import DeskvaultError
+from deskvault_core.config import NAME_PATTERN, Settings
+from deskvault_core.errors import DeskvaultError
 from workers.errors import PermanentError
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from deskvault.config import TargetSettings
+from deskvault_core.config import TargetSettings
 from workers import metrics
-from workers.engines.conninfo import libpq_env, split_password
+from workers.engines.postgresql.conninfo import libpq_env, split_password
+from workers.engines.postgresql.walarchive import PARTIAL, archivable, wal_key
 from workers.repository.objects import ObjectRepository
-from workers.walarchive import PARTIAL, archivable, wal_key
 
 log = logging.getLogger(__name__)
 

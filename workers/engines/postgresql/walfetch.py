@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from workers.engines.postgresql.walarchive import PARTIAL, WalEntry
 from workers.repository.objects import ObjectRepository
-from workers.walarchive import PARTIAL, WalEntry
 
 DOWNLOAD_THREADS = 4
 EXPECTED_LIST = ".expected"

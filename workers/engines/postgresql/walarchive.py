@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from workers.engines.walnames import DEFAULT_SEGMENT_SIZE, HISTORY_RE, SEGMENT_RE, Segment
+from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, HISTORY_RE, SEGMENT_RE, Segment
 from workers.repository.objects import ObjectRepository
 
 SUFFIX = ".dv"

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from deskvault.errors import DeskvaultError
+from deskvault_core.errors import DeskvaultError
 
 
 class UnpackError(DeskvaultError):

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from workers import catalog
-from workers.engines.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from workers.engines.postgresql.walarchive import first_gap, list_wal
+from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from workers.repository import catalog
 from workers.repository.errors import RepositoryError
 from workers.repository.objects import ObjectRepository
-from workers.walarchive import first_gap, list_wal
 
 THREADS = 4
 

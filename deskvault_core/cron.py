@@ -6,7 +6,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
-from deskvault.errors import DeskvaultError
+from deskvault_core.errors import DeskvaultError
 
 
 class CronError(DeskvaultError, ValueError):

@@ -21,15 +21,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from deskvault.errors import DeskvaultError
-from deskvault.local.pgcluster import DEFAULT_PG_BIN, PgCluster, hand_over
-from workers import catalog
-from workers.engines.pgdiff import apply_diff
-from workers.engines.postgresql import restore_full
-from workers.engines.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from deskvault_core.errors import DeskvaultError
+from workers.engines.postgresql.basebackup import restore_full
+from workers.engines.postgresql.cluster import DEFAULT_PG_BIN, PgCluster, hand_over
+from workers.engines.postgresql.diff import apply_diff
+from workers.engines.postgresql.walarchive import WalEntry, list_wal
+from workers.engines.postgresql.walfetch import DOWNLOAD_THREADS, WalDownloads, local_name, restore_command
+from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
-from workers.walarchive import WalEntry, list_wal
-from workers.walfetch import DOWNLOAD_THREADS, WalDownloads, local_name, restore_command
 
 log = logging.getLogger(__name__)
 

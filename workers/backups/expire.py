@@ -1,4 +1,4 @@
-"""Apply the retention policy to a target's repository: list it, plan with `workers.retention`, delete.
+"""Apply the retention policy to a target's repository: list it, plan with `retention`, delete.
 
 A backup's manifest is deleted before its data, so a crash midway leaves unreferenced data (cleaned up
 by the next run, once it is a day old) and never a manifest pointing at missing objects. Multipart
@@ -11,12 +11,12 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from deskvault.config import TargetSettings
-from workers import catalog
-from workers.engines.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from deskvault_core.config import TargetSettings
+from workers.backups.retention import Backup, Plan, Policy, WalObject, describe, plan
+from workers.engines.postgresql.walarchive import list_wal
+from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
-from workers.retention import Backup, Plan, Policy, WalObject, describe, plan
-from workers.walarchive import list_wal
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Configuration, the base error, schedules and log redaction: what every layer may import."""

@@ -1,0 +1,1 @@
+"""Engine-neutral backup policy: retention, expiry, inventory, stored bytes, verify."""

@@ -1,0 +1,2 @@
+"""Everything PostgreSQL-specific: base backups, differentials, WAL, point-in-time restore, dumps, scratch
+clusters."""

@@ -1,0 +1,1 @@
+"""Server snapshots: EBS volume sets, file-tree snapshots, and their retention."""
