@@ -303,7 +303,7 @@ def _cmd_worker(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_wal_stream(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
-    from workers.engines.postgresql.walstream import WalStreamer
+    from workers.engines.registry import engine_for
 
     settings = _settings(args)
     names = args.targets or sorted(settings.targets)
@@ -320,9 +320,9 @@ def _cmd_wal_stream(args: argparse.Namespace, _extra: list[str]) -> int:
         log.info("wal-stream metrics on http://%s:%d/metrics", settings.metrics.host, port)
     threads = [
         threading.Thread(
-            target=WalStreamer(
-                t, repo, Path(settings.wal.spool_dir) / t.name, settings.wal.upload_interval_seconds
-            ).run,
+            target=engine_for(t)
+            .log_streamer(repo, Path(settings.wal.spool_dir) / t.name, settings.wal.upload_interval_seconds)
+            .run,
             args=(stop,),
             name=f"wal-{t.name}",
         )
@@ -564,8 +564,7 @@ def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
 
     settings = _settings(args)
-    settings.target(args.target)
-    found = inventory(open_repository(settings), args.target)
+    found = inventory(open_repository(settings), settings.target(args.target))
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
@@ -599,7 +598,7 @@ def _cmd_backups_verify(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
 
     settings = _settings(args)
-    settings.target(args.target)
+    target = settings.target(args.target)
     step = [0]
 
     def progress(done: int, total: int) -> None:
@@ -607,7 +606,7 @@ def _cmd_backups_verify(args: argparse.Namespace, _extra: list[str]) -> int:
             step[0] = done
             print(f"  {done}/{total} objects checked", flush=True)
 
-    report = verify(open_repository(settings), args.target, progress)
+    report = verify(open_repository(settings), target, progress)
     for problem in report.problems:
         print(f"BAD {problem.key}: {problem.detail}")
     if report.problems:
@@ -646,13 +645,13 @@ def _mib(n: int) -> str:
 
 def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
-    from workers.engines.postgresql.restore import plan_restore, restore
+    from workers.engines.registry import engine_for
 
     settings = _settings(args)
-    target = settings.target(args.target)
+    engine = engine_for(settings.target(args.target))
     at = _parse_at(args.at)
     repo = open_repository(settings)
-    plan = plan_restore(repo, args.target, at)
+    plan = engine.plan_restore(repo, at)
     base = plan.base
     for skipped in plan.skipped:
         print(f"WARNING: left out a damaged backup: {skipped}", flush=True)
@@ -660,16 +659,15 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     window = ", ".join(f"{a:%Y-%m-%dT%H:%M:%SZ} .. {b:%Y-%m-%dT%H:%M:%SZ}" for a, b in plan.window.intervals)
     print(
         f"restoring {args.target} to {args.at or 'the latest archived moment'}: full {base['backup_id']} "
-        f"({_mib(base['plain_size'])}){diff} + {len(plan.wal)} WAL file(s); restorable: {window}",
+        f"({_mib(base['plain_size'])}){diff} + {plan.log_files} WAL file(s); restorable: {window}",
         flush=True,
     )
-    result = restore(
+    result = engine.restore(
         repo,
         plan,
         args.into,
         start=args.start,
         port=args.port,
-        pg_bin=Path(target.pg_bin),
         on_progress=lambda line: print(f"  {line}", flush=True),
     )
     if args.start:
@@ -681,7 +679,7 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
         print(f"recovered and running on 127.0.0.1:{args.port}; last transaction replayed at {reached}")
     else:
         print(
-            f"restored and verified into {args.into} (WAL in {result.wal_dir}). Start it as the postgres "
+            f"restored and verified into {args.into} (WAL in {result.log_dir}). Start it as the postgres "
             f"user with: pg_ctl -D {args.into} start; it recovers, then promotes"
         )
     return 0

@@ -22,7 +22,7 @@ from deskvault_core.config import Settings
 from deskvault_core.errors import DeskvaultError
 from messages.topology import POOLS
 from workers.context import open_ledger, open_repository
-from workers.engines.postgresql.walarchive import list_wal
+from workers.engines.registry import engine_for
 from workers.queues import QueueDepth, queue_depths
 
 KINDS = ("full", "diff", "log")
@@ -103,8 +103,9 @@ def _newest_wal_uploads(settings: Settings, warnings: list[str]) -> dict[str, da
     found = {}
     try:
         repo = open_repository(settings)
-        for name in settings.targets:
-            newest = max((e.uploaded_at for e in list_wal(repo, name)), default=None)
+        for name, target in settings.targets.items():
+            archive = engine_for(target).log_archive(repo, [])  # upload times need no manifest
+            newest = max((f.uploaded_at for f in archive.files), default=None)
             if newest is not None:
                 found[name] = newest
     except DeskvaultError as e:

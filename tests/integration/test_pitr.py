@@ -26,8 +26,9 @@ from deskvault_core.config import TenantSettings
 from deskvault_core.errors import DeskvaultError
 from messages.events import BackupDue, ExportRequested, RestoreDrill
 from workers.context import WorkerContext
+from workers.engines.base import Unreachable
 from workers.engines.postgresql.cluster import PgCluster
-from workers.engines.postgresql.restore import Unreachable, plan_restore, restore
+from workers.engines.postgresql.restore import plan_restore, restore
 from workers.engines.postgresql.walarchive import list_wal
 from workers.engines.postgresql.walstream import WalStreamer
 from workers.errors import HandlerError

@@ -29,12 +29,13 @@ def test_the_password_travels_in_the_environment() -> None:
 
 def test_the_backup_command_line_carries_no_password() -> None:
     from deskvault_core.config import TargetSettings
-    from workers.engines.postgresql.basebackup import PostgresEngine
+    from workers.engines.postgresql.basebackup import basebackup_command
+    from workers.engines.postgresql.server import PgServer
 
-    engine = PostgresEngine(
+    engine = PgServer(
         TargetSettings(name="main", engine="postgresql", conninfo="host=db user=backup password=s3cret")
     )
-    command = engine._basebackup_command("20261122T010000Z-full")
+    command = basebackup_command(engine, "20261122T010000Z-full")
     assert not any("s3cret" in arg for arg in command)
     assert "host=db user=backup" in command
     assert engine.env["PGPASSWORD"] == "s3cret"

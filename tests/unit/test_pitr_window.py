@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from workers.engines.postgresql.restore import Window
+from workers.engines.base import Window
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

@@ -13,8 +13,8 @@ from datetime import datetime, timedelta
 
 from deskvault_core.config import TargetSettings
 from workers.backups.retention import Backup, Plan, Policy, WalObject, describe, plan
-from workers.engines.postgresql.walarchive import list_wal
-from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from workers.engines.base import LogArchive
+from workers.engines.registry import engine_for
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
 
@@ -43,22 +43,16 @@ def policy_for(target: TargetSettings) -> Policy:
 
 def expire(repo: ObjectRepository, target: TargetSettings, now: datetime, *, dry_run: bool) -> ExpireResult:
     manifests, _ = catalog.scan_manifests(repo, target.name)
-    fulls = [m for m in manifests if m["kind"] == "full"]
-    segment_size = (fulls[-1].get("wal_segment_size") if fulls else None) or DEFAULT_SEGMENT_SIZE
+    archive = engine_for(target).log_archive(repo, manifests)
     keys_by_backup: dict[str, list[str]] = {}
     for key in repo.list_keys(f"targets/{target.name}/backups/"):
         keys_by_backup.setdefault(key.split("/")[3], []).append(key)
     backups = [
-        _backup(m, keys_by_backup.get(m["backup_id"], []), segment_size)
+        _backup(m, keys_by_backup.get(m["backup_id"], []), archive)
         for m in manifests
         if m["kind"] in ("full", "diff")
     ]
-    wal = [
-        WalObject(
-            e.key, e.segment.timeline if e.segment else 0, e.segment.segno if e.segment else None, e.partial
-        )
-        for e in list_wal(repo, target.name, segment_size)
-    ]
+    wal = [WalObject(f.key, f.timeline, f.position, f.partial) for f in archive.files]
     decided = plan(backups, wal, policy_for(target), now)
     # Log manifests describe WAL of a chain; they go with the chain's full.
     expired = set(decided.expired_backups)
@@ -100,15 +94,15 @@ def expire(repo: ObjectRepository, target: TargetSettings, now: datetime, *, dry
     )
 
 
-def _backup(manifest: dict, keys: list[str], segment_size: int) -> Backup:
-    timeline = manifest["timeline"]
+def _backup(manifest: dict, keys: list[str], archive: LogArchive) -> Backup:
+    timeline, start, stop = archive.span(manifest)
     return Backup(
         backup_id=manifest["backup_id"],
         kind=manifest["kind"],
         parent=manifest["parent"] if manifest["kind"] == "diff" else None,
         timeline=timeline,
-        start_segno=Segment.of(timeline, parse_lsn(manifest["start_lsn"]), segment_size).segno,
-        stop_segno=Segment.of(timeline, parse_lsn(manifest["stop_lsn"]), segment_size).segno,
+        start_segno=start,
+        stop_segno=stop,
         finished_at=datetime.fromisoformat(manifest["finished_at"]),
         keys=tuple(sorted(keys)),
     )

@@ -1,21 +1,20 @@
-"""What a target's repository holds: backup chains, the WAL archive, and the restorable window."""
+"""What a target's repository holds: backup chains, the log archive, and the restorable window."""
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
-from workers.engines.postgresql.restore import Unreachable, plan_restore
-from workers.engines.postgresql.walarchive import list_wal
-from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment
+from deskvault_core.config import TargetSettings
+from workers.engines.base import LogArchive, Unreachable
+from workers.engines.registry import engine_for
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
 
 
-def inventory(repo: ObjectRepository, target: str) -> dict[str, Any]:
-    manifests = catalog.list_manifests(repo, target)
+def inventory(repo: ObjectRepository, target: TargetSettings) -> dict[str, Any]:
+    engine = engine_for(target)
+    manifests = catalog.list_manifests(repo, target.name)
     fulls = [m for m in manifests if m["kind"] == "full"]
-    segment_size = (fulls[-1].get("wal_segment_size") if fulls else None) or DEFAULT_SEGMENT_SIZE
     chains = [
         {
             "full": f["backup_id"],
@@ -26,7 +25,7 @@ def inventory(repo: ObjectRepository, target: str) -> dict[str, Any]:
         for f in fulls
     ]
     try:
-        window = plan_restore(repo, target, None).window
+        window = engine.plan_restore(repo, None).window
         restorable = {
             "earliest": catalog.iso(window.earliest),
             "latest": catalog.iso(window.latest),
@@ -35,30 +34,26 @@ def inventory(repo: ObjectRepository, target: str) -> dict[str, Any]:
     except Unreachable:
         restorable = None
     return {
-        "target": target,
+        "target": target.name,
         "restorable_window": restorable,
         "chains": chains,
         "backups": manifests,
-        "wal": _wal_summary(repo, target, segment_size),
+        "wal": _log_summary(engine.log_archive(repo, manifests)),
     }
 
 
-def _wal_summary(repo: ObjectRepository, target: str, segment_size: int) -> dict[str, Any]:
-    entries = list_wal(repo, target, segment_size)
-    segments = sorted(e.segment for e in entries if e.segment is not None and not e.partial)
-    partial = next((e for e in entries if e.partial), None)
-    gaps = [
-        Segment(a.timeline, n).name(segment_size)
-        for a, b in itertools.pairwise(segments)
-        if a.timeline == b.timeline
-        for n in range(a.segno + 1, b.segno)
-    ]
-    newest = max((e.uploaded_at for e in entries), default=None)
+def _log_summary(archive: LogArchive) -> dict[str, Any]:
+    files = sorted(
+        (f for f in archive.files if f.position is not None and not f.partial),
+        key=lambda f: (f.timeline, f.position or 0),
+    )
+    partial = next((f for f in archive.files if f.partial), None)
+    newest = max((f.uploaded_at for f in archive.files), default=None)
     return {
-        "segments": len(segments),
-        "first": segments[0].name(segment_size) if segments else None,
-        "last": segments[-1].name(segment_size) if segments else None,
-        "partial": partial.filename if partial else None,
+        "segments": len(files),
+        "first": files[0].name if files else None,
+        "last": files[-1].name if files else None,
+        "partial": partial.name if partial else None,
         "newest_upload": catalog.iso(newest) if newest else None,
-        "gaps": gaps,
+        "gaps": archive.gaps(),
     }

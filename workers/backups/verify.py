@@ -10,8 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from workers.engines.postgresql.walarchive import first_gap, list_wal
-from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from deskvault_core.config import TargetSettings
+from workers.engines.registry import engine_for
 from workers.repository import catalog
 from workers.repository.errors import RepositoryError
 from workers.repository.objects import ObjectRepository
@@ -33,12 +33,12 @@ class Report:
 
 
 def verify(
-    repo: ObjectRepository, target: str, on_progress: Callable[[int, int], None] | None = None
+    repo: ObjectRepository, target: TargetSettings, on_progress: Callable[[int, int], None] | None = None
 ) -> Report:
     checks: list[tuple[str, str | None, int | None]] = []  # key, expected sha256, expected size
     problems: list[Problem] = []
     manifests = []
-    for key in repo.list_keys(f"targets/{target}/backups/"):
+    for key in repo.list_keys(f"targets/{target.name}/backups/"):
         if key.endswith("/" + catalog.MANIFEST_NAME):
             try:
                 manifests.append(repo.get_json(key))
@@ -49,9 +49,8 @@ def verify(
         if m.get("file_list"):
             checks.append((m["file_list"], None, None))
     fulls = sorted((m for m in manifests if m["kind"] == "full"), key=lambda m: m["finished_at"])
-    segment_size = (fulls[-1].get("wal_segment_size") if fulls else None) or DEFAULT_SEGMENT_SIZE
-    wal = list_wal(repo, target, segment_size)
-    checks += [(e.key, None, None) for e in wal]
+    archive = engine_for(target).log_archive(repo, fulls)
+    checks += [(f.key, None, None) for f in archive.files]
 
     def check(item: tuple[str, str | None, int | None]) -> tuple[int, Problem | None]:
         key, sha256, size = item
@@ -71,14 +70,13 @@ def verify(
                 problems.append(problem)
             if on_progress is not None:
                 on_progress(done, len(checks))
-    if fulls and wal:
-        start = Segment.of(fulls[0]["timeline"], parse_lsn(fulls[0]["start_lsn"]), segment_size)
-        end = max(e.segment for e in wal if e.segment is not None and e.segment.timeline == start.timeline)
-        if (gap := first_gap(wal, start, end)) is not None:
+    if fulls and archive.files:
+        timeline, start, _ = archive.span(fulls[0])
+        end = max(f.position for f in archive.files if f.position is not None and f.timeline == timeline)
+        if (gap := archive.first_gap(timeline, start, end)) is not None:
             problems.append(
                 Problem(
-                    f"targets/{target}/wal/{gap.name(segment_size)}",
-                    "missing: the WAL archive has a gap here",
+                    archive.prefix + archive.name(timeline, gap), "missing: the log archive has a gap here"
                 )
             )
     return Report(len(checks) + len(manifests), plain, tuple(problems))

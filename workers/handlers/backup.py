@@ -10,8 +10,8 @@ from messages.events import BackupDue
 from workers import metrics
 from workers.backups import usage
 from workers.context import WorkerContext
-from workers.engines.postgresql.basebackup import BackupResult, PostgresEngine
-from workers.engines.postgresql.diff import diff_backup
+from workers.engines.base import BackupResult
+from workers.engines.registry import engine_for
 from workers.errors import PermanentError, UnknownTarget
 from workers.handlers.log_backup import take_log_backup
 from workers.jobs import run_once
@@ -36,7 +36,7 @@ def handle_backup_due(ctx: WorkerContext, event: BackupDue) -> str | None:
 def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:
     target = ctx.settings.target(event.target)
     backup_id = catalog.backup_id_for("full", event.slot)
-    result = PostgresEngine(target).full_backup(
+    result = engine_for(target).full_backup(
         ctx.repository,
         backup_id=backup_id,
         job_key=event.idempotency_key,
@@ -63,8 +63,7 @@ def _diff_backup(ctx: WorkerContext, event: BackupDue) -> str:
             f'targets.{target.name}.diff_without_full = "full"'
         )
     backup_id = catalog.backup_id_for("diff", event.slot)
-    result = diff_backup(
-        target,
+    result = engine_for(target).diff_backup(
         ctx.repository,
         backup_id=backup_id,
         full=fulls[-1],

@@ -1,28 +1,26 @@
-"""export-requested: a tenant's complete helpdesk database as a downloadable, encrypted pg_dump.
+"""export-requested: a tenant's complete helpdesk database as a downloadable, encrypted logical dump.
 
-The dump streams from pg_dump through zstd and AES-256-GCM under the tenant's own key into the
-repository; its manifest, written last, makes it visible. With `as_of`, the target is first restored
-to that moment in a scratch folder (the point-in-time restore), and the dump comes from there. Bad
-requests are refused before anything is written: an unknown or purged tenant, an `as_of` outside the
-restorable window.
+The dump (pg_dump's custom format, for PostgreSQL) streams from the target's engine through zstd and
+AES-256-GCM under the tenant's own key into the repository; its manifest, written last, makes it
+visible. With `as_of`, the target is first restored to that moment in a scratch server (the
+point-in-time restore), and the dump comes from there. Bad requests are refused before anything is
+written: an unknown or purged tenant, an `as_of` outside the restorable window.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from messages import outbound
 from messages.events import ExportRequested
 from producers.publisher import Publisher
 from workers.context import WorkerContext
-from workers.engines.postgresql.cluster import PgCluster, free_port
-from workers.engines.postgresql.dump import dump_stream
-from workers.engines.postgresql.restore import RestorePlan, Unreachable, plan_restore, restore
+from workers.engines.base import Engine, RestorePlan, ScratchServer, Unreachable
+from workers.engines.registry import engine_for
 from workers.errors import PermanentError
 from workers.jobs import run_once
 from workers.repository import catalog
@@ -41,7 +39,7 @@ def handle_export_requested(ctx: WorkerContext, event: ExportRequested) -> str |
     plan = None
     if event.as_of is not None:
         try:
-            plan = plan_restore(ctx.repository, tenant.target, event.as_of)
+            plan = engine_for(ctx.settings.target(tenant.target)).plan_restore(ctx.repository, event.as_of)
         except Unreachable as e:
             raise PermanentError(f"as_of: {e}") from None
     return run_once(ctx, event, lambda: _export(ctx, event, tenant, plan))
@@ -53,11 +51,11 @@ def _export(ctx: WorkerContext, event: ExportRequested, tenant: Tenant, plan: Re
     existing = exports.find_export(repo, tenant.id, export)
     if existing is not None:  # an earlier attempt finished it and died before the ledger heard
         return _ready(ctx, existing)
-    target = ctx.settings.target(tenant.target)
+    engine = engine_for(ctx.settings.target(tenant.target))
     started = ctx.ledger.now()
-    with _DumpSource(ctx, target.name, plan, Path(target.pg_bin)) as (conninfo, pg_bin):
+    with _dump_source(ctx, engine, plan) as server:
         stored = repo.put_stream(
-            exports.dump_key(tenant.id, export), dump_stream(pg_bin, conninfo, tenant.database)
+            exports.dump_key(tenant.id, export), engine.dump_database(tenant.database, server)
         )
     finished = ctx.ledger.now()
     kind = event.kind or "on-request"
@@ -81,7 +79,7 @@ def _export(ctx: WorkerContext, event: ExportRequested, tenant: Tenant, plan: Re
         "plain_size": stored.plain_size,
         "stored_size": stored.stored_size,
         "sha256": stored.sha256,
-        "format_name": "pg_dump custom format (pg_restore reads it)",
+        "format_name": engine.dump_format,
     }
     manifest, _ = repo.commit_json(exports.manifest_key(tenant.id, export), manifest)
     pruned = exports.prune(repo, tenant.id, keep_scheduled=downloads.scheduled_keep, now=finished)
@@ -98,36 +96,18 @@ def _ready(ctx: WorkerContext, manifest: dict[str, Any]) -> str:
     return _outcome(manifest) + ("" if heard else " (export-ready reached no queue)")
 
 
-class _DumpSource:
-    """Where to dump from: the live target, or a scratch copy restored to `as_of` (torn down after)."""
-
-    def __init__(self, ctx: WorkerContext, target: str, plan: RestorePlan | None, pg_bin: Path) -> None:
-        self.ctx, self.target, self.plan, self.pg_bin = ctx, target, plan, pg_bin
-        self.scratch: Path | None = None
-        self.cluster: PgCluster | None = None
-
-    def __enter__(self) -> tuple[str, Path]:
-        if self.plan is None:
-            return self.ctx.settings.target(self.target).conninfo, self.pg_bin
-        self.scratch = Path(tempfile.mkdtemp(prefix=f"deskvault-export-{self.target}-"))
-        self.scratch.chmod(0o755)  # the postgres user runs the restored server inside it
-        self.cluster = PgCluster(self.scratch / "data", free_port(), self.pg_bin)
-        log.info("export: restoring %s to %s for the dump", self.target, self.plan.at)
-        restore(
-            self.ctx.repository,
-            self.plan,
-            self.cluster.datadir,
-            start=True,
-            port=self.cluster.port,
-            pg_bin=self.pg_bin,
-        )
-        return self.cluster.conninfo, self.pg_bin
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cluster is not None:
-            self.cluster.destroy()
-        if self.scratch is not None:
-            shutil.rmtree(self.scratch, ignore_errors=True)
+@contextmanager
+def _dump_source(
+    ctx: WorkerContext, engine: Engine, plan: RestorePlan | None
+) -> Iterator[ScratchServer | None]:
+    """Where to dump from: the live target (None), or a scratch copy restored to `as_of` (torn down after)."""
+    if plan is None:
+        yield None
+        return
+    with engine.scratch_server("export") as server:
+        log.info("export: restoring %s to %s for the dump", engine.target.name, plan.at)
+        engine.restore(ctx.repository, plan, server.datadir, start=True, port=server.port)
+        yield server
 
 
 def _outcome(manifest: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ import logging
 
 from messages.events import PurgeDue
 from workers.context import WorkerContext
-from workers.engines.postgresql.basebackup import PostgresEngine
+from workers.engines.registry import engine_for
 from workers.errors import PermanentError
 from workers.jobs import run_once
 from workers.ledger.ledger import PurgeRefused
@@ -38,7 +38,7 @@ def handle_purge_due(ctx: WorkerContext, event: PurgeDue) -> str | None:
         started_at = ctx.ledger.now()
         target, database = _location(ctx, event.tenant)
         log.info("purge of tenant %s %s: dropping database %s/%s", event.tenant, state, target, database)
-        dropped = PostgresEngine(ctx.settings.target(target)).drop_database(database)
+        dropped = engine_for(ctx.settings.target(target)).drop_database(database)
         removed = ctx.repository.store.delete_everything(tenant_prefix(event.tenant))
         key_destroyed = ctx.ledger.destroy_tenant_key(event.tenant)
         detail = {

@@ -23,7 +23,8 @@ from typing import Any
 import pyodbc
 
 from deskvault_core.config import TargetSettings
-from workers.engines.postgresql.basebackup import BackupResult, EngineError, commit, object_entry
+from workers.engines.base import BackupResult, EngineError
+from workers.engines.postgresql.basebackup import commit, object_entry
 from workers.engines.postgresql.conninfo import odbc_connection_string
 from workers.engines.postgresql.untar import unpack_tar
 from workers.errors import PermanentError

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from workers.engines.postgresql.basebackup import EngineError
+from workers.engines.base import EngineError
 from workers.engines.postgresql.conninfo import libpq_env, split_password, with_dbname
 from workers.engines.procstream import ProcessStream
 

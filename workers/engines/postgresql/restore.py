@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deskvault_core.errors import DeskvaultError
+from workers.engines.base import RestoreResult, Unreachable, Window
 from workers.engines.postgresql.basebackup import restore_full
 from workers.engines.postgresql.cluster import DEFAULT_PG_BIN, PgCluster, hand_over
 from workers.engines.postgresql.diff import apply_diff
@@ -40,31 +41,6 @@ WAL_FILE_RE = re.compile(r"[0-9A-F]{24}")
 COMMIT_RE = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
-class Unreachable(DeskvaultError):
-    """The requested point in time cannot be restored from this repository."""
-
-    exit_code = 2
-
-
-@dataclass(frozen=True)
-class Window:
-    earliest: datetime
-    latest: datetime
-    # The restorable stretches: each full's finish to the end of the WAL run after it. A WAL gap
-    # splits the window; moments in a hole between stretches are refused.
-    intervals: tuple[tuple[datetime, datetime], ...] = ()
-
-    def point_at(self, fraction: float) -> datetime:
-        """The moment `fraction` (0..1) of the way through the restorable time, skipping holes."""
-        lengths = [end - start for start, end in self.intervals]
-        remaining = sum(lengths, timedelta()) * fraction
-        for (start, _end), length in zip(self.intervals, lengths, strict=True):
-            if remaining <= length:
-                return start + remaining
-            remaining -= length
-        return self.latest
-
-
 @dataclass(frozen=True)
 class RestorePlan:
     target: str
@@ -79,6 +55,10 @@ class RestorePlan:
     # rest of the archived run is fetched too if the planned WAL turns out to end before `at`.
     more_wal: tuple[WalEntry, ...] = ()
     gap: Segment | None = None
+
+    @property
+    def log_files(self) -> int:
+        return len(self.wal)
 
 
 def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> RestorePlan:
@@ -199,14 +179,6 @@ def _show(moment: datetime) -> str:
 
 def _show_window(window: Window) -> str:
     return _show_intervals(window) or f"{_show(window.earliest)} .. {_show(window.latest)}"
-
-
-@dataclass(frozen=True)
-class RestoreResult:
-    into: Path
-    wal_dir: Path
-    recovery_target: datetime | None
-    reached: datetime | None  # with start=True: the last transaction replayed
 
 
 def restore(

@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, HISTORY_RE, SEGMENT_RE, Segment
+from workers.engines.base import LogArchive, LogFile
+from workers.engines.postgresql.walnames import (
+    DEFAULT_SEGMENT_SIZE,
+    HISTORY_RE,
+    SEGMENT_RE,
+    Segment,
+    parse_lsn,
+)
 from workers.repository.objects import ObjectRepository
 
 SUFFIX = ".dv"
@@ -54,19 +62,43 @@ def list_wal(repo: ObjectRepository, target: str, segment_size: int = DEFAULT_SE
     return sorted(entries, key=lambda e: (e.segment is not None, e.segment or Segment(0, 0), e.partial))
 
 
-def complete_segments(entries: list[WalEntry]) -> dict[Segment, WalEntry]:
-    return {e.segment: e for e in entries if e.segment is not None and not e.partial}
+def segment_size_of(manifests: list[dict[str, Any]]) -> int:
+    """The WAL segment size the newest full recorded (PostgreSQL's default before there is one)."""
+    fulls = [m for m in manifests if m["kind"] == "full"]
+    return (fulls[-1].get("wal_segment_size") if fulls else None) or DEFAULT_SEGMENT_SIZE
 
 
-def first_gap(entries: list[WalEntry], start: Segment, end: Segment) -> Segment | None:
-    """The first segment from `start` to `end` (same timeline) missing from the archive, if any.
+class WalArchive(LogArchive):
+    """The archived WAL as engine-neutral code reads it: a file's position is its segment number."""
 
-    A partial object stands in for the last segment only: it is what exists of the segment being written.
-    """
-    have = complete_segments(entries)
-    partials = {e.segment for e in entries if e.partial}
-    for segno in range(start.segno, end.segno + 1):
-        segment = Segment(start.timeline, segno)
-        if segment not in have and not (segno == end.segno and segment in partials):
-            return segment
-    return None
+    def __init__(self, target: str, entries: list[WalEntry], segment_size: int) -> None:
+        super().__init__(
+            wal_prefix(target),
+            [
+                LogFile(
+                    e.key,
+                    e.filename,
+                    e.segment.timeline if e.segment else 0,
+                    e.segment.segno if e.segment else None,
+                    e.partial,
+                    e.uploaded_at,
+                )
+                for e in entries
+            ],
+        )
+        self.entries = entries
+        self.segment_size = segment_size
+
+    def span(self, backup: dict[str, Any]) -> tuple[int, int, int]:
+        timeline = backup["timeline"]
+        start, stop = (parse_lsn(backup[k]) // self.segment_size for k in ("start_lsn", "stop_lsn"))
+        return timeline, start, stop
+
+    def name(self, timeline: int, position: int) -> str:
+        return Segment(timeline, position).name(self.segment_size)
+
+
+def wal_archive(repo: ObjectRepository, target: str, manifests: list[dict[str, Any]]) -> WalArchive:
+    """The target's archived WAL, read with the segment size its newest full recorded."""
+    segment_size = segment_size_of(manifests)
+    return WalArchive(target, list_wal(repo, target, segment_size), segment_size)

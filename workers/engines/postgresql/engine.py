@@ -1,0 +1,150 @@
+"""The PostgreSQL engine: the engine interface, each method a few lines over the modules beside it."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+from deskvault_core.config import TargetSettings
+from workers.engines.base import (
+    BackupResult,
+    Engine,
+    LogBackupResult,
+    Manifest,
+    RestorePlan,
+    RestoreResult,
+    ScratchServer,
+)
+from workers.engines.postgresql import basebackup, diff, logbackup
+from workers.engines.postgresql import restore as point_in_time
+from workers.engines.postgresql.cluster import PgCluster, free_port
+from workers.engines.postgresql.dump import dump_stream
+from workers.engines.postgresql.probe import probe
+from workers.engines.postgresql.server import PgServer
+from workers.engines.postgresql.walarchive import WalArchive, wal_archive
+from workers.engines.postgresql.walstream import WalStreamer
+from workers.repository.objects import ObjectRepository
+
+log = logging.getLogger(__name__)
+
+USER_DATABASES = "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1"
+
+
+class PostgresEngine(Engine):
+    """A PostgreSQL cluster: pg_basebackup fulls, file-level differentials, WAL streamed by
+    pg_receivewal, point-in-time restore through recovery, pg_dump per database."""
+
+    name = "postgresql"
+    dump_format = "pg_dump custom format (pg_restore reads it)"
+
+    def __init__(self, target: TargetSettings) -> None:
+        super().__init__(target)
+        self.server = PgServer(target)
+        self.pg_bin = Path(target.pg_bin)
+
+    def full_backup(
+        self,
+        repo: ObjectRepository,
+        *,
+        backup_id: str,
+        job_key: str,
+        event_id: str,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> BackupResult:
+        return basebackup.full_backup(
+            self.server,
+            repo,
+            backup_id=backup_id,
+            job_key=job_key,
+            event_id=event_id,
+            on_progress=on_progress,
+        )
+
+    def diff_backup(
+        self,
+        repo: ObjectRepository,
+        *,
+        backup_id: str,
+        full: Manifest,
+        job_key: str,
+        event_id: str,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> BackupResult:
+        return diff.diff_backup(
+            self.target,
+            repo,
+            backup_id=backup_id,
+            full=full,
+            job_key=job_key,
+            event_id=event_id,
+            on_progress=on_progress,
+        )
+
+    def log_backup(
+        self, repo: ObjectRepository, *, backup_id: str, fulls: list[Manifest], job_key: str, event_id: str
+    ) -> LogBackupResult:
+        return logbackup.log_backup(
+            self.server, repo, backup_id=backup_id, fulls=fulls, job_key=job_key, event_id=event_id
+        )
+
+    def log_streamer(self, repo: ObjectRepository, spool: Path, upload_interval: float) -> WalStreamer:
+        return WalStreamer(self.target, repo, spool, upload_interval)
+
+    def log_archive(self, repo: ObjectRepository, manifests: list[Manifest]) -> WalArchive:
+        return wal_archive(repo, self.target.name, manifests)
+
+    def plan_restore(self, repo: ObjectRepository, at: datetime | None) -> point_in_time.RestorePlan:
+        return point_in_time.plan_restore(repo, self.target.name, at)
+
+    def restore(
+        self,
+        repo: ObjectRepository,
+        plan: RestorePlan,
+        into: Path,
+        *,
+        start: bool = False,
+        port: int = 0,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> RestoreResult:
+        if not isinstance(plan, point_in_time.RestorePlan):
+            raise TypeError(f"a PostgreSQL restore takes its own plan, not {type(plan).__name__}")
+        return point_in_time.restore(
+            repo, plan, into, start=start, port=port, pg_bin=self.pg_bin, on_progress=on_progress or log.info
+        )
+
+    @contextmanager
+    def scratch_server(self, label: str) -> Iterator[PgCluster]:
+        scratch = Path(tempfile.mkdtemp(prefix=f"deskvault-{label}-{self.target.name}-"))
+        scratch.chmod(0o755)  # the postgres user runs the restored server inside it
+        cluster = PgCluster(scratch / "data", free_port(), self.pg_bin)
+        try:
+            yield cluster
+        finally:
+            cluster.destroy()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def probe(self, server: ScratchServer) -> list[str]:
+        return probe(_cluster(server))
+
+    def list_databases(self, server: ScratchServer | None = None) -> list[str]:
+        if server is None:
+            return self.server.query(USER_DATABASES, dbname="postgres").split()
+        return _cluster(server).psql(USER_DATABASES).split()
+
+    def dump_database(self, database: str, server: ScratchServer | None = None) -> Iterator[bytes]:
+        conninfo = self.target.conninfo if server is None else server.conninfo
+        return dump_stream(self.pg_bin, conninfo, database)
+
+    def drop_database(self, database: str) -> bool:
+        return self.server.drop_database(database)
+
+
+def _cluster(server: ScratchServer) -> PgCluster:
+    if not isinstance(server, PgCluster):
+        raise TypeError(f"a PostgreSQL probe needs a PostgreSQL scratch server, not {type(server).__name__}")
+    return server
