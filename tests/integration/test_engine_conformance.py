@@ -4,8 +4,8 @@ Parametrised over the engine registry: a new engine gets a harness here (how to 
 server of it and look inside with SQL) and must then pass every test unchanged. The tests call only
 the engine interface (`workers.engines.base.Engine`); the harness alone knows the engine.
 
-One history is made per engine: rows A, full backup, rows B, differential, moment T, rows C, log
-backup. Each test then checks one promise of the interface against it.
+One history is made per engine: rows A, full backup, rows B, differential, rows that only the log holds,
+moment T, rows C, log backup. Each test then checks one promise of the interface against it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from workers.repository.keyring import Keyring
 pytestmark = pytest.mark.integration
 
 DATABASE = "conformance_tenant"
-ROWS_A, ROWS_B, ROWS_C = range(0, 5), range(5, 10), range(10, 15)
+ROWS_A, ROWS_B, ROWS_WAL, ROWS_C = range(0, 5), range(5, 10), range(10, 15), range(15, 20)
 
 
 class PostgresHarness:
@@ -80,7 +80,7 @@ class History:
     full: dict
     diff: dict
     log: dict
-    moment: datetime  # after rows A and B committed, before rows C
+    moment: datetime  # after rows A, B and the log-only rows committed, before rows C
 
 
 def _write(harness: PostgresHarness, ids: range) -> None:
@@ -126,6 +126,7 @@ def history(request: pytest.FixtureRequest, scratch_dir: Path) -> Iterator[Histo
         diff = engine.diff_backup(
             ctx.repository, backup_id="20261201T010000Z-diff", full=full, **ids
         ).manifest
+        _write(harness, ROWS_WAL)
         time.sleep(1.5)
         moment = datetime.now(UTC)
         time.sleep(1.5)
@@ -195,8 +196,9 @@ def test_a_restore_to_a_moment_holds_exactly_what_was_committed_by_then(history:
     assert plan.log_files >= 1
     with engine.scratch_server("conformance") as server:
         result = engine.restore(history.ctx.repository, plan, server.datadir, start=True, port=server.port)
+        assert result.recovery_target == history.moment  # a commit after it is archived: stop there
         assert result.reached is not None and result.reached <= history.moment
-        assert _rows(history, server) == len(ROWS_A) + len(ROWS_B)
+        assert _rows(history, server) == len(ROWS_A) + len(ROWS_B) + len(ROWS_WAL)
 
 
 def test_the_latest_restore_lists_probes_and_dumps_like_the_live_target(history: History) -> None:
@@ -205,7 +207,7 @@ def test_the_latest_restore_lists_probes_and_dumps_like_the_live_target(history:
     with engine.scratch_server("conformance") as server:
         folder = server.datadir.parent
         engine.restore(history.ctx.repository, plan, server.datadir, start=True, port=server.port)
-        assert _rows(history, server) == len(ROWS_A) + len(ROWS_B) + len(ROWS_C)
+        assert _rows(history, server) == len(ROWS_A) + len(ROWS_B) + len(ROWS_WAL) + len(ROWS_C)
         assert DATABASE in engine.list_databases(server)
         assert engine.list_databases(server) == engine.list_databases()
         findings = engine.probe(server)
