@@ -125,8 +125,10 @@ class PostgresEngine(Engine):
         try:
             yield cluster
         finally:
-            cluster.destroy()
-            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                cluster.destroy()
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def probe(self, server: ScratchServer) -> list[str]:
         return probe(_cluster(server))
