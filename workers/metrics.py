@@ -52,6 +52,11 @@ STARTED_READY = Gauge(
     multiprocess_mode="max",
 )
 BACKUP_BYTES = Counter("deskvault_backup_bytes_total", "Plaintext bytes backed up", ["target", "kind"])
+RETENTION_STOPPED = Counter(
+    "deskvault_retention_stopped_total",
+    "Retention runs that deleted nothing because a manifest could not be read or the bucket failed",
+    ["target"],
+)
 
 
 def event_type_of(actor: str) -> str:

@@ -42,7 +42,7 @@ def policy_for(target: TargetSettings) -> Policy:
 
 
 def expire(repo: ObjectRepository, target: TargetSettings, now: datetime, *, dry_run: bool) -> ExpireResult:
-    manifests, _ = catalog.scan_manifests(repo, target.name)
+    manifests = catalog.every_manifest(repo, target.name)
     archive = engine_for(target).log_archive(repo, manifests)
     keys_by_backup: dict[str, list[str]] = {}
     for key in repo.list_keys(f"targets/{target.name}/backups/"):
@@ -63,7 +63,7 @@ def expire(repo: ObjectRepository, target: TargetSettings, now: datetime, *, dry
     lines = describe(decided) + [
         f"would delete log manifest {m['backup_id']}: its full expired" for m in logs
     ]
-    orphans = _orphans(repo, target.name, manifests, now)
+    orphans = _orphans(repo, target.name, now)
     stale_uploads = _stale_uploads(repo, target.name, now)
     if dry_run:
         lines += [f"would delete unreferenced object {k}" for k in orphans]
@@ -108,12 +108,17 @@ def _backup(manifest: dict, keys: list[str], archive: LogArchive) -> Backup:
     )
 
 
-def _orphans(repo: ObjectRepository, target: str, manifests: list[dict], now: datetime) -> list[str]:
-    """Data of backups that never committed (or whose manifest was deleted), once a day old."""
-    committed = {m["backup_id"] for m in manifests}
+def _orphans(repo: ObjectRepository, target: str, now: datetime) -> list[str]:
+    """Data of backups that never committed (or whose manifest was deleted), once a day old.
+
+    "Committed" means a manifest object exists, read or not: the bucket's listing decides, never what
+    this worker's keys could decrypt.
+    """
+    entries = list(repo.store.list_entries(f"targets/{target}/backups/"))
+    committed = {e.key.split("/")[3] for e in entries if e.key.endswith("/" + catalog.MANIFEST_NAME)}
     return [
         entry.key
-        for entry in repo.store.list_entries(f"targets/{target}/backups/")
+        for entry in entries
         if entry.key.split("/")[3] not in committed and now - entry.uploaded_at > STALE
     ]
 

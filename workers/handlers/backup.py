@@ -16,6 +16,7 @@ from workers.errors import PermanentError, UnknownTarget
 from workers.handlers.log_backup import take_log_backup
 from workers.jobs import run_once
 from workers.repository import catalog
+from workers.repository.errors import RepositoryError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,14 @@ def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:
         on_progress=_progress(event.target, backup_id),
     )
     outcome = _recorded(ctx, event.target, result)
-    # A new full is what lets older chains go: apply the retention policy now.
-    expired = usage.expire_and_record(ctx.ledger, ctx.repository, target, datetime.now(UTC))
+    # A new full is what lets older chains go: apply the retention policy now. The full is committed
+    # whatever retention does, so a retention failure is reported (log, metric, alert), not raised.
+    try:
+        expired = usage.expire_and_record(ctx.ledger, ctx.repository, target, datetime.now(UTC))
+    except RepositoryError as e:
+        metrics.RETENTION_STOPPED.labels(event.target).inc()
+        log.error("retention of %s stopped: %s", event.target, e)
+        return f"{outcome}; retention stopped, nothing deleted: {e}"
     if expired.plan.expired_backups:
         outcome += f"; retention expired {', '.join(expired.plan.expired_backups)}"
     return outcome

@@ -12,7 +12,8 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from workers.repository.errors import RepositoryError
+from workers.repository.crypto import header_key_id
+from workers.repository.errors import KeyNotFound, RepositoryError
 from workers.repository.objects import ObjectRepository
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,47 @@ def scan_manifests(repo: ObjectRepository, target: str) -> tuple[list[dict[str, 
         try:
             manifests.append(repo.get_json(key))
         except RepositoryError as e:
-            log.error("skipping unreadable manifest %s: %s", key, e)
-            damaged[key] = str(e)
+            why = f"key id {_key_id(repo, key, e)}: {e}"
+            log.error("skipping unreadable manifest %s (%s)", key, why)
+            damaged[key] = why
     return sorted(manifests, key=lambda m: (m["finished_at"], m["backup_id"])), damaged
+
+
+class ManifestsUnreadable(RepositoryError):
+    """Some of a target's manifests could not be read, so nothing may be judged unreferenced."""
+
+    def __init__(self, target: str, damaged: dict[str, str]) -> None:
+        listed = "; ".join(f"{key} ({why})" for key, why in sorted(damaged.items()))
+        super().__init__(
+            f"target {target}: {len(damaged)} manifest(s) cannot be read, so retention stopped and deleted "
+            f"nothing: {listed}. Load the key file that holds those key ids (or restore the damaged "
+            f"manifest from a bucket version), then run "
+            f"`deskvault backups expire --target {target} --dry-run`"
+        )
+        self.target = target
+        self.damaged = damaged
+
+
+def every_manifest(repo: ObjectRepository, target: str) -> list[dict[str, Any]]:
+    """Every committed backup of a target, oldest first, or ManifestsUnreadable: for callers that delete.
+
+    Deleting is judged against what the manifests reference; a manifest that cannot be read (unknown key,
+    damage, a storage error) may reference anything, so it stops the deletion instead of being skipped.
+    """
+    manifests, damaged = scan_manifests(repo, target)
+    if damaged:
+        raise ManifestsUnreadable(target, damaged)
+    return manifests
+
+
+def _key_id(repo: ObjectRepository, key: str, error: RepositoryError) -> str:
+    """The id of the key an unreadable object was encrypted with, or why it is not known."""
+    if isinstance(error, KeyNotFound):
+        return error.key_id
+    try:
+        return header_key_id(repo.store.get_bytes(key)[:512])
+    except Exception as e:  # only describing an error already being reported
+        return f"unknown ({type(e).__name__})"
 
 
 def newest_full(repo: ObjectRepository, target: str, backup_id: str | None = None) -> dict[str, Any]:

@@ -56,8 +56,15 @@ def chunk_key(server: str, chunk_id: str) -> str:
 
 def list_snapshots(repo: ObjectRepository, server: str) -> list[dict[str, Any]]:
     """Committed snapshots of `server`, oldest first."""
-    found = [repo.get_json(k) for k in repo.list_keys(snapshots_prefix(server)) if k.endswith(".json.dv")]
-    return sorted((m for m in found if isinstance(m, dict)), key=lambda m: m["snapshot_id"])
+    found = []
+    for key in repo.list_keys(snapshots_prefix(server)):
+        if key.endswith(".json.dv"):
+            manifest = repo.get_json(key)
+            # Retention deletes the chunks no listed snapshot uses: skipping one would delete its data.
+            if not isinstance(manifest, dict):
+                raise IntegrityError("it decrypted fine but is not a snapshot manifest", key)
+            found.append(manifest)
+    return sorted(found, key=lambda m: m["snapshot_id"])
 
 
 @dataclass
