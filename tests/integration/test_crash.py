@@ -56,6 +56,12 @@ def test_sigkill_mid_upload_then_redelivery_backs_up_once(make_settings, big_clu
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
 
+    # Then the temporary slot that held the backup's WAL went with the dead worker's session
+    wait_for(
+        lambda: big_cluster.psql("SELECT count(*) FROM pg_replication_slots").strip() == "0" or None,
+        timeout=30,
+        what="the dead worker's replication slot to be dropped",
+    )
     # Then nothing of the backup is listed or restorable, though its upload is left unfinished
     assert catalog.list_manifests(ctx.repository, "main") == []
     listed = run_cli(settings, "backups", "list", "--target", "main", "--json")

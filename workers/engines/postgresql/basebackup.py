@@ -2,6 +2,7 @@
 
 The base backup is read from pg_basebackup's stdout (`-D - -F tar -X fetch`): one tar holding the data
 directory, the WAL needed to make it consistent, the backup label and PostgreSQL's own backup manifest.
+A temporary replication slot (`walhold`) keeps that WAL on the server until the copy ends.
 It flows through zstd and AES-256-GCM into a multipart upload as it is produced, so neither disk nor
 memory ever holds the whole backup.
 """
@@ -23,6 +24,7 @@ from workers.engines.postgresql.cluster import hand_over
 from workers.engines.postgresql.server import PgServer
 from workers.engines.postgresql.tarwatch import TarMemberWatcher
 from workers.engines.postgresql.untar import unpack_tar
+from workers.engines.postgresql.walhold import wal_held
 from workers.engines.procstream import ProcessStream
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository, StoredObject
@@ -55,11 +57,14 @@ def full_backup(
     prefix = catalog.backup_prefix(server.target.name, backup_id)
     if aborted := repo.abort_uploads(prefix):
         log.info("backup %s: aborted %d upload(s) left by an earlier attempt", backup_id, aborted)
-    stream = _BaseBackupStream(basebackup_command(server, backup_id), server.env)
     # PostgreSQL's own backup_manifest lists every file with its size and time: the differential
     # layer compares the data directory against it.
     watcher = TarMemberWatcher("backup_manifest")
-    stored = repo.put_stream(prefix + "base.tar.dv", watcher.tee(stream.chunks()), on_progress=on_progress)
+    with wal_held(server.target.name, server.target.conninfo):
+        stream = _BaseBackupStream(basebackup_command(server, backup_id), server.env)
+        stored = repo.put_stream(
+            prefix + "base.tar.dv", watcher.tee(stream.chunks()), on_progress=on_progress
+        )
     file_list_key = None
     if watcher.captured is not None:
         file_list_key = prefix + "files.dv"
