@@ -106,6 +106,8 @@ class TargetSettings:
     # and the WAL from the oldest kept full on are kept with it.
     retention_full_count: int = 5
     retention_full_max_age_days: int = 35
+    # A cap on how fast a full backup reads the server, in MiB/s (pg_basebackup --max-rate); 0: none.
+    full_max_rate_mib: int = 0
     schedule: ScheduleSettings = ScheduleSettings()
 
 
@@ -302,6 +304,8 @@ def _target(name: str, value: Any) -> TargetSettings:
         raise ConfigError(
             f"{where}.retention_full_count: must be at least 1 (the newest full is always kept)"
         )
+    if isinstance(target.full_max_rate_mib, bool) or not 0 <= target.full_max_rate_mib <= 1024:
+        raise ConfigError(f"{where}.full_max_rate_mib: must be a whole number of MiB/s from 1 to 1024, or 0")
     if target.diff_without_full not in ("refuse", "full"):
         raise ConfigError(f'{where}.diff_without_full: must be "refuse" or "full"')
     if target.engine not in ENGINES:

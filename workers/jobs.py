@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -14,7 +15,9 @@ from messages.events import Event
 from messages.topology import EVENT_POOL
 from workers import metrics
 from workers.context import WorkerContext
+from workers.errors import HandlerError
 from workers.ledger.ledger import LeaseLost, LedgerError
+from workers.repository import fencing
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,38 @@ class JobBusy(dramatiq.Retry):
 
 # Margin after the holder's lease expiry before looking again, so a renewal has time to land.
 BUSY_MARGIN = timedelta(seconds=5)
+# A worker stops writing once its lease has gone unrenewed for this share of its length: before the
+# lease can run out in the ledger and another worker take the job over.
+FENCE_SHARE = 2 / 3
+
+
+class LeaseExpired(HandlerError):
+    """This attempt's lease lapsed (the control database was unreachable, or the worker stalled): it stops
+    writing, so that the redelivered attempt, which may already be running, owns the job alone."""
+
+
+class Lease:
+    """What the renewing thread knows of the lease, checked by the repository before every write."""
+
+    def __init__(self, key: str, seconds: float) -> None:
+        self.key = key
+        self.limit = seconds * FENCE_SHARE
+        self.renewed_at = time.monotonic()
+        self.lost: str | None = None
+
+    def renewed(self) -> None:
+        self.renewed_at = time.monotonic()
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise LeaseExpired(f"job {self.key}: {self.lost}; stopped writing, a redelivery takes over")
+        unrenewed = time.monotonic() - self.renewed_at
+        if unrenewed > self.limit:
+            raise LeaseExpired(
+                f"job {self.key}: lease not renewed for {unrenewed:.0f} s (is the control database "
+                "reachable?); stopped writing before another worker can take the job, a redelivery "
+                "takes over"
+            )
 
 
 def run_once(ctx: WorkerContext, event: Event, work: Callable[[], str]) -> str | None:
@@ -55,7 +90,7 @@ def run_once(ctx: WorkerContext, event: Event, work: Callable[[], str]) -> str |
         raise JobBusy(delay=_busy_delay_ms(ctx, claim.lease_expires_at))
 
     log.info("%s %s: started (attempt %d)", event.type, key, claim.attempts)
-    with _lease_kept(ctx, key):
+    with _lease_kept(ctx, key) as lease, fencing.fenced(lease.check):
         try:
             outcome = work()
         except BaseException as e:
@@ -75,18 +110,21 @@ def _busy_delay_ms(ctx: WorkerContext, lease_expires_at: datetime | None) -> int
 
 
 @contextmanager
-def _lease_kept(ctx: WorkerContext, key: str) -> Iterator[None]:
-    """Renew the lease every third of its length until the block ends."""
+def _lease_kept(ctx: WorkerContext, key: str) -> Iterator[Lease]:
+    """Renew the lease every third of its length until the block ends; the Lease says whether it holds."""
     stop = threading.Event()
     interval = ctx.ledger.lease.total_seconds() / 3
+    lease = Lease(key, ctx.ledger.lease.total_seconds())
 
     def renew() -> None:
         try:
             while not stop.wait(interval):
                 try:
                     ctx.ledger.renew(key, ctx.owner)
+                    lease.renewed()
                 except LeaseLost:
-                    log.error("job %s: lease lost to another worker; its result will not be recorded", key)
+                    lease.lost = "lease lost to another worker"
+                    log.error("job %s: lease lost to another worker; its writes are fenced off", key)
                     return
                 except LedgerError as e:
                     log.warning("job %s: could not renew lease (%s); retrying", key, e)
@@ -96,7 +134,7 @@ def _lease_kept(ctx: WorkerContext, key: str) -> Iterator[None]:
     thread = threading.Thread(target=renew, name=f"lease {key}", daemon=True)
     thread.start()
     try:
-        yield
+        yield lease
     finally:
         stop.set()
         thread.join()

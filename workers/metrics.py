@@ -133,6 +133,9 @@ def initialize(pools: tuple[str, ...], targets: list[str]) -> None:
         for target in targets:
             for outcome in ("passed", "failed"):
                 DRILLS.labels(target, outcome)
+    if "backup" in pools:
+        for target in targets:
+            RETENTION_STOPPED.labels(target)  # a zero to increase() from, so the alert has data
 
 
 def serve_multiprocess_metrics(host: str, port: int, *collectors: Any) -> None:

@@ -63,7 +63,7 @@ def expire(repo: ObjectRepository, target: TargetSettings, now: datetime, *, dry
     lines = describe(decided) + [
         f"would delete log manifest {m['backup_id']}: its full expired" for m in logs
     ]
-    orphans = _orphans(repo, target.name, now)
+    orphans = _orphans(repo, target.name, manifests, now)
     stale_uploads = _stale_uploads(repo, target.name, now)
     if dry_run:
         lines += [f"would delete unreferenced object {k}" for k in orphans]
@@ -108,18 +108,24 @@ def _backup(manifest: dict, keys: list[str], archive: LogArchive) -> Backup:
     )
 
 
-def _orphans(repo: ObjectRepository, target: str, now: datetime) -> list[str]:
-    """Data of backups that never committed (or whose manifest was deleted), once a day old.
+def _orphans(repo: ObjectRepository, target: str, manifests: list[dict], now: datetime) -> list[str]:
+    """Leftovers, once a day old: data of backups that never committed (or whose manifest was deleted),
+    and objects under a committed backup that its manifest does not own (a superseded attempt's).
 
     "Committed" means a manifest object exists, read or not: the bucket's listing decides, never what
-    this worker's keys could decrypt.
+    this worker's keys could decrypt (the caller has already refused to run with unreadable manifests).
     """
     entries = list(repo.store.list_entries(f"targets/{target}/backups/"))
     committed = {e.key.split("/")[3] for e in entries if e.key.endswith("/" + catalog.MANIFEST_NAME)}
+    owned = {k for m in manifests for k in catalog.referenced_keys(m)}
     return [
         entry.key
         for entry in entries
-        if entry.key.split("/")[3] not in committed and now - entry.uploaded_at > STALE
+        if now - entry.uploaded_at > STALE
+        and (
+            entry.key.split("/")[3] not in committed
+            or (not entry.key.endswith("/" + catalog.MANIFEST_NAME) and entry.key not in owned)
+        )
     ]
 
 

@@ -1,14 +1,18 @@
 """Where backups live in the bucket, and reading them back: the repository describes itself.
 
 Layout under the repository prefix:
-    targets/<target>/backups/<backup_id>/<object>.dv     data objects (compressed, encrypted)
-    targets/<target>/backups/<backup_id>/manifest.dv     the backup's manifest, written last (commit point)
-A backup without a manifest is incomplete and is never restored from.
+    targets/<target>/backups/<backup_id>/<attempt>/<object>.dv   data objects (compressed, encrypted)
+    targets/<target>/backups/<backup_id>/manifest.dv             the manifest, written last (commit point)
+A backup without a manifest is incomplete and is never restored from. Each attempt at a backup writes
+its data under a folder of its own, so an attempt that was superseded (a lost lease, a stall) can never
+overwrite the objects another attempt's manifest committed; the manifest names the objects it owns, and
+retention cleans up the rest.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +37,19 @@ def backup_prefix(target: str, backup_id: str) -> str:
 
 def manifest_key(target: str, backup_id: str) -> str:
     return backup_prefix(target, backup_id) + MANIFEST_NAME
+
+
+def attempt_prefix(target: str, backup_id: str) -> str:
+    """A fresh folder for one attempt's data objects: no two attempts ever write the same key."""
+    return f"{backup_prefix(target, backup_id)}{uuid.uuid4().hex[:12]}/"
+
+
+def referenced_keys(manifest: dict[str, Any]) -> set[str]:
+    """The objects a committed manifest owns (its data objects and file list)."""
+    keys = {o["key"] for o in manifest.get("objects", ())}
+    if manifest.get("file_list"):
+        keys.add(manifest["file_list"])
+    return keys
 
 
 def backup_id_for(kind: str, slot: datetime) -> str:

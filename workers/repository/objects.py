@@ -10,6 +10,7 @@ from typing import Any
 
 import zstandard
 
+from workers.repository import fencing
 from workers.repository.crypto import DEFAULT_FRAME_SIZE, decrypt_stream, encrypt_stream
 from workers.repository.errors import AlreadyExists, IntegrityError, RepositoryError
 from workers.repository.keyring import Keyring
@@ -61,12 +62,15 @@ class ObjectRepository:
     ) -> StoredObject:
         """Compress, encrypt and upload `chunks`; on any failure (the source's too) nothing is stored."""
         validate_key(key)
+        fence = fencing.current()
+        fence()
         hasher = hashlib.sha256()
         plain_size = 0
 
         def measured() -> Iterator[bytes]:
             nonlocal plain_size
             for chunk in chunks:
+                fence()  # a job that lost its lease stops here, and the upload is aborted
                 hasher.update(chunk)
                 plain_size += len(chunk)
                 if on_progress is not None:
@@ -98,6 +102,7 @@ class ObjectRepository:
         validate_key(key)
         plain = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         key_id = self.keyring.active_id
+        fencing.current()()
         sealed = b"".join(
             encrypt_stream(
                 self.keyring, [self._compressor().compress(plain)], self.frame_size, context=key.encode()
@@ -143,6 +148,7 @@ class ObjectRepository:
 
     def delete(self, key: str) -> None:
         """Remove the object at `key` (no error if it is missing)."""
+        fencing.current()()
         self.store.delete(key)
 
     def abort_uploads(self, prefix: str) -> int:

@@ -27,6 +27,7 @@ from workers.engines.postgresql.untar import unpack_tar
 from workers.engines.postgresql.walhold import wal_held
 from workers.engines.procstream import ProcessStream
 from workers.repository import catalog
+from workers.repository.errors import ObjectNotFound
 from workers.repository.objects import ObjectRepository, StoredObject
 from workers.repository.streams import counted
 
@@ -54,12 +55,12 @@ def full_backup(
     server_version = int(server.query("SHOW server_version_num"))
     segment_size = server.wal_segment_size()
     started_at = datetime.now(UTC)
-    prefix = catalog.backup_prefix(server.target.name, backup_id)
-    if aborted := repo.abort_uploads(prefix):
+    if aborted := repo.abort_uploads(catalog.backup_prefix(server.target.name, backup_id)):
         log.info("backup %s: aborted %d upload(s) left by an earlier attempt", backup_id, aborted)
     # PostgreSQL's own backup_manifest lists every file with its size and time: the differential
     # layer compares the data directory against it.
     watcher = TarMemberWatcher("backup_manifest")
+    prefix = catalog.attempt_prefix(server.target.name, backup_id)
     with wal_held(server.target.name, server.target.conninfo):
         stream = _BaseBackupStream(basebackup_command(server, backup_id), server.env)
         stored = repo.put_stream(
@@ -113,6 +114,7 @@ def basebackup_command(server: PgServer, backup_id: str) -> list[str]:
         f"deskvault {backup_id}",
         "--no-password",
         "--verbose",
+        *([f"--max-rate={server.target.full_max_rate_mib}M"] if server.target.full_max_rate_mib else []),
     ]
 
 
@@ -129,7 +131,21 @@ def object_entry(name: str, stored: StoredObject) -> dict[str, Any]:
 
 
 def commit(repo: ObjectRepository, manifest_key: str, manifest: dict[str, Any]) -> BackupResult:
-    """Write the manifest, the backup's commit point, unless another attempt already committed it."""
+    """Write the manifest, the backup's commit point, unless another attempt already committed it.
+
+    Only with every object it lists in the bucket at the size this attempt stored: a manifest never
+    commits objects that were aborted or replaced under it.
+    """
+    for entry in manifest["objects"]:
+        try:
+            stored: int | None = repo.store.size(entry["key"])
+        except ObjectNotFound:
+            stored = None
+        if stored != entry["stored_size"]:
+            raise EngineError(
+                f"backup {manifest['backup_id']}: object {entry['key']} holds {stored} bytes, not the "
+                f"{entry['stored_size']} this attempt stored; not committing, a retry takes a new copy"
+            )
     committed, created = repo.commit_json(manifest_key, manifest)
     return BackupResult(committed, created=created)
 

@@ -102,10 +102,9 @@ def diff_backup(
             len(deleted),
             full["backup_id"],
         )
-        prefix = catalog.backup_prefix(target.name, backup_id)
-        if aborted := repo.abort_uploads(prefix):
+        if aborted := repo.abort_uploads(catalog.backup_prefix(target.name, backup_id)):
             log.info("diff %s: aborted %d upload(s) left by an earlier attempt", backup_id, aborted)
-        data_key = prefix + "changed.tar.dv"
+        data_key = catalog.attempt_prefix(target.name, backup_id) + "changed.tar.dv"
         stored = repo.put_stream(data_key, _tar_stream(datadir, changed), on_progress=on_progress)
         stop_lsn, label, spcmap = cur.execute(
             "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
