@@ -3,7 +3,6 @@ manifest the bucket fails to serve stops expiry for the target, and every backup
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -155,7 +154,7 @@ def test_leftovers_are_only_objects_of_backups_with_no_manifest_at_all(make_sett
     ctx = worker_context(settings)
     never = "targets/main/backups/20261120T010000Z-full/base.tar.dv"
     ctx.repository.store.put_bytes(never, b"half an upload")
-    target = dataclasses.replace(settings.target("main"))
+    target = settings.target("main")
 
     # When retention runs within the grace period, then the uncommitted data stays
     assert expire(ctx.repository, target, datetime.now(UTC), dry_run=False).orphans == 0

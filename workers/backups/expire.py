@@ -109,23 +109,19 @@ def _backup(manifest: dict, keys: list[str], archive: LogArchive) -> Backup:
 
 
 def _orphans(repo: ObjectRepository, target: str, manifests: list[dict], now: datetime) -> list[str]:
-    """Leftovers, once a day old: data of backups that never committed (or whose manifest was deleted),
-    and objects under a committed backup that its manifest does not own (a superseded attempt's).
+    """Leftovers, once a day old: every object under the target's backups that no manifest owns -- data of
+    backups that never committed (or whose manifest was deleted) and a superseded attempt's objects.
 
-    "Committed" means a manifest object exists, read or not: the bucket's listing decides, never what
-    this worker's keys could decrypt (the caller has already refused to run with unreadable manifests).
+    The caller has refused to run with any manifest unreadable, so `manifests` covers every manifest the
+    bucket lists: an object is never judged unowned because this worker's keys could not read its owner.
     """
-    entries = list(repo.store.list_entries(f"targets/{target}/backups/"))
-    committed = {e.key.split("/")[3] for e in entries if e.key.endswith("/" + catalog.MANIFEST_NAME)}
     owned = {k for m in manifests for k in catalog.referenced_keys(m)}
     return [
         entry.key
-        for entry in entries
+        for entry in repo.store.list_entries(f"targets/{target}/backups/")
         if now - entry.uploaded_at > STALE
-        and (
-            entry.key.split("/")[3] not in committed
-            or (not entry.key.endswith("/" + catalog.MANIFEST_NAME) and entry.key not in owned)
-        )
+        and entry.key not in owned
+        and not entry.key.endswith("/" + catalog.MANIFEST_NAME)
     ]
 
 
