@@ -26,6 +26,7 @@ from workers.engines.registry import engine_for
 from workers.queues import QueueDepth, queue_depths
 
 KINDS = ("full", "diff", "log")
+WAL_PROBLEM_METRIC = "deskvault_wal_stream_problem"
 # What status reads from Prometheus: name -> (the label results are keyed by, query).
 PROMETHEUS_QUERIES = {
     "wait_p99": (
@@ -44,7 +45,11 @@ def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, An
     newest = ledger.newest_backups()
     drills = ledger.newest_drills()
     rates = _from_prometheus(prometheus_url, warnings) if prometheus_url else {}
-    archived_until = rates.get("wal_archived") or _wal_stream_gauge(settings)
+    streamed = _wal_stream_samples(settings)
+    archived_until = rates.get("wal_archived") or _by_target(
+        streamed, "deskvault_wal_archived_timestamp_seconds"
+    )
+    problems = _wal_problems(prometheus_url, warnings) if prometheus_url else _problems_in(streamed)
     uploads = _newest_wal_uploads(settings, warnings)
     targets = {}
     for name in sorted(settings.targets):
@@ -54,6 +59,8 @@ def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, An
         targets[name] = {
             # The live RPO, as `deskvault wal-stream` reports it; None when no streamer answers.
             "rpo_seconds": max(0, int(now.timestamp() - archived)) if archived else None,
+            # Why the live RPO cannot move, as the streamer saw it; None while it moves.
+            "wal_problem": problems.get(name),
             "newest_wal_upload": _iso(upload),
             "newest": {kind: _iso(newest.get((name, kind))) for kind in KINDS},
             "age_seconds": {
@@ -113,20 +120,41 @@ def _newest_wal_uploads(settings: Settings, warnings: list[str]) -> dict[str, da
     return found
 
 
-def _wal_stream_gauge(settings: Settings) -> dict[str, float]:
-    """target -> archived-until, from a `deskvault wal-stream` serving metrics where this config says."""
+def _wal_stream_samples(settings: Settings) -> list[Any]:
+    """The metrics of a `deskvault wal-stream` serving where this config says; [] when none answers."""
     url = f"http://{settings.metrics.host}:{settings.wal.metrics_port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=3) as response:
             text = response.read().decode()
     except OSError:
-        return {}
+        return []
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def _by_target(samples: list[Any], name: str) -> dict[str, float]:
+    return {s.labels["target"]: s.value for s in samples if s.name == name}
+
+
+def _problems_in(samples: list[Any]) -> dict[str, str]:
     return {
-        sample.labels["target"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "deskvault_wal_archived_timestamp_seconds"
+        s.labels["target"]: s.labels["problem"]
+        for s in samples
+        if s.name == WAL_PROBLEM_METRIC and s.value == 1
     }
+
+
+def _wal_problems(url: str, warnings: list[str]) -> dict[str, str]:
+    """target -> why its live RPO cannot move, from Prometheus (every streamer it scrapes)."""
+    address = (
+        url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": WAL_PROBLEM_METRIC + " == 1"})
+    )
+    try:
+        with urllib.request.urlopen(address, timeout=10) as response:
+            result = json.load(response)["data"]["result"]
+    except (OSError, ValueError, KeyError) as e:
+        warnings.append(f"Prometheus at {url} could not be queried for WAL problems ({type(e).__name__})")
+        return {}
+    return {r["metric"].get("target", ""): r["metric"].get("problem", "") for r in result}
 
 
 def _queues(url: str, warnings: list[str]) -> dict[str, QueueDepth]:
@@ -169,6 +197,9 @@ def render_status(status: dict[str, Any]) -> str:
     lines.append(
         "(ages since each; RPO: time since the WAL was last safe, as `deskvault wal-stream` reports it)"
     )
+    for name, t in status["targets"].items():
+        if t["wal_problem"]:
+            lines.append(f"{name}: the live RPO is stuck: {t['wal_problem']} (see the wal-stream log)")
     lines += [
         "",
         f"{'POOL':<10} {'READY':>6} {'CONSUMERS':>9} {'RUNNING':>7} {'DEAD':>5} {'FAILED 24H':>10} "

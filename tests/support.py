@@ -226,8 +226,11 @@ def clocked_context(settings: Settings, now: datetime) -> tuple[WorkerContext, C
 OPS = Path(__file__).resolve().parents[1] / "ops"
 
 
-def start_prometheus(directory: Path, worker_port: int, wal_port: int) -> tuple[subprocess.Popen[bytes], int]:
-    """Debian's Prometheus running ops/prometheus/prometheus.yml on these ports, scraping every second."""
+def start_prometheus(
+    directory: Path, worker_port: int, wal_port: int, *, rules_for: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Debian's Prometheus running ops/prometheus/prometheus.yml on these ports, scraping every second,
+    with ops/prometheus/alerts.yml as shipped; `rules_for` shortens the named alerts' `for:`."""
     import yaml
 
     binary = shutil.which("prometheus")
@@ -237,7 +240,11 @@ def start_prometheus(directory: Path, worker_port: int, wal_port: int) -> tuple[
         )
     config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    config["rule_files"] = [str(OPS / "prometheus" / "alerts.yml")]
+    rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())
+    for rule in rules["groups"][0]["rules"]:
+        rule["for"] = (rules_for or {}).get(rule["alert"], rule.get("for", "0s"))
+    (directory / "alerts.yml").write_text(yaml.safe_dump(rules))
+    config["rule_files"] = [str(directory / "alerts.yml")]
     ports = {"deskvault-workers": worker_port, "deskvault-wal-stream": wal_port}
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]

@@ -155,6 +155,21 @@ WAL_ARCHIVED = Gauge(
     ["target"],
     multiprocess_mode="max",
 )
+WAL_BEHIND = Gauge(
+    "deskvault_wal_stream_behind_bytes",
+    "WAL the server had flushed that the receiver did not hold yet, at the last upload round",
+    ["target"],
+    multiprocess_mode="max",
+)
+WAL_RECEIVER_EXITS = Counter(
+    "deskvault_wal_receiver_exits_total", "Times a target's WAL receiver (pg_receivewal) exited", ["target"]
+)
+WAL_PROBLEM = Gauge(
+    "deskvault_wal_stream_problem",
+    "1, labelled with why, while a target's live RPO cannot move (`deskvault status` shows it too)",
+    ["target", "problem"],
+    multiprocess_mode="max",
+)
 DRILLS = Counter("deskvault_restore_drills_total", "Restore drills run, by outcome", ["target", "outcome"])
 DRILL_SECONDS = Histogram(
     "deskvault_restore_drill_duration_seconds",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from deskvault_core.config import TargetSettings
 from workers.engines.postgresql.walarchive import archivable
+from workers.engines.postgresql.walposition import format_lsn, parse_lsn
 from workers.engines.postgresql.walstream import WalStreamer, slot_name
 
 
@@ -32,3 +34,29 @@ def test_only_wal_files_are_archived() -> None:
 
 def test_slot_names_are_valid_for_postgresql() -> None:
     assert slot_name("crm-eu") == "deskvault_crm_eu"
+
+
+def test_wal_positions_read_as_byte_offsets_both_ways() -> None:
+    assert parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
+    assert parse_lsn("0/0") == 0
+    assert format_lsn(parse_lsn("16/B374D848")) == "16/B374D848"
+
+
+def test_a_receiver_that_exits_is_reported_with_its_own_error_not_the_disconnect() -> None:
+    streamer = WalStreamer(
+        TargetSettings(name="main", engine="postgresql", conninfo="host=x"), None, Path("/")
+    )
+    streamer._proc = subprocess.Popen(["false"])
+    streamer._proc.wait()
+    streamer._errors = [
+        "requested starting point 0/F0000000 is ahead of the WAL flush position",
+        "disconnected",
+    ]
+
+    streamer._receiver_exited(backoff=1.0)
+
+    assert streamer._problem == (
+        "pg_receivewal exited (code 1): "
+        "requested starting point 0/F0000000 is ahead of the WAL flush position"
+    )
+    assert streamer._proc is None

@@ -21,14 +21,23 @@ from pathlib import Path
 
 from deskvault_core.config import TargetSettings
 from workers import metrics
+from workers.engines.base import EngineError
 from workers.engines.postgresql.conninfo import libpq_env, split_password
 from workers.engines.postgresql.walarchive import PARTIAL, archivable, wal_key
+from workers.engines.postgresql.walposition import WalPositions
 from workers.repository.objects import ObjectRepository
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_MAX = 60.0
 READ_SIZE = 4 * 1024 * 1024
+STATUS_INTERVAL_SECONDS = 1
+# A receiver counts as up once it has outlived two of its reports; the round then waits this long at most
+# for its report to pass the server's flush position.
+SETTLED_SECONDS = 2.0 * STATUS_INTERVAL_SECONDS
+CATCH_UP_SECONDS = 3.0 * STATUS_INTERVAL_SECONDS
+PROBLEM_LENGTH = 300
+RECEIVER_ERROR = "pg_receivewal: error: "
 
 
 def slot_name(target: str) -> str:
@@ -49,6 +58,11 @@ class WalStreamer:
         self.env = libpq_env(password)
         self._partial_seen: dict[str, tuple[int, int]] = {}
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+        self._errors: list[str] = []
+        self._stderr_reader: threading.Thread | None = None
+        self._problem: str | None = None
+        self._positions = WalPositions(target.name, target.conninfo, slot_name(target.name))
 
     def run(self, stop: threading.Event) -> None:
         """Stream and upload until `stop` is set; pg_receivewal is restarted with backoff if it exits."""
@@ -57,28 +71,89 @@ class WalStreamer:
         try:
             while not stop.is_set():
                 if self._proc is not None and self._proc.poll() is not None:
-                    log.warning(
-                        "wal %s: pg_receivewal exited (code %s); restarting in %.0fs",
-                        self.target.name,
-                        self._proc.returncode,
-                        backoff,
-                    )
-                    self._proc = None
+                    self._receiver_exited(backoff)
                     restart_at, backoff = time.monotonic() + backoff, min(backoff * 2, RESTART_BACKOFF_MAX)
                 if self._proc is None and time.monotonic() >= restart_at and not self._start_receiver():
                     restart_at, backoff = time.monotonic() + backoff, min(backoff * 2, RESTART_BACKOFF_MAX)
                 try:
-                    round_started = time.time()
-                    self.upload_ready()
-                    if self._proc is not None and self._proc.poll() is None:
-                        # Everything the receiver had written when this round began is in the bucket now.
-                        metrics.WAL_ARCHIVED.labels(self.target.name).set(round_started)
+                    if self._upload_round():
+                        backoff = 1.0
                 except Exception as e:  # the files stay in the spool; the next round retries
                     log.error("wal %s: upload failed: %s", self.target.name, e)
+                    self._report_problem(f"upload failed: {e}")
                 stop.wait(self.upload_interval)
         finally:
             self._stop_receiver()
+            self._positions.close()
             self.upload_ready()
+
+    def _upload_round(self) -> bool:
+        """Upload what arrived. The live RPO moves to the round's start only when the round proves that
+        everything the server had flushed by then is in the bucket: a receiver that has stayed up held it
+        all before the upload began, and was still up after. Returns whether it moved."""
+        began = time.time()
+        receiver = self._proc if self._receiver_settled() else None
+        flushed = held = None
+        if receiver is not None:
+            try:
+                flushed = self._positions.server_flushed()
+                held = self._held_once_caught_up(flushed)
+            except EngineError as e:
+                self._report_problem(str(e))
+        self.upload_ready()
+        if flushed is None or held is None:
+            return False
+        metrics.WAL_BEHIND.labels(self.target.name).set(max(0, flushed - held))
+        if held >= flushed and receiver is not None and receiver.poll() is None:
+            metrics.WAL_ARCHIVED.labels(self.target.name).set(began)
+            self._report_problem(None)
+            return True
+        self._report_problem("the receiver has not caught up with the server's flushed WAL")
+        return False
+
+    def _receiver_settled(self) -> bool:
+        """Running, and for longer than its reports take: one that fails right after each start never is."""
+        return (
+            self._proc is not None
+            and self._proc.poll() is None
+            and time.monotonic() - self._started_at >= SETTLED_SECONDS
+        )
+
+    def _held_once_caught_up(self, flushed: int) -> int | None:
+        """The receiver's held position, waiting up to CATCH_UP_SECONDS for it to reach `flushed`."""
+        deadline = time.monotonic() + CATCH_UP_SECONDS
+        while True:
+            held = self._positions.receiver_holds()
+            if (held is not None and held >= flushed) or time.monotonic() >= deadline:
+                return held
+            time.sleep(0.2)
+
+    def _receiver_exited(self, backoff: float) -> None:
+        assert self._proc is not None
+        if self._stderr_reader is not None:
+            self._stderr_reader.join(timeout=2)  # its last words explain the exit
+        code, self._proc = self._proc.returncode, None
+        metrics.WAL_RECEIVER_EXITS.labels(self.target.name).inc()
+        # "disconnected" follows the line that says why
+        why = next((e for e in self._errors if e != "disconnected"), "")
+        log.warning(
+            "wal %s: pg_receivewal exited (code %s); restarting in %.0fs", self.target.name, code, backoff
+        )
+        self._report_problem(f"pg_receivewal exited (code {code})" + (f": {why}" if why else ""))
+
+    def _report_problem(self, problem: str | None) -> None:
+        """Say why the live RPO is not moving (metric and log), or that it moves again (None)."""
+        problem = None if problem is None else " ".join(problem.split())[:PROBLEM_LENGTH]
+        if problem == self._problem:
+            return
+        if self._problem is not None:
+            metrics.WAL_PROBLEM.remove(self.target.name, self._problem)
+        if problem is None:
+            log.info("wal %s: caught up; the live RPO moves again", self.target.name)
+        else:
+            metrics.WAL_PROBLEM.labels(self.target.name, problem).set(1)
+            log.warning("wal %s: the live RPO cannot move: %s", self.target.name, problem)
+        self._problem = problem
 
     def _start_receiver(self) -> bool:
         slot = slot_name(self.target.name)
@@ -100,12 +175,9 @@ class WalStreamer:
             timeout=60,
         )
         if create.returncode != 0:
-            log.error(
-                "wal %s: cannot create replication slot %s: %s",
-                self.target.name,
-                slot,
-                create.stderr.strip()[:300],
-            )
+            reason = create.stderr.strip()[:300]
+            log.error("wal %s: cannot create replication slot %s: %s", self.target.name, slot, reason)
+            self._report_problem(f"cannot create replication slot {slot}: {reason}")
             return False
         self._proc = subprocess.Popen(
             [
@@ -118,21 +190,31 @@ class WalStreamer:
                 str(self.spool),
                 "--no-loop",
                 "--no-password",
+                # fsync, then report: the slot's position is then what the spool holds (walposition.py)
+                "--synchronous",
                 "--status-interval",
-                "1",
+                str(STATUS_INTERVAL_SECONDS),
             ],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        threading.Thread(target=self._log_stderr, args=(self._proc,), daemon=True).start()
+        self._started_at = time.monotonic()
+        self._errors = []
+        self._stderr_reader = threading.Thread(
+            target=self._log_stderr, args=(self._proc, self._errors), daemon=True
+        )
+        self._stderr_reader.start()
         log.info("wal %s: streaming into %s (slot %s)", self.target.name, self.spool, slot)
         return True
 
-    def _log_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+    def _log_stderr(self, proc: subprocess.Popen[bytes], errors: list[str]) -> None:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            log.info("wal %s: %s", self.target.name, line.decode("utf-8", "replace").rstrip())
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            log.warning("wal %s: %s", self.target.name, line)
+            if line.startswith(RECEIVER_ERROR):
+                errors.append(line.removeprefix(RECEIVER_ERROR))
 
     def _stop_receiver(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
