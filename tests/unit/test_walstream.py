@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 from deskvault_core.config import TargetSettings
+from workers.engines.postgresql.timelines import Switch, parse_history
 from workers.engines.postgresql.walarchive import archivable
-from workers.engines.postgresql.walposition import format_lsn, parse_lsn
 from workers.engines.postgresql.walstream import WalStreamer, slot_name
 
 
@@ -36,10 +36,9 @@ def test_slot_names_are_valid_for_postgresql() -> None:
     assert slot_name("crm-eu") == "deskvault_crm_eu"
 
 
-def test_wal_positions_read_as_byte_offsets_both_ways() -> None:
-    assert parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
-    assert parse_lsn("0/0") == 0
-    assert format_lsn(parse_lsn("16/B374D848")) == "16/B374D848"
+def test_a_history_file_lists_each_ancestor_and_where_it_ended() -> None:
+    text = "1\t0/3000148\tno recovery target specified\n\n2\t1/A0000000\tbefore 2026-12-03 17:00:00+00\n"
+    assert parse_history(text) == [Switch(1, 0x3000148), Switch(2, (1 << 32) | 0xA0000000)]
 
 
 def test_a_receiver_that_exits_is_reported_with_its_own_error_not_the_disconnect() -> None:

@@ -13,6 +13,7 @@ import calendar
 import logging
 import os
 import stat
+import subprocess
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from workers.engines.base import BackupResult, EngineError
 from workers.engines.postgresql.basebackup import commit, object_entry
 from workers.engines.postgresql.conninfo import odbc_connection_string
 from workers.engines.postgresql.untar import unpack_tar
+from workers.engines.postgresql.walnames import parse_lsn
 from workers.errors import PermanentError
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
@@ -93,6 +95,7 @@ def diff_backup(
             0
         ]
         timeline = cur.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
+        _check_directory_is_the_servers(target, datadir, start_lsn, int(timeline))
         changed, deleted = _compare(datadir, known, full_started)
         log.info(
             "diff %s/%s: %d changed files, %d deleted since full %s",
@@ -136,6 +139,33 @@ def diff_backup(
         "stored_size": stored.stored_size,
     }
     return commit(repo, catalog.manifest_key(target.name, backup_id), manifest)
+
+
+def _check_directory_is_the_servers(
+    target: TargetSettings, datadir: Path, start_lsn: str, timeline: int
+) -> None:
+    """Refuse to copy files from a data directory the server does not run on (a copy that was promoted
+    elsewhere, the old primary's folder after a switch): the differential would restore as corrupt.
+
+    pg_backup_start has just checkpointed, so the server's own pg_control records that checkpoint.
+    """
+    proc = subprocess.run(
+        [str(Path(target.pg_bin) / "pg_controldata"), "-D", str(datadir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LC_ALL": "C"},
+        timeout=60,
+    )
+    fields = dict(line.split(":", 1) for line in proc.stdout.splitlines() if ":" in line)
+    redo = fields.get("Latest checkpoint's REDO location", "").strip()
+    on = fields.get("Latest checkpoint's TimeLineID", "").strip()
+    if proc.returncode != 0 or not redo or parse_lsn(redo) < parse_lsn(start_lsn) or on != str(timeline):
+        raise PermanentError(
+            f"targets.{target.name}.data_directory ({datadir}) is not the data directory of the server at "
+            f"targets.{target.name}.conninfo: the server checkpointed at {start_lsn} on timeline {timeline}, "
+            f"the folder's last checkpoint is {redo or '?'} on timeline {on or '?'} "
+            f"({proc.stderr.strip()[:200] or 'pg_controldata'}); point data_directory at the server's folder"
+        )
 
 
 def _full_files(pg_manifest: Any) -> dict[str, tuple[int, int]]:

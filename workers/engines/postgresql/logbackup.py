@@ -13,7 +13,7 @@ from typing import Any
 
 from workers.engines.base import LogBackupResult, LogGap
 from workers.engines.postgresql.server import PgServer
-from workers.engines.postgresql.walarchive import WalArchive, list_wal, wal_key
+from workers.engines.postgresql.walarchive import WalArchive, list_wal, read_histories, wal_key
 from workers.engines.postgresql.walnames import Segment, parse_lsn
 from workers.errors import HandlerError
 from workers.repository import catalog
@@ -43,10 +43,10 @@ def log_backup(
     newest_start = Segment.of(newest["timeline"], parse_lsn(newest["start_lsn"]), segment_size)
     end = Segment.parse(closed, segment_size)
     entries = list_wal(repo, target, segment_size)
-    archive = WalArchive(target, entries, segment_size)
+    archive = WalArchive(target, entries, segment_size, read_histories(repo, entries))
     gap = archive.first_gap(newest_start.timeline, newest_start.segno, end.segno)
     if gap is not None:
-        missing = archive.name(newest_start.timeline, gap)
+        missing = archive.name(archive.timeline_at(newest_start.timeline, gap), gap)
         raise LogGap(
             f"WAL archive of {target} has a gap: segment {missing} is missing after the newest full "
             f"{newest['backup_id']}",
@@ -72,7 +72,11 @@ def log_backup(
         "stop_lsn": switch_lsn,
         "covers_from": oldest["finished_at"],
         "covers_until": catalog.iso(uploaded[closed]),
-        "older_chain_gap": archive.name(start.timeline, older_gap) if older_gap is not None else None,
+        "older_chain_gap": (
+            archive.name(archive.timeline_at(start.timeline, older_gap), older_gap)
+            if older_gap is not None
+            else None
+        ),
         "started_at": catalog.iso(datetime.now(UTC)),
         "finished_at": catalog.iso(datetime.now(UTC)),
         "plain_size": 0,

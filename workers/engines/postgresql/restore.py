@@ -26,7 +26,7 @@ from workers.engines.base import RestoreResult, Unreachable, Window
 from workers.engines.postgresql.basebackup import restore_full
 from workers.engines.postgresql.cluster import DEFAULT_PG_BIN, PgCluster, hand_over
 from workers.engines.postgresql.diff import apply_diff
-from workers.engines.postgresql.walarchive import WalEntry, list_wal
+from workers.engines.postgresql.walarchive import WalArchive, WalEntry, list_wal, read_histories
 from workers.engines.postgresql.walfetch import DOWNLOAD_THREADS, WalDownloads, local_name, restore_command
 from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
 from workers.repository import catalog
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 UPLOAD_TIME_MARGIN = timedelta(seconds=1)
 WAL_BESIDE_BASE = DOWNLOAD_THREADS  # WAL files downloaded while the base unpacks
 WAL_FILE_RE = re.compile(r"[0-9A-F]{24}")
+RECOVERY_SETTING_RE = re.compile(
+    r"\s*(restore_command|recovery_target\w*|recovery_end_command|primary_conninfo|primary_slot_name)\s*="
+)
 COMMIT_RE = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
@@ -55,6 +58,10 @@ class RestorePlan:
     # rest of the archived run is fetched too if the planned WAL turns out to end before `at`.
     more_wal: tuple[WalEntry, ...] = ()
     gap: Segment | None = None
+    # The timeline recovery ends on: the newest one descending from the base's (timelines.py), and
+    # every archived history file, so a promote picks a timeline ID no one has used.
+    timeline: int = 1
+    history: tuple[WalEntry, ...] = ()
 
     @property
     def log_files(self) -> int:
@@ -69,11 +76,8 @@ def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> Re
         raise Unreachable(f"target {target} has no full backup yet; nothing can be restored")
     segment_size = fulls[-1].get("wal_segment_size") or DEFAULT_SEGMENT_SIZE
     entries = list_wal(repo, target, segment_size)
-    window = Window(
-        _finished(fulls[0]),
-        _latest(fulls[-1], entries, segment_size),
-        _intervals(fulls, entries, segment_size),
-    )
+    archive = WalArchive(target, entries, segment_size, read_histories(repo, entries))
+    window = Window(_finished(fulls[0]), _latest(fulls[-1], archive), _intervals(fulls, archive))
     if at is not None:
         at = at.astimezone(UTC)
         if at < window.earliest:
@@ -89,7 +93,7 @@ def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> Re
     ]
     diff = diffs[-1] if diffs else None
     # Replay starts at the checkpoint of the newest backup used, so the WAL is needed from there.
-    run, gap = _contiguous_run(diff or base, entries, segment_size)
+    run, gap = _contiguous_run(diff or base, archive)
     wal = _needed(run, at)
     if at is not None and (wal is None or at > window.latest):
         if gap is not None:
@@ -114,14 +118,14 @@ def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> Re
         skipped,
         more_wal=tuple(run[len(wal) :]),
         gap=gap,
+        timeline=archive.path((diff or base)["timeline"])[-1][0],
+        history=tuple(e for e in entries if e.segment is None),
     )
 
 
-def _intervals(
-    fulls: list[dict[str, Any]], entries: list[WalEntry], segment_size: int
-) -> tuple[tuple[datetime, datetime], ...]:
+def _intervals(fulls: list[dict[str, Any]], archive: WalArchive) -> tuple[tuple[datetime, datetime], ...]:
     merged: list[tuple[datetime, datetime]] = []
-    for start, end in sorted((_finished(f), _latest(f, entries, segment_size)) for f in fulls):
+    for start, end in sorted((_finished(f), _latest(f, archive)) for f in fulls):
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
@@ -137,23 +141,28 @@ def _finished(manifest: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(manifest["finished_at"])
 
 
-def _contiguous_run(
-    base: dict[str, Any], entries: list[WalEntry], segment_size: int
-) -> tuple[list[WalEntry], Segment | None]:
-    """The archived WAL from the base's start with no hole, and the first missing segment after it."""
-    by_segment = {(e.segment, e.partial): e for e in entries if e.segment is not None}
-    segment = Segment.of(base["timeline"], parse_lsn(base["start_lsn"]), segment_size)
+def _contiguous_run(start: dict[str, Any], archive: WalArchive) -> tuple[list[WalEntry], Segment | None]:
+    """The archived WAL from the backup's start with no hole, following its timeline's descendants onto
+    the newest, and the first missing segment after it."""
+    by_segment = {(e.segment, e.partial): e for e in archive.entries if e.segment is not None}
+    timelines = {t for t, _ in archive.path(start["timeline"])}
+    segno = parse_lsn(start["start_lsn"]) // archive.segment_size
     run: list[WalEntry] = []
     while True:
+        segment = Segment(archive.timeline_at(start["timeline"], segno), segno)
         if (complete := by_segment.get((segment, False))) is not None:
             run.append(complete)
         elif (partial := by_segment.get((segment, True))) is not None:
             run.append(partial)
             return run, None  # the segment being written: nothing can follow it yet
         else:
-            later = [e for e in entries if e.segment is not None and e.segment > segment]
+            later = [
+                e
+                for e in archive.entries
+                if e.segment is not None and e.segment.timeline in timelines and e.segment.segno > segno
+            ]
             return run, segment if later else None
-        segment = Segment(segment.timeline, segment.segno + 1)
+        segno += 1
 
 
 def _needed(run: list[WalEntry], at: datetime | None) -> list[WalEntry] | None:
@@ -166,8 +175,8 @@ def _needed(run: list[WalEntry], at: datetime | None) -> list[WalEntry] | None:
     return None
 
 
-def _latest(newest_full: dict[str, Any], entries: list[WalEntry], segment_size: int) -> datetime:
-    run, _ = _contiguous_run(newest_full, entries, segment_size)
+def _latest(newest_full: dict[str, Any], archive: WalArchive) -> datetime:
+    run, _ = _contiguous_run(newest_full, archive)
     if not run:
         return _finished(newest_full)
     return max(_finished(newest_full), run[-1].uploaded_at - UPLOAD_TIME_MARGIN)
@@ -235,6 +244,7 @@ def _lay_out(
     on_progress: Callable[[str], None],
 ) -> datetime | None:
     """Base, differential and recovery settings, WAL downloading meanwhile; returns the target time set."""
+    downloads.add(plan.history)  # PostgreSQL reads them first, to choose its timelines
     wal = list(plan.wal)
     if plan.at is not None and wal:
         # Whether PostgreSQL gets a target time depends on the last commit in the last file: fetch it first.
@@ -250,7 +260,10 @@ def _lay_out(
         apply_diff(repo, plan.diff, into)
     downloads.add(wal[WAL_BESIDE_BASE:])
     target = _recovery_target(plan, downloads, pg_bin)
-    _write_recovery_settings(into, downloads.wal_dir, target)
+    started_on = (plan.diff or plan.base)["timeline"]
+    _write_recovery_settings(
+        into, downloads.wal_dir, target, plan.timeline if plan.timeline != started_on else None
+    )
     hand_over(downloads.wal_dir)
     hand_over(into)
     return target
@@ -298,16 +311,26 @@ def last_commit_time(wal_dir: Path, pg_bin: Path, names: list[str] | None = None
     return None
 
 
-def _write_recovery_settings(into: Path, wal_dir: Path, target: datetime | None) -> None:
+def _write_recovery_settings(
+    into: Path, wal_dir: Path, target: datetime | None, timeline: int | None
+) -> None:
+    """`timeline`: the one to follow the backup's timeline onto; None stays on the backup's own."""
     lines = [
         "# Written by deskvault restore",
         f"restore_command = '{restore_command(wal_dir)}'",
-        "recovery_target_timeline = 'current'",
+        f"recovery_target_timeline = '{timeline or 'current'}'",
     ]
     if target is not None:
         lines += [f"recovery_target_time = '{target.isoformat()}'", "recovery_target_action = 'promote'"]
-    with (into / "postgresql.auto.conf").open("a") as f:
-        f.write("\n".join(lines) + "\n")
+    auto_conf = into / "postgresql.auto.conf"
+    # A backup of a cluster that was itself restored carries that restore's settings (its target time
+    # above all), dormant there without recovery.signal; here they would stop recovery at that moment.
+    kept = [
+        line
+        for line in (auto_conf.read_text().splitlines() if auto_conf.exists() else [])
+        if not RECOVERY_SETTING_RE.match(line)
+    ]
+    auto_conf.write_text("\n".join(kept + lines) + "\n")
     (into / "recovery.signal").touch()
 
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from workers.engines.base import LogArchive, LogFile
+from workers.engines.postgresql.timelines import Switch, parse_history
 from workers.engines.postgresql.walnames import (
     DEFAULT_SEGMENT_SIZE,
     HISTORY_RE,
@@ -68,10 +69,30 @@ def segment_size_of(manifests: list[dict[str, Any]]) -> int:
     return (fulls[-1].get("wal_segment_size") if fulls else None) or DEFAULT_SEGMENT_SIZE
 
 
-class WalArchive(LogArchive):
-    """The archived WAL as engine-neutral code reads it: a file's position is its segment number."""
+def read_histories(repo: ObjectRepository, entries: list[WalEntry]) -> dict[int, list[Switch]]:
+    """timeline -> its ancestors' switches, from every archived history file (each a few bytes)."""
+    found = {}
+    for entry in entries:
+        if entry.segment is None and (match := HISTORY_RE.match(entry.filename)):
+            found[int(match.group(1), 16)] = parse_history(b"".join(repo.get_stream(entry.key)).decode())
+    return found
 
-    def __init__(self, target: str, entries: list[WalEntry], segment_size: int) -> None:
+
+class WalArchive(LogArchive):
+    """The archived WAL as engine-neutral code reads it: a file's position is its segment number.
+
+    With the archived history files, a timeline's WAL continues on its newest descendant: from the
+    segment holding a switch point on, the child's file is the one to read (PostgreSQL copies the
+    parent's WAL before the switch into it when it promotes).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        entries: list[WalEntry],
+        segment_size: int,
+        histories: dict[int, list[Switch]] | None = None,
+    ) -> None:
         super().__init__(
             wal_prefix(target),
             [
@@ -88,6 +109,35 @@ class WalArchive(LogArchive):
         )
         self.entries = entries
         self.segment_size = segment_size
+        self.histories = histories or {}
+
+    def path(self, timeline: int) -> list[tuple[int, int]]:
+        """(timeline, first segment number) from `timeline` to the newest timeline descending from it."""
+        newest = max(
+            (t for t, switches in self.histories.items() if any(s.timeline == timeline for s in switches)),
+            default=timeline,
+        )
+        if newest == timeline:
+            return [(timeline, 0)]
+        switches = self.histories[newest]
+        chain = [s.timeline for s in switches] + [newest]
+        return [(timeline, 0)] + [
+            (chain[i + 1], switches[i].lsn // self.segment_size)
+            for i in range(chain.index(timeline), len(switches))
+        ]
+
+    def timeline_at(self, timeline: int, segno: int) -> int:
+        """The timeline whose file holds segment `segno` of `timeline`'s history as it continued."""
+        return next(t for t, first in reversed(self.path(timeline)) if first <= segno)
+
+    def first_gap(self, timeline: int, start: int, end: int) -> int | None:
+        have = {(f.timeline, f.position) for f in self.files if not f.partial}
+        partial = {(f.timeline, f.position) for f in self.files if f.partial}
+        for position in range(start, end + 1):
+            key = (self.timeline_at(timeline, position), position)
+            if key not in have and not (position == end and key in partial):
+                return position
+        return None
 
     def span(self, backup: dict[str, Any]) -> tuple[int, int, int]:
         timeline = backup["timeline"]
@@ -101,4 +151,5 @@ class WalArchive(LogArchive):
 def wal_archive(repo: ObjectRepository, target: str, manifests: list[dict[str, Any]]) -> WalArchive:
     """The target's archived WAL, read with the segment size its newest full recorded."""
     segment_size = segment_size_of(manifests)
-    return WalArchive(target, list_wal(repo, target, segment_size), segment_size)
+    entries = list_wal(repo, target, segment_size)
+    return WalArchive(target, entries, segment_size, read_histories(repo, entries))

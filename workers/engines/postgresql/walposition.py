@@ -13,16 +13,7 @@ import pyodbc
 
 from workers.engines.base import EngineError
 from workers.engines.postgresql.conninfo import odbc_connection_string
-
-
-def parse_lsn(text: str) -> int:
-    """'16/B374D848' -> the byte position in the WAL."""
-    high, low = text.split("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+from workers.engines.postgresql.walnames import parse_lsn, parse_size
 
 
 class WalPositions:
@@ -42,6 +33,9 @@ class WalPositions:
         """Up to where the receiver has fsynced WAL, as its slot records; None without a slot."""
         value = self._one("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = ?", self.slot)
         return parse_lsn(value) if value else None
+
+    def segment_size(self) -> int:
+        return parse_size(self._one("SHOW wal_segment_size") or "")
 
     def close(self) -> None:
         if self._session is not None:

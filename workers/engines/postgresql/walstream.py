@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import threading
 import time
@@ -23,7 +24,9 @@ from deskvault_core.config import TargetSettings
 from workers import metrics
 from workers.engines.base import EngineError
 from workers.engines.postgresql.conninfo import libpq_env, split_password
+from workers.engines.postgresql.timelines import server_timeline
 from workers.engines.postgresql.walarchive import PARTIAL, archivable, wal_key
+from workers.engines.postgresql.walnames import SEGMENT_RE, Segment, format_lsn
 from workers.engines.postgresql.walposition import WalPositions
 from workers.repository.objects import ObjectRepository
 
@@ -38,6 +41,7 @@ SETTLED_SECONDS = 2.0 * STATUS_INTERVAL_SECONDS
 CATCH_UP_SECONDS = 3.0 * STATUS_INTERVAL_SECONDS
 PROBLEM_LENGTH = 300
 RECEIVER_ERROR = "pg_receivewal: error: "
+ABANDONED = "abandoned"  # spool WAL of a timeline branch the server's history left, kept for an operator
 
 
 def slot_name(target: str) -> str:
@@ -158,6 +162,11 @@ class WalStreamer:
     def _start_receiver(self) -> bool:
         slot = slot_name(self.target.name)
         bin_dir = Path(self.target.pg_bin)
+        try:
+            self._follow_server_timeline()
+        except (EngineError, OSError, subprocess.SubprocessError) as e:
+            self._report_problem(f"cannot follow the server's timeline: {e}")
+            return False
         create = subprocess.run(
             [
                 str(bin_dir / "pg_receivewal"),
@@ -207,6 +216,56 @@ class WalStreamer:
         self._stderr_reader.start()
         log.info("wal %s: streaming into %s (slot %s)", self.target.name, self.spool, slot)
         return True
+
+    def _follow_server_timeline(self) -> None:
+        """After a promote: set aside spool WAL the server's history abandoned, and resume at the fork.
+
+        pg_receivewal resumes from the newest segment in its folder, on that segment's timeline; WAL of
+        an abandoned branch makes it fail after every start, and a `.partial` holding the fork would be
+        rewritten up to the fork, losing the branch's tail from the archive. Everything is uploaded
+        first; the set-aside files stay in `abandoned/` for an operator.
+        """
+        server = server_timeline(Path(self.target.pg_bin), self.conninfo, self.env, self.target.name)
+        if server.timeline == 1:
+            return
+        size = self._positions.segment_size()
+        ended = {s.timeline: s.lsn for s in server.switches}
+        segments = {p: Segment.parse(p.name.removesuffix(PARTIAL), size) for p in self._spool_segments()}
+        abandoned = [
+            path
+            for path, segment in segments.items()
+            if segment.timeline != server.timeline
+            and not (segment.timeline in ended and (segment.segno + 1) * size <= ended[segment.timeline])
+        ]
+        if not abandoned:
+            return
+        self.upload_ready()
+        aside = self.spool / ABANDONED
+        aside.mkdir(exist_ok=True)
+        for path in abandoned:
+            if path.exists():
+                os.replace(path, aside / path.name)
+        fork = Segment.of(server.timeline, server.switches[-1].lsn, size)
+        if not any(s.timeline == server.timeline for p, s in segments.items() if p not in abandoned):
+            # An empty segment of the new timeline at the fork: pg_receivewal starts there, from its start.
+            with (self.spool / (fork.name(size) + PARTIAL)).open("wb") as f:
+                f.truncate(size)
+        log.warning(
+            "wal %s: the server is on timeline %d, forked at %s; set aside %s in %s, resuming at %s",
+            self.target.name,
+            server.timeline,
+            format_lsn(server.switches[-1].lsn),
+            ", ".join(sorted(p.name for p in abandoned)),
+            aside,
+            fork.name(size),
+        )
+
+    def _spool_segments(self) -> list[Path]:
+        return [
+            p
+            for p in self.spool.iterdir()
+            if p.is_file() and archivable(p.name) and SEGMENT_RE.match(p.name.removesuffix(PARTIAL))
+        ]
 
     def _log_stderr(self, proc: subprocess.Popen[bytes], errors: list[str]) -> None:
         assert proc.stderr is not None
