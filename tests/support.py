@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,6 +85,20 @@ def worker_context(settings: Settings) -> WorkerContext:
     repository = open_repository(settings)
     repository.store.ensure_bucket()
     return WorkerContext(settings=settings, ledger=ledger, repository=repository)
+
+
+def take_backup(ctx: WorkerContext, kind: str, target: str = "main") -> str:
+    """A worker's handling of a backup-due event for now, in this process; returns its outcome."""
+    from messages.events import BackupDue
+    from workers.handlers.backup import handle_backup_due
+
+    event = BackupDue.new(
+        target=target,
+        kind=kind,
+        slot=datetime.now(UTC).replace(microsecond=0),
+        idempotency_key=f"test-{kind}-{uuid.uuid4().hex}",
+    )
+    return handle_backup_due(ctx, event)
 
 
 def raw_s3(settings: Settings) -> Any:

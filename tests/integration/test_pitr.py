@@ -20,11 +20,11 @@ from pathlib import Path
 import pika
 import pytest
 from prometheus_client import REGISTRY
-from support import build_settings, free_port, raw_s3, run_cli, wait_for, worker_context
+from support import build_settings, free_port, raw_s3, run_cli, take_backup, wait_for, worker_context
 
 from deskvault_core.config import TenantSettings
 from deskvault_core.errors import DeskvaultError
-from messages.events import BackupDue, ExportRequested, RestoreDrill
+from messages.events import ExportRequested, RestoreDrill
 from workers.context import WorkerContext
 from workers.engines.base import Unreachable
 from workers.engines.postgresql.cluster import PgCluster
@@ -32,7 +32,6 @@ from workers.engines.postgresql.restore import plan_restore, restore
 from workers.engines.postgresql.walarchive import list_wal
 from workers.engines.postgresql.walstream import WalStreamer
 from workers.errors import HandlerError
-from workers.handlers.backup import handle_backup_due
 from workers.handlers.drill import handle_restore_drill
 from workers.handlers.export import handle_export_requested
 from workers.repository import catalog
@@ -56,16 +55,6 @@ def source(scratch_dir: Path):
     time.sleep(2)
     yield cluster
     cluster.destroy()
-
-
-def backup(ctx, kind: str) -> str:
-    event = BackupDue.new(
-        target="main",
-        kind=kind,
-        slot=datetime.now(UTC).replace(microsecond=0),
-        idempotency_key=f"pitr-{kind}-{uuid.uuid4().hex}",
-    )
-    return handle_backup_due(ctx, event)
 
 
 def commit_rows(cluster: PgCluster, ids: range) -> None:
@@ -97,11 +86,11 @@ def history(source: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, contro
             lambda: source.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
             what="the WAL streamer to connect",
         )
-        assert backup(ctx, "full").startswith("full backup ")
+        assert take_backup(ctx, "full").startswith("full backup ")
         commit_rows(source, range(1, 5))
-        assert backup(ctx, "diff").startswith("diff backup ")
+        assert take_backup(ctx, "diff").startswith("diff backup ")
         commit_rows(source, range(5, 9))
-        assert backup(ctx, "log").startswith("log backup ")
+        assert take_backup(ctx, "log").startswith("log backup ")
         commit_rows(source, range(9, 13))
         times = commit_times(source)
         # the newest commit is in the bucket within seconds, in the partial segment
@@ -385,7 +374,7 @@ def test_a_gap_in_the_archive_is_named(history, scratch_dir) -> None:
 
     # and the hourly log backup sees the broken chain and asks for a full at once, keyed by the gap
     with pytest.raises(HandlerError, match="a full backup was requested"):
-        backup(ctx, "log")
+        take_backup(ctx, "log")
     connection = pika.BlockingConnection(pika.URLParameters(settings.broker.url))
     channel, queued = connection.channel(), []
     while (message := channel.basic_get("backup", auto_ack=True))[0] is not None:

@@ -8,18 +8,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import free_port, wait_for, worker_context
+from support import free_port, take_backup, wait_for, worker_context
 
-from messages.events import BackupDue
 from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.restore import plan_restore, restore
 from workers.engines.postgresql.walarchive import list_wal
 from workers.engines.postgresql.walstream import WalStreamer
-from workers.handlers.backup import handle_backup_due
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +32,6 @@ def source(scratch_dir: Path) -> Iterator[PgCluster]:
     time.sleep(2)  # files touched within a second of a full's start are never trusted unchanged
     yield cluster
     cluster.destroy()
-
-
-def _backup(ctx, kind: str) -> str:
-    event = BackupDue.new(
-        target="main",
-        kind=kind,
-        slot=datetime.now(UTC).replace(microsecond=0),
-        idempotency_key=f"timeline-{kind}-{uuid.uuid4().hex}",
-    )
-    return handle_backup_due(ctx, event)
 
 
 def _commit(cluster: PgCluster, ids: range) -> dict[int, datetime]:
@@ -89,7 +77,7 @@ def test_a_copy_promoted_as_the_target_streams_on_its_new_timeline_and_both_side
     try:
         # Given a full and writes on timeline 1, the old primary going on after the moment T, into the
         # next segment (so the spool's newest WAL lies beyond the fork)
-        assert _backup(ctx, "full").startswith("full backup ")
+        assert take_backup(ctx, "full").startswith("full backup ")
         before = _commit(source, range(1, 5))
         source.psql("SELECT pg_switch_wal()")
         after_t = _commit(source, range(5, 7))
@@ -115,10 +103,10 @@ def test_a_copy_promoted_as_the_target_streams_on_its_new_timeline_and_both_side
         )
         assert "00000002.history" in {e.filename for e in list_wal(ctx.repository, "main")}
         # And a differential and a log backup chain across the switch, then a new full on timeline 2
-        assert _backup(ctx, "diff").startswith("diff backup ")
+        assert take_backup(ctx, "diff").startswith("diff backup ")
         after_diff = _commit(copy, range(11, 12))
-        assert _backup(ctx, "log").startswith("log backup "), "the log backup saw a gap at the switch"
-        assert _backup(ctx, "full").startswith("full backup ")
+        assert take_backup(ctx, "log").startswith("log backup "), "the log backup saw a gap at the switch"
+        assert take_backup(ctx, "full").startswith("full backup ")
         latest = _commit(copy, range(12, 14))
         wait_for(lambda: _archived_until(ctx, latest[13]), timeout=60, what="the newest commit archived")
 
