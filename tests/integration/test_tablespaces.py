@@ -45,6 +45,7 @@ def source(scratch_dir: Path):
     cluster.psql(f"CREATE TABLESPACE outside LOCATION '{location}'")
     cluster.psql("CREATE TABLE marks (id int PRIMARY KEY, note text NOT NULL) TABLESPACE outside")
     cluster.psql("INSERT INTO marks SELECT i, 'row ' || i FROM generate_series(1, 100) i")
+    cluster.psql("CREATE TABLE ticks (id int)")  # in the data directory
     cluster.psql("CHECKPOINT")
     time.sleep(2)  # files touched within a second of a full's start always go into the differential
     yield cluster, location
@@ -90,6 +91,9 @@ def history(source, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
         assert backup(ctx, "full").startswith("full backup ")
         commit_rows(cluster, range(101, 104))
         assert backup(ctx, "diff").startswith("diff backup ")
+        time.sleep(1.0)
+        # A commit that touches nothing in the tablespace, before the next row rewrites the table's page.
+        cluster.psql("INSERT INTO ticks VALUES (1)")
         time.sleep(1.0)
         commit_rows(cluster, range(104, 107))
         last = datetime.fromisoformat(
@@ -160,8 +164,8 @@ def test_a_table_in_a_tablespace_restores_at_a_moment_just_after_the_differentia
 ) -> None:
     settings, ctx = history
     diff = next(m for m in catalog.list_manifests(ctx.repository, "main") if m["kind"] == "diff")
-    # The moment the differential finished, a second before the next commit: rows 101-103 are in its
-    # tablespace files, and no WAL replayed after its checkpoint rewrites their page.
+    # The moment the differential finished, a second before the next commit: rows 101-103 are only in
+    # its copy of the tablespace's files, as no WAL replayed up to then rewrites their page.
     at_text = diff["finished_at"]
     into = scratch_dir / f"ts-at-{uuid.uuid4().hex[:6]}"
     mapped = scratch_dir / f"ts-mapped-{uuid.uuid4().hex[:6]}" / "outside"
