@@ -10,6 +10,7 @@ flows through zstd and AES-256-GCM into a multipart upload of its own, one objec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ def full_backup(
     event_id: str,
     on_progress: Callable[[int], None] | None = None,
 ) -> BackupResult:
-    """Stream pg_basebackup's tar into the repository and commit the full's manifest."""
+    """Stream pg_basebackup's tars (one per tablespace) into the repository and commit the full's manifest."""
     manifest_key = catalog.manifest_key(server.target.name, backup_id)
     if repo.exists(manifest_key):
         # An earlier attempt committed this backup and died before the ledger heard of it.
@@ -78,10 +79,12 @@ def full_backup(
                 if on_progress is not None:
                     on_progress(stored_before + done)
 
-            for name, chunks in run.archives():
-                stored = repo.put_stream(prefix + name + ".dv", chunks, on_progress=progress)
-                stored_before += stored.plain_size
-                objects.append(object_entry(name, stored))
+            # Closed at once on a failed upload (a lost lease too): that kills pg_basebackup.
+            with contextlib.closing(run.archives()) as archives:
+                for name, chunks in archives:
+                    stored = repo.put_stream(prefix + name + ".dv", chunks, on_progress=progress)
+                    stored_before += stored.plain_size
+                    objects.append(object_entry(name, stored))
             run.check()
             # PostgreSQL's own backup_manifest lists every file with its size and time: the differential
             # layer compares the data directory against it.
