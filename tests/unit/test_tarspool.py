@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from workers.engines.postgresql.tarspool import TarSpool
+from workers.engines.postgresql.tarspool import TarSpool, _hole_puncher
 
 WRITER = """
 import os, sys, time
@@ -36,3 +37,13 @@ def test_each_tar_is_read_whole_in_order_while_it_is_written(tmp_path: Path) -> 
     assert spool.returncode == 0 and lines == ["done"]
     assert spool.manifest() == b"{}"
     assert sorted(p.name for p in folder.iterdir()) == ["backup_manifest"]  # each tar deleted once read
+
+
+def test_bytes_read_are_freed_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "base.tar"
+    path.write_bytes(b"x" * (8 << 20))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        _hole_puncher()(f.fileno(), 0, 8 << 20)
+    assert path.stat().st_size == 8 << 20  # the writer's offset is untouched
+    assert path.stat().st_blocks * 512 < 1 << 20
