@@ -145,6 +145,13 @@ def _parser() -> argparse.ArgumentParser:
         "--start", action="store_true", help="start PostgreSQL, wait for recovery, report the time reached"
     )
     r.add_argument("--port", type=int, default=5439, help="port for --start (default 5439)")
+    r.add_argument(
+        "--tablespace",
+        action="append",
+        default=[],
+        metavar="OID_OR_NAME_OR_OLD_PATH=NEW_PATH",
+        help="where a tablespace goes (repeatable); default: DIR.tablespaces/<oid> beside the data directory",
+    )
     r.set_defaults(func=_cmd_restore)
 
     t = sub.add_parser("tenants", help="the tenants deskvault knows, with their lifecycle state")
@@ -650,6 +657,7 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     settings = _settings(args)
     engine = engine_for(settings.target(args.target))
     at = _parse_at(args.at)
+    relocate = _parse_tablespaces(args.tablespace)
     repo = open_repository(settings)
     plan = engine.plan_restore(repo, at)
     base = plan.base
@@ -668,8 +676,11 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
         args.into,
         start=args.start,
         port=args.port,
+        relocate=relocate,
         on_progress=lambda line: print(f"  {line}", flush=True),
     )
+    for part in result.relocated:
+        print(f"{part.what} restored into {part.into}", flush=True)
     if args.start:
         reached = (
             f"{result.reached:%Y-%m-%dT%H:%M:%S.%fZ}"
@@ -683,6 +694,16 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
             f"user with: pg_ctl -D {args.into} start; it recovers, then promotes"
         )
     return 0
+
+
+def _parse_tablespaces(pairs: list[str]) -> dict[str, Path]:
+    mapping: dict[str, Path] = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old or not new:
+            raise _usage(f"--tablespace {pair!r}: expected OID_OR_NAME_OR_OLD_PATH=NEW_PATH")
+        mapping[old] = Path(new).absolute()
+    return mapping
 
 
 def _cmd_dlq_list(args: argparse.Namespace, _extra: list[str]) -> int:

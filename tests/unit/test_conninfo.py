@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from workers.engines.postgresql.conninfo import libpq_env, split_password, with_dbname
@@ -35,7 +37,7 @@ def test_the_backup_command_line_carries_no_password() -> None:
     engine = PgServer(
         TargetSettings(name="main", engine="postgresql", conninfo="host=db user=backup password=s3cret")
     )
-    command = basebackup_command(engine, "20261122T010000Z-full")
+    command = basebackup_command(engine, "20261122T010000Z-full", Path("/spool/tars"))
     assert not any("s3cret" in arg for arg in command)
     assert "host=db user=backup" in command
     assert engine.env["PGPASSWORD"] == "s3cret"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -101,11 +101,20 @@ class RestorePlan(Protocol):
 
 
 @dataclass(frozen=True)
+class Relocated:
+    """A part of a restore laid out outside its folder (PostgreSQL: a tablespace), and where it went."""
+
+    what: str
+    into: Path
+
+
+@dataclass(frozen=True)
 class RestoreResult:
     into: Path
     log_dir: Path  # where the log files replayed were laid out
     recovery_target: datetime | None  # the stop moment set; None: replay to the end of the archive
     reached: datetime | None  # with start=True: the last transaction replayed
+    relocated: tuple[Relocated, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -250,10 +259,12 @@ class Engine(ABC):
         *,
         start: bool = False,
         port: int = 0,
+        relocate: Mapping[str, Path] | None = None,
         on_progress: Callable[[str], None] | None = None,
     ) -> RestoreResult:
         """Lay the plan out in `into` (which must be new or empty); with `start`, recover on `port` and
-        report the moment reached. Nothing half-restored is left behind on failure."""
+        report the moment reached. Nothing half-restored is left behind on failure. `relocate` moves
+        parts the backup kept outside its folder (PostgreSQL: tablespaces, by oid, name or old path)."""
 
     @abstractmethod
     def scratch_server(self, label: str) -> AbstractContextManager[ScratchServer]:

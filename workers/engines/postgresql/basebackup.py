@@ -1,19 +1,22 @@
-"""PostgreSQL physical backups: pg_basebackup's tar stream straight into the repository, and back.
+"""PostgreSQL physical backups: pg_basebackup's tars streamed into the repository, and back.
 
-The base backup is read from pg_basebackup's stdout (`-D - -F tar -X fetch`): one tar holding the data
-directory, the WAL needed to make it consistent, the backup label and PostgreSQL's own backup manifest.
-A temporary replication slot (`walhold`) keeps that WAL on the server until the copy ends.
-It flows through zstd and AES-256-GCM into a multipart upload as it is produced, so neither disk nor
-memory ever holds the whole backup.
+pg_basebackup (`-F tar -X fetch`) writes one tar per tablespace into a spool folder: `<oid>.tar` for
+each tablespace, then `base.tar` with the data directory, the WAL needed to make it consistent, the
+backup label and `tablespace_map`, then PostgreSQL's own `backup_manifest`. `tarspool` reads each tar
+as it grows and frees what it has read, so the spool holds only what the upload has not taken yet.
+A temporary replication slot (`walhold`) keeps the WAL on the server until the copy ends. Each tar
+flows through zstd and AES-256-GCM into a multipart upload of its own, one object per tablespace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +25,12 @@ from typing import Any
 from workers.engines.base import BackupResult, EngineError
 from workers.engines.postgresql.cluster import hand_over
 from workers.engines.postgresql.server import PgServer
-from workers.engines.postgresql.tarwatch import TarMemberWatcher
+from workers.engines.postgresql.tablespaces import Tablespace
+from workers.engines.postgresql.tablespaces import layout as tablespaces_layout
+from workers.engines.postgresql.tablespaces import link as link_tablespaces
+from workers.engines.postgresql.tarspool import TarSpool
 from workers.engines.postgresql.untar import unpack_tar
 from workers.engines.postgresql.walhold import wal_held
-from workers.engines.procstream import ProcessStream
 from workers.repository import catalog
 from workers.repository.errors import ObjectNotFound
 from workers.repository.objects import ObjectRepository, StoredObject
@@ -33,6 +38,10 @@ from workers.repository.streams import counted
 
 log = logging.getLogger(__name__)
 
+TABLESPACES = (
+    "SELECT oid, spcname, pg_tablespace_location(oid) FROM pg_tablespace "
+    "WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY oid"
+)
 START_RE = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
 END_RE = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
 
@@ -46,7 +55,7 @@ def full_backup(
     event_id: str,
     on_progress: Callable[[int], None] | None = None,
 ) -> BackupResult:
-    """Stream pg_basebackup's tar into the repository and commit the full's manifest."""
+    """Stream pg_basebackup's tars (one per tablespace) into the repository and commit the full's manifest."""
     manifest_key = catalog.manifest_key(server.target.name, backup_id)
     if repo.exists(manifest_key):
         # An earlier attempt committed this backup and died before the ledger heard of it.
@@ -57,19 +66,50 @@ def full_backup(
     started_at = datetime.now(UTC)
     if aborted := repo.abort_uploads(catalog.backup_prefix(server.target.name, backup_id)):
         log.info("backup %s: aborted %d upload(s) left by an earlier attempt", backup_id, aborted)
-    # PostgreSQL's own backup_manifest lists every file with its size and time: the differential
-    # layer compares the data directory against it.
-    watcher = TarMemberWatcher("backup_manifest")
+    spaces = tablespaces(server)
     prefix = catalog.attempt_prefix(server.target.name, backup_id)
-    with wal_held(server.target.name, server.target.conninfo):
-        stream = _BaseBackupStream(basebackup_command(server, backup_id), server.env)
-        stored = repo.put_stream(
-            prefix + "base.tar.dv", watcher.tee(stream.chunks()), on_progress=on_progress
+    spool = Path(tempfile.mkdtemp(prefix=f"deskvault-full-{server.target.name}-"))
+    try:
+        with wal_held(server.target.name, server.target.conninfo):
+            tars = spool / "tars"
+            run = _BaseBackupRun(basebackup_command(server, backup_id, tars), server.env, tars)
+            objects, stored_before = [], 0
+
+            def progress(done: int) -> None:
+                if on_progress is not None:
+                    on_progress(stored_before + done)
+
+            # Closed at once on a failed upload (a lost lease too): that kills pg_basebackup.
+            with contextlib.closing(run.archives()) as archives:
+                for name, chunks in archives:
+                    stored = repo.put_stream(prefix + name + ".dv", chunks, on_progress=progress)
+                    stored_before += stored.plain_size
+                    objects.append(object_entry(name, stored))
+            run.check()
+            # PostgreSQL's own backup_manifest lists every file with its size and time: the differential
+            # layer compares the data directory against it.
+            pg_manifest = run.tars.manifest()
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    by_name = {o["name"]: o for o in objects}
+    for space in spaces:
+        entry = by_name.get(f"{space['oid']}.tar")
+        if entry is None:
+            raise EngineError(
+                f"backup {backup_id}: pg_basebackup wrote no archive for tablespace {space['name']} "
+                f"(oid {space['oid']}); not committing, a retry takes a new copy"
+            )
+        space["key"] = entry["key"]
+    unknown = set(by_name) - {"base.tar"} - {f"{t['oid']}.tar" for t in spaces}
+    if unknown or "base.tar" not in by_name:
+        raise EngineError(
+            f"backup {backup_id}: pg_basebackup wrote {sorted(by_name)}, not base.tar and one tar per "
+            "tablespace (was a tablespace created meanwhile?); not committing, a retry takes a new copy"
         )
     file_list_key = None
-    if watcher.captured is not None:
+    if pg_manifest is not None:
         file_list_key = prefix + "files.dv"
-        repo.put_json(file_list_key, json.loads(watcher.captured))
+        repo.put_json(file_list_key, json.loads(pg_manifest))
     finished_at = datetime.now(UTC)
 
     manifest = {
@@ -81,31 +121,47 @@ def full_backup(
         "parent": None,
         "server_version_num": server_version,
         "wal_segment_size": segment_size,
-        "timeline": stream.timeline,
-        "start_lsn": stream.start_lsn,
-        "stop_lsn": stream.stop_lsn,
+        "timeline": run.timeline,
+        "start_lsn": run.start_lsn,
+        "stop_lsn": run.stop_lsn,
         "started_at": catalog.iso(started_at),
         "finished_at": catalog.iso(finished_at),
         "job_key": job_key,
         "event_id": event_id,
         "file_list": file_list_key,
-        "objects": [object_entry("base.tar", stored)],
-        "plain_size": stored.plain_size,
-        "stored_size": stored.stored_size,
+        # Each tablespace's archive is an object of its own, in `objects` too (retention keeps those).
+        "tablespaces": spaces,
+        "objects": objects,
+        "plain_size": sum(o["plain_size"] for o in objects),
+        "stored_size": sum(o["stored_size"] for o in objects),
     }
     return commit(repo, manifest_key, manifest)
 
 
-def basebackup_command(server: PgServer, backup_id: str) -> list[str]:
-    """pg_basebackup's command line: the conninfo without its password, which travels in the environment."""
+def tablespaces(server: PgServer) -> list[dict[str, Any]]:
+    """The target's tablespaces besides the data directory's own: oid, name and location."""
+    rows = server.query(TABLESPACES)
+    spaces = []
+    for row in rows.splitlines():
+        oid, name, location = row.split("|", 2)
+        spaces.append({"oid": int(oid), "name": name, "location": location})
+    return spaces
+
+
+def basebackup_command(server: PgServer, backup_id: str, folder: Path) -> list[str]:
+    """pg_basebackup's command line: the conninfo without its password, which travels in the environment.
+
+    It writes one tar per tablespace into `folder` (see `tarspool`); they are read as they grow.
+    """
     return [
         str(server.bin / "pg_basebackup"),
         "--dbname",
         server.conninfo,
         "--pgdata",
-        "-",
+        str(folder),
         "--format",
         "tar",
+        "--no-sync",  # each tar is read back at once and deleted: flushing it to disk buys nothing
         "--wal-method",
         "fetch",
         "--checkpoint",
@@ -150,20 +206,22 @@ def commit(repo: ObjectRepository, manifest_key: str, manifest: dict[str, Any]) 
     return BackupResult(committed, created=created)
 
 
-class _BaseBackupStream:
-    """pg_basebackup's stdout as chunks; raises (aborting the upload) if pg_basebackup fails."""
+class _BaseBackupRun:
+    """pg_basebackup writing its tars into a spool folder; `check()` raises if it failed."""
 
-    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], folder: Path) -> None:
         self.start_lsn: str | None = None
         self.stop_lsn: str | None = None
         self.timeline: int | None = None
-        self._process = ProcessStream(command, env, on_line=self._read_line)
+        self.tars = TarSpool(command, env, folder, self._read_line)
 
-    def chunks(self) -> Iterator[bytes]:
-        yield from self._process.chunks()
-        if self._process.returncode != 0 or self.stop_lsn is None:
-            code = self._process.returncode
-            raise EngineError(f"pg_basebackup failed (exit {code}): {self._process.said()}")
+    def archives(self) -> Iterator[tuple[str, Iterator[bytes]]]:
+        return self.tars.archives()
+
+    def check(self) -> None:
+        if self.tars.returncode != 0 or self.stop_lsn is None:
+            code = self.tars.returncode
+            raise EngineError(f"pg_basebackup failed (exit {code}): {self.tars.said()}")
 
     def _read_line(self, line: str) -> None:
         if m := START_RE.search(line):
@@ -177,22 +235,44 @@ def restore_full(
     manifest: dict[str, Any],
     into: Path,
     *,
+    spaces: list[Tablespace] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Download, verify, decrypt and unpack a full backup into an empty folder PostgreSQL can start from."""
-    if into.exists() and any(into.iterdir()):
-        raise EngineError(f"{into} is not empty; restore into a new or empty folder")
-    into.mkdir(parents=True, exist_ok=True)
-    os.chmod(into, 0o700)
-    (entry,) = manifest["objects"]
-    total = entry["plain_size"]
+) -> list[Tablespace]:
+    """Download, verify, decrypt and unpack a full backup into an empty folder PostgreSQL can start from.
+
+    Each tablespace goes to its folder in `spaces` (default: beside `into`, see `tablespaces.layout`),
+    which must be new or empty too; returns where each went.
+    """
+    if spaces is None:
+        spaces = tablespaces_layout([manifest], into)
+    folders = [into, *(s.into for s in spaces)]
+    for folder in folders:
+        if folder.exists() and any(folder.iterdir()):
+            raise EngineError(f"{folder} is not empty; restore into a new or empty folder")
+    by_oid = {int(t["oid"]): t["key"] for t in manifest.get("tablespaces", ())}
+    objects = {o["key"]: o for o in manifest["objects"]}
+    (base,) = (o for o in manifest["objects"] if o["name"] == "base.tar")
+    parts = [(base, into)] + [(objects[by_oid[s.oid]], s.into) for s in spaces if s.oid in by_oid]
+    total = sum(entry["plain_size"] for entry, _ in parts)
     try:
-        plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=total)
-        if on_progress is not None:
-            plain = counted(plain, lambda done: on_progress(done, total))
-        unpack_tar(plain, into)
+        done = 0
+        for entry, folder in parts:
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+            size = entry["plain_size"]
+            plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=size)
+            if on_progress is not None:
+                plain = counted(plain, lambda n, before=done: on_progress(before + n, total))
+            unpack_tar(plain, folder)
+            done += size
+        for space in spaces:
+            space.into.mkdir(mode=0o700, parents=True, exist_ok=True)
+        link_tablespaces(into, spaces)
     except BaseException:
         # Never leave a half-restored folder that someone might start.
-        shutil.rmtree(into, ignore_errors=True)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
-    hand_over(into)
+    for folder in folders:
+        hand_over(folder)
+    return spaces

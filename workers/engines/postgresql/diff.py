@@ -25,8 +25,12 @@ import pyodbc
 
 from deskvault_core.config import TargetSettings
 from workers.engines.base import BackupResult, EngineError
-from workers.engines.postgresql.basebackup import commit, object_entry
+from workers.engines.postgresql.basebackup import TABLESPACES, commit, object_entry
+from workers.engines.postgresql.cluster import hand_over
 from workers.engines.postgresql.conninfo import odbc_connection_string
+from workers.engines.postgresql.tablespaces import Tablespace
+from workers.engines.postgresql.tablespaces import link as link_tablespaces
+from workers.engines.postgresql.tablespaces import write_map as write_tablespace_map
 from workers.engines.postgresql.untar import unpack_tar
 from workers.engines.postgresql.walnames import parse_lsn
 from workers.errors import PermanentError
@@ -96,6 +100,10 @@ def diff_backup(
         ]
         timeline = cur.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]
         _check_directory_is_the_servers(target, datadir, start_lsn, int(timeline))
+        spaces = [
+            {"oid": int(oid), "name": name, "location": location}
+            for oid, name, location in cur.execute(TABLESPACES).fetchall()
+        ]
         changed, deleted = _compare(datadir, known, full_started)
         log.info(
             "diff %s/%s: %d changed files, %d deleted since full %s",
@@ -132,6 +140,7 @@ def diff_backup(
         "event_id": event_id,
         "backup_label": label,
         "tablespace_map": spcmap or "",
+        "tablespaces": spaces,
         "changed_files": len(changed),
         "deleted_files": deleted,
         "objects": [object_entry("changed.tar", stored)],
@@ -192,7 +201,16 @@ def _compare(
 
 
 def _walk(datadir: Path) -> Iterator[tuple[str, int, float]]:
-    for root, dirs, files in os.walk(datadir):
+    """Every file a backup copies, as `path, size, mtime`; a tablespace's under `pg_tblspc/<oid>/`."""
+    yield from _walk_tree(datadir, datadir)
+    links = datadir / "pg_tblspc"
+    for entry in sorted(os.scandir(links), key=lambda e: e.name) if links.is_dir() else ():
+        if entry.is_symlink():  # os.walk does not follow links; an in-place tablespace was walked above
+            yield from _walk_tree(datadir, links / entry.name)
+
+
+def _walk_tree(datadir: Path, top: Path) -> Iterator[tuple[str, int, float]]:
+    for root, dirs, files in os.walk(top):
         rel_root = os.path.relpath(root, datadir)
         if rel_root in SKIP_CONTENTS:
             dirs.clear()
@@ -239,14 +257,23 @@ def _tar_stream(datadir: Path, files: list[tuple[str, int]]) -> Iterator[bytes]:
     yield bytes(2 * tarfile.BLOCKSIZE)
 
 
-def apply_diff(repo: ObjectRepository, diff: dict[str, Any], into: Path) -> None:
-    """Lay a differential over a restored full: changed files, deletions, and the diff's backup label."""
+def apply_diff(
+    repo: ObjectRepository, diff: dict[str, Any], into: Path, spaces: list[Tablespace] | None = None
+) -> None:
+    """Lay a differential over a restored full: changed files, deletions, and the diff's backup label.
+
+    Files under `pg_tblspc/<oid>/` land in the tablespace's restored folder through the link the full's
+    restore made; `spaces` must name every tablespace of the full and of the differential.
+    """
+    spaces = spaces or []
+    link_tablespaces(into, spaces)  # a tablespace created after the full has no link yet
     (entry,) = diff["objects"]
     plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=entry["plain_size"])
     unpack_tar(plain, into)
     for path in diff["deleted_files"]:
         (into / path).unlink(missing_ok=True)
     (into / "backup_label").write_text(diff["backup_label"])
-    if diff["tablespace_map"]:
-        (into / "tablespace_map").write_text(diff["tablespace_map"])
+    write_tablespace_map(into, spaces)  # the diff's own map names the old folders
     (into / "backup_manifest").unlink(missing_ok=True)  # the full's; it does not describe this state
+    for space in spaces:
+        hand_over(space.into)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -109,12 +109,20 @@ class PostgresEngine(Engine):
         *,
         start: bool = False,
         port: int = 0,
+        relocate: Mapping[str, Path] | None = None,
         on_progress: Callable[[str], None] | None = None,
     ) -> RestoreResult:
         if not isinstance(plan, point_in_time.RestorePlan):
             raise TypeError(f"a PostgreSQL restore takes its own plan, not {type(plan).__name__}")
         return point_in_time.restore(
-            repo, plan, into, start=start, port=port, pg_bin=self.pg_bin, on_progress=on_progress or log.info
+            repo,
+            plan,
+            into,
+            start=start,
+            port=port,
+            pg_bin=self.pg_bin,
+            tablespaces=relocate,
+            on_progress=on_progress or log.info,
         )
 
     @contextmanager

@@ -15,17 +15,19 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from deskvault_core.errors import DeskvaultError
-from workers.engines.base import RestoreResult, Unreachable, Window
+from workers.engines.base import Relocated, RestoreResult, Unreachable, Window
 from workers.engines.postgresql.basebackup import restore_full
 from workers.engines.postgresql.cluster import DEFAULT_PG_BIN, PgCluster, hand_over
 from workers.engines.postgresql.diff import apply_diff
+from workers.engines.postgresql.tablespaces import Tablespace
+from workers.engines.postgresql.tablespaces import layout as tablespace_layout
 from workers.engines.postgresql.walarchive import WalArchive, WalEntry, list_wal, read_histories
 from workers.engines.postgresql.walfetch import DOWNLOAD_THREADS, WalDownloads, local_name, restore_command
 from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
@@ -198,15 +200,18 @@ def restore(
     start: bool = False,
     port: int = 0,
     pg_bin: Path | None = None,
+    tablespaces: Mapping[str, Path] | None = None,
     on_progress: Callable[[str], None] = log.info,
 ) -> RestoreResult:
     """Lay out the base, the WAL and the recovery settings; with `start`, recover and report the time.
 
     With `start`, PostgreSQL starts as soon as the base is in place and replays the WAL while the rest
-    of it downloads; without, every file is in place before this returns.
+    of it downloads; without, every file is in place before this returns. `tablespaces` maps a
+    tablespace (by oid, name or original location) to its new folder; the rest go beside `into`.
     """
     wal_dir = into.parent / f"{into.name}.wal"
-    for folder in (into, wal_dir):
+    spaces = tablespace_layout([plan.base, plan.diff], into, tablespaces)
+    for folder in (into, wal_dir, *(s.into for s in spaces)):
         # Checked before anything is written: on failure below, these folders are removed whole.
         if folder.exists() and any(folder.iterdir()):
             raise DeskvaultError(f"{folder} is not empty; restore into a new or empty folder")
@@ -214,7 +219,7 @@ def restore(
     downloads = WalDownloads(repo, wal_dir, on_progress, planned=len(plan.wal))
     cluster = None
     try:
-        target = _lay_out(repo, plan, into, downloads, pg_bin, on_progress)
+        target = _lay_out(repo, plan, into, spaces, downloads, pg_bin, on_progress)
         if start:
             cluster = PgCluster(into, port, pg_bin)
             on_progress("starting PostgreSQL: it replays the WAL as the files arrive")
@@ -227,18 +232,20 @@ def restore(
         if cluster is not None:
             cluster.stop("immediate")
         # Never leave a half-restored folder that someone might start.
-        shutil.rmtree(into, ignore_errors=True)
-        shutil.rmtree(wal_dir, ignore_errors=True)
+        for folder in (into, wal_dir, *(s.into for s in spaces)):
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     # Every file is in place now: a recovery that fails from here on is left for inspection.
     reached = _wait_recovered(cluster) if cluster is not None else None
-    return RestoreResult(into, wal_dir, target, reached)
+    relocated = tuple(Relocated(s.describe(), s.into) for s in spaces)
+    return RestoreResult(into, wal_dir, target, reached, relocated)
 
 
 def _lay_out(
     repo: ObjectRepository,
     plan: RestorePlan,
     into: Path,
+    spaces: list[Tablespace],
     downloads: WalDownloads,
     pg_bin: Path,
     on_progress: Callable[[str], None],
@@ -254,10 +261,12 @@ def _lay_out(
     # PostgreSQL replays what is already there.
     downloads.add(wal[:WAL_BESIDE_BASE])
     on_progress(f"restoring base backup {plan.base['backup_id']}")
-    restore_full(repo, plan.base, into)
+    restore_full(repo, plan.base, into, spaces=spaces)
+    for space in spaces:
+        on_progress(f"{space.describe()} goes to {space.into}")
     if plan.diff is not None:
         on_progress(f"applying differential backup {plan.diff['backup_id']}")
-        apply_diff(repo, plan.diff, into)
+        apply_diff(repo, plan.diff, into, spaces)
     downloads.add(wal[WAL_BESIDE_BASE:])
     target = _recovery_target(plan, downloads, pg_bin)
     started_on = (plan.diff or plan.base)["timeline"]
