@@ -4,7 +4,9 @@
 tar per tablespace into a folder, one after the other: each `<oid>.tar`, then the data directory's
 `base.tar`, then `backup_manifest`. Each tar is read as it grows, and the bytes read are punched out of
 the file (`fallocate`), so the folder only ever holds what the upload has not taken yet -- never a
-second copy of the backup.
+second copy of the backup. Reading the server is far faster than compressing and uploading, so the
+writer is paused (SIGSTOP) while more than `max_pending` bytes wait unread and resumed at half: the
+same backpressure a pipe gives, which keeps a full of any size within a bounded spool.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import collections
 import ctypes
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 1024 * 1024
 POLL_SECONDS = 0.05
+MAX_PENDING = 256 * 1024 * 1024
 MANIFEST = "backup_manifest"
 _PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
@@ -37,15 +41,24 @@ class TarSpool:
     """
 
     def __init__(
-        self, command: list[str], env: dict[str, str], folder: Path, on_line: Callable[[str], None]
+        self,
+        command: list[str],
+        env: dict[str, str],
+        folder: Path,
+        on_line: Callable[[str], None],
+        max_pending: int = MAX_PENDING,
     ) -> None:
         self.command = command
+        self.max_pending = max_pending
+        self.paused = 0  # how many times the writer was paused for the reader to catch up
         self.env = env
         self.folder = folder
         self.on_line = on_line
         self.returncode: int | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stopped = False
+        self._read = 0  # bytes read of the tar being read (the ones before it are deleted)
         self._punch = _hole_puncher()
 
     def archives(self) -> Iterator[tuple[str, Iterator[bytes]]]:
@@ -55,17 +68,19 @@ class TarSpool:
         assert proc.stderr is not None
         reader = threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True)
         reader.start()
+        taken: set[str] = set()
+        threading.Thread(target=self._pace, args=(taken,), daemon=True).start()
         try:
-            taken: set[str] = set()
             while (name := self._next_archive(taken)) is not None:
                 taken.add(name)
                 yield name, self._follow(name, taken)
                 (self.folder / name).unlink(missing_ok=True)
+                self._read = 0
             self.returncode = proc.wait()
             reader.join(timeout=10)
         finally:
             if proc.poll() is None:
-                proc.kill()
+                proc.kill()  # a stopped process is killed too
                 proc.wait()
 
     def manifest(self) -> bytes | None:
@@ -106,18 +121,38 @@ class TarSpool:
 
     def _follow(self, name: str, taken: set[str]) -> Iterator[bytes]:
         offset = 0
-        with open(self.folder / name, "rb") as f:
+        # Read-write: fallocate frees bytes only through a descriptor open for writing.
+        with open(self.folder / name, "r+b") as f:
             while True:
                 finished = self._finished(taken)  # checked before the read that may find the end
                 chunk = f.read(READ_SIZE)
                 if chunk:
                     self._punch(f.fileno(), offset, len(chunk))
                     offset += len(chunk)
+                    self._read = offset
                     yield chunk
                 elif finished:
                     return
                 else:
                     time.sleep(POLL_SECONDS)
+
+    def _pace(self, taken: set[str]) -> None:
+        """Every poll while the writer runs: pause it while more than `max_pending` bytes of its tars
+        wait unread, resume it once half of that is read. Independent of how fast chunks are taken."""
+        assert self._proc is not None
+        while self._proc.poll() is None:
+            try:
+                written = sum(p.stat().st_size for p in self.folder.glob("*.tar"))
+            except FileNotFoundError:  # a tar deleted between listing and stat: count again
+                continue
+            pending = written - self._read
+            if not self._stopped and pending > self.max_pending:
+                os.kill(self._proc.pid, signal.SIGSTOP)
+                self._stopped, self.paused = True, self.paused + 1
+            elif self._stopped and pending <= self.max_pending // 2:
+                os.kill(self._proc.pid, signal.SIGCONT)
+                self._stopped = False
+            time.sleep(POLL_SECONDS)
 
     def _read_stderr(self, stderr: IO[bytes]) -> None:
         for raw in stderr:
