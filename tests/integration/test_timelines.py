@@ -4,20 +4,24 @@ the new timeline, and the restorable window spans both sides of the switch, exac
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from support import free_port, take_backup, wait_for, worker_context
 
 from workers.engines.postgresql.cluster import PgCluster
+from workers.engines.postgresql.diff import diff_backup
 from workers.engines.postgresql.restore import plan_restore, restore
 from workers.engines.postgresql.walarchive import list_wal
 from workers.engines.postgresql.walstream import WalStreamer
+from workers.errors import PermanentError
+from workers.repository import catalog
 
 pytestmark = pytest.mark.integration
 
@@ -132,3 +136,23 @@ def test_a_copy_promoted_as_the_target_streams_on_its_new_timeline_and_both_side
         stop.set()
         thread.join(timeout=30)
         copy.destroy()
+
+
+def test_a_differential_refuses_a_data_directory_that_is_not_the_servers(
+    make_settings, source: PgCluster, scratch_dir: Path
+) -> None:
+    # Given a full, and the config's data_directory left at another cluster's folder (the old primary's)
+    settings = make_settings(target=source)
+    ctx = worker_context(settings)
+    assert take_backup(ctx, "full").startswith("full backup ")
+    other = PgCluster(scratch_dir / f"timeline-other-{uuid.uuid4().hex[:6]}", free_port())
+    other.initdb()
+    target = dataclasses.replace(settings.target("main"), data_directory=str(other.datadir))
+    full = catalog.list_manifests(ctx.repository, "main")[-1]
+    backup_id = catalog.backup_id_for("diff", datetime.now(UTC).replace(microsecond=0))
+
+    # When a differential runs, then it is refused, naming the field, and nothing is committed
+    with pytest.raises(PermanentError, match=r"targets\.main\.data_directory .* is not the data directory"):
+        diff_backup(target, ctx.repository, backup_id=backup_id, full=full, job_key="k", event_id="e")
+    assert not ctx.repository.exists(catalog.manifest_key("main", backup_id))
+    other.destroy()
