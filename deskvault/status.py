@@ -45,11 +45,12 @@ def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, An
     newest = ledger.newest_backups()
     drills = ledger.newest_drills()
     rates = _from_prometheus(prometheus_url, warnings) if prometheus_url else {}
-    streamed = _wal_stream_samples(settings)
-    archived_until = rates.get("wal_archived") or _by_target(
-        streamed, "deskvault_wal_archived_timestamp_seconds"
-    )
-    problems = _wal_problems(prometheus_url, warnings) if prometheus_url else _problems_in(streamed)
+    if prometheus_url and rates.get("wal_archived"):
+        archived_until, problems = rates["wal_archived"], _wal_problems(prometheus_url, warnings)
+    else:  # straight from a `deskvault wal-stream` serving metrics where this config says
+        streamed = _wal_stream_samples(settings)
+        archived_until = _by_target(streamed, "deskvault_wal_archived_timestamp_seconds")
+        problems = _problems_in(streamed)
     uploads = _newest_wal_uploads(settings, warnings)
     targets = {}
     for name in sorted(settings.targets):
@@ -145,16 +146,19 @@ def _problems_in(samples: list[Any]) -> dict[str, str]:
 
 def _wal_problems(url: str, warnings: list[str]) -> dict[str, str]:
     """target -> why its live RPO cannot move, from Prometheus (every streamer it scrapes)."""
-    address = (
-        url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": WAL_PROBLEM_METRIC + " == 1"})
-    )
     try:
-        with urllib.request.urlopen(address, timeout=10) as response:
-            result = json.load(response)["data"]["result"]
+        result = _prometheus_query(url, WAL_PROBLEM_METRIC + " == 1")
     except (OSError, ValueError, KeyError) as e:
         warnings.append(f"Prometheus at {url} could not be queried for WAL problems ({type(e).__name__})")
         return {}
     return {r["metric"].get("target", ""): r["metric"].get("problem", "") for r in result}
+
+
+def _prometheus_query(url: str, query: str) -> list[dict[str, Any]]:
+    """The result vector of an instant query."""
+    address = url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(address, timeout=10) as response:
+        return json.load(response)["data"]["result"]
 
 
 def _queues(url: str, warnings: list[str]) -> dict[str, QueueDepth]:
@@ -168,10 +172,8 @@ def _queues(url: str, warnings: list[str]) -> dict[str, QueueDepth]:
 def _from_prometheus(url: str, warnings: list[str]) -> dict[str, dict[str, float]]:
     found: dict[str, dict[str, float]] = {}
     for key, (label, query) in PROMETHEUS_QUERIES.items():
-        address = url.rstrip("/") + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
         try:
-            with urllib.request.urlopen(address, timeout=10) as response:
-                result = json.load(response)["data"]["result"]
+            result = _prometheus_query(url, query)
         except (OSError, ValueError, KeyError) as e:
             warnings.append(
                 f"Prometheus at {url} could not be queried ({type(e).__name__}); waits are left out"

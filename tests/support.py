@@ -11,7 +11,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -99,6 +99,26 @@ def take_backup(ctx: WorkerContext, kind: str, target: str = "main") -> str:
         idempotency_key=f"test-{kind}-{uuid.uuid4().hex}",
     )
     return handle_backup_due(ctx, event)
+
+
+@contextlib.contextmanager
+def wal_streaming(ctx: WorkerContext, target: str = "main") -> Iterator[None]:
+    """The target's WAL streamed into the repository by a streamer in this process, for the block."""
+    import threading
+
+    from workers.engines.postgresql.walstream import WalStreamer
+
+    settings = ctx.settings
+    spool = Path(settings.wal.spool_dir) / target
+    streamer = WalStreamer(settings.target(target), ctx.repository, spool, upload_interval=1.0)
+    stop = threading.Event()
+    thread = threading.Thread(target=streamer.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 def raw_s3(settings: Settings) -> Any:

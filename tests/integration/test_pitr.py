@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,16 @@ from pathlib import Path
 import pika
 import pytest
 from prometheus_client import REGISTRY
-from support import build_settings, free_port, raw_s3, run_cli, take_backup, wait_for, worker_context
+from support import (
+    build_settings,
+    free_port,
+    raw_s3,
+    run_cli,
+    take_backup,
+    wait_for,
+    wal_streaming,
+    worker_context,
+)
 
 from deskvault_core.config import TenantSettings
 from deskvault_core.errors import DeskvaultError
@@ -30,7 +38,6 @@ from workers.engines.base import Unreachable
 from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.restore import plan_restore, restore
 from workers.engines.postgresql.walarchive import list_wal
-from workers.engines.postgresql.walstream import WalStreamer
 from workers.errors import HandlerError
 from workers.handlers.drill import handle_restore_drill
 from workers.handlers.export import handle_export_requested
@@ -76,12 +83,7 @@ def history(source: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, contro
     Keyring.create(key_file)
     settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, source)
     ctx = worker_context(settings)
-    stop = threading.Event()
-    spool = Path(settings.wal.spool_dir) / "main"
-    streamer = WalStreamer(settings.target("main"), ctx.repository, spool, upload_interval=1.0)
-    thread = threading.Thread(target=streamer.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with wal_streaming(ctx):
         wait_for(
             lambda: source.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
             what="the WAL streamer to connect",
@@ -100,9 +102,6 @@ def history(source: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, contro
             what="the last commit to reach the archive",
         )
         yield settings, ctx, times
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 def restored_ids(ctx, at: datetime | None, scratch_dir: Path) -> tuple[set[int], datetime | None]:

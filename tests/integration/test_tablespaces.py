@@ -10,19 +10,17 @@ import os
 import pwd
 import shutil
 import stat
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from support import build_settings, free_port, run_cli, wait_for, worker_context
+from support import build_settings, free_port, run_cli, wait_for, wal_streaming, worker_context
 
 from messages.events import BackupDue
 from workers.engines.postgresql.cluster import PgCluster, hand_over
 from workers.engines.postgresql.restore import plan_restore
-from workers.engines.postgresql.walstream import WalStreamer
 from workers.handlers.backup import handle_backup_due
 from workers.repository import catalog
 from workers.repository.keyring import Keyring
@@ -78,12 +76,7 @@ def history(source, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
     Keyring.create(key_file)
     settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, cluster)
     ctx = worker_context(settings)
-    stop = threading.Event()
-    spool = Path(settings.wal.spool_dir) / "main"
-    streamer = WalStreamer(settings.target("main"), ctx.repository, spool, upload_interval=1.0)
-    thread = threading.Thread(target=streamer.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with wal_streaming(ctx):
         wait_for(
             lambda: cluster.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
             what="the WAL streamer to connect",
@@ -105,9 +98,6 @@ def history(source, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
             what="the last commit to reach the archive",
         )
         yield settings, ctx
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 def start_restored(into: Path) -> PgCluster:

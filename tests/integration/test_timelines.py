@@ -5,7 +5,6 @@ the new timeline, and the restorable window spans both sides of the switch, exac
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,13 +12,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import free_port, take_backup, wait_for, worker_context
+from support import free_port, take_backup, wait_for, wal_streaming, worker_context
 
 from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.diff import diff_backup
 from workers.engines.postgresql.restore import plan_restore, restore
 from workers.engines.postgresql.walarchive import list_wal
-from workers.engines.postgresql.walstream import WalStreamer
 from workers.errors import PermanentError
 from workers.repository import catalog
 
@@ -34,6 +32,14 @@ def source(scratch_dir: Path) -> Iterator[PgCluster]:
     cluster.psql("CREATE TABLE marks (id int PRIMARY KEY)")
     cluster.psql("CHECKPOINT")
     time.sleep(2)  # files touched within a second of a full's start are never trusted unchanged
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def copy(source: PgCluster) -> Iterator[PgCluster]:
+    """The restored copy that takes the source's folder and address once it is promoted."""
+    cluster = PgCluster(source.datadir, source.port)
     yield cluster
     cluster.destroy()
 
@@ -67,18 +73,11 @@ def _restored(ctx, at: datetime | None, scratch_dir: Path) -> tuple[set[int], in
 
 
 def test_a_copy_promoted_as_the_target_streams_on_its_new_timeline_and_both_sides_restore_exactly(
-    make_settings, source: PgCluster, scratch_dir: Path
+    make_settings, source: PgCluster, copy: PgCluster, scratch_dir: Path
 ) -> None:
     settings = make_settings(target=source)
     ctx = worker_context(settings)
-    stop = threading.Event()
-    streamer = WalStreamer(
-        settings.target("main"), ctx.repository, Path(settings.wal.spool_dir) / "main", upload_interval=1.0
-    )
-    thread = threading.Thread(target=streamer.run, args=(stop,), daemon=True)
-    thread.start()
-    copy = PgCluster(source.datadir, source.port)
-    try:
+    with wal_streaming(ctx):
         # Given a full and writes on timeline 1, the old primary going on after the moment T, into the
         # next segment (so the spool's newest WAL lies beyond the fork)
         assert take_backup(ctx, "full").startswith("full backup ")
@@ -132,10 +131,6 @@ def test_a_copy_promoted_as_the_target_streams_on_its_new_timeline_and_both_side
             11,
             12,
         }
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        copy.destroy()
 
 
 def test_a_differential_refuses_a_data_directory_that_is_not_the_servers(

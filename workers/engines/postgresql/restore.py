@@ -60,9 +60,9 @@ class RestorePlan:
     # rest of the archived run is fetched too if the planned WAL turns out to end before `at`.
     more_wal: tuple[WalEntry, ...] = ()
     gap: Segment | None = None
-    # The timeline recovery ends on: the newest one descending from the base's (timelines.py), and
-    # every archived history file, so a promote picks a timeline ID no one has used.
-    timeline: int = 1
+    # The timeline to follow the backup's onto (the newest descending from it; None: the backup's own),
+    # and every archived history file, so a promote picks a timeline ID no one has used.
+    follow_timeline: int | None = None
     history: tuple[WalEntry, ...] = ()
 
     @property
@@ -120,9 +120,14 @@ def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> Re
         skipped,
         more_wal=tuple(run[len(wal) :]),
         gap=gap,
-        timeline=archive.path((diff or base)["timeline"])[-1][0],
+        follow_timeline=_follow_timeline(archive, diff or base),
         history=tuple(e for e in entries if e.segment is None),
     )
+
+
+def _follow_timeline(archive: WalArchive, start: dict[str, Any]) -> int | None:
+    newest = archive.path(start["timeline"])[-1][0]
+    return newest if newest != start["timeline"] else None
 
 
 def _intervals(fulls: list[dict[str, Any]], archive: WalArchive) -> tuple[tuple[datetime, datetime], ...]:
@@ -269,10 +274,7 @@ def _lay_out(
         apply_diff(repo, plan.diff, into, spaces)
     downloads.add(wal[WAL_BESIDE_BASE:])
     target = _recovery_target(plan, downloads, pg_bin)
-    started_on = (plan.diff or plan.base)["timeline"]
-    _write_recovery_settings(
-        into, downloads.wal_dir, target, plan.timeline if plan.timeline != started_on else None
-    )
+    _write_recovery_settings(into, downloads.wal_dir, target, plan.follow_timeline)
     hand_over(downloads.wal_dir)
     hand_over(into)
     return target
