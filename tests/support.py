@@ -121,6 +121,20 @@ def wal_streaming(ctx: WorkerContext, target: str = "main") -> Iterator[None]:
         thread.join(timeout=30)
 
 
+def restore_and_query(settings: Settings, into: Path, sql: str, dbname: str = "postgres") -> str:
+    """`deskvault restore` of the target's latest moment into `into`, started: what `sql` returns there."""
+    from workers.engines.postgresql.cluster import PgCluster
+
+    restored = run_cli(settings, "restore", "--target", "main", "--into", str(into))
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    cluster = PgCluster(into, free_port())
+    cluster.start()
+    try:
+        return cluster.psql(sql, dbname).strip()
+    finally:
+        cluster.destroy()
+
+
 def raw_s3(settings: Settings) -> Any:
     """A plain boto3 client on the repository's bucket, to look at (or damage) stored bytes directly."""
     r = settings.repository

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from support import build_settings, run_cli, start_deskvault, wait_for, worker_context
+from support import build_settings, restore_and_query, run_cli, start_deskvault, wait_for, worker_context
 
 from deskvault_core.config import load_settings
 from messages.events import BackupDue
@@ -122,11 +122,4 @@ def test_a_worker_that_loses_its_lease_mid_upload_stops_and_the_redelivery_commi
     verify = run_cli(settings, "backups", "verify", "--target", "main")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     into = scratch_dir / f"fenced-{uuid.uuid4().hex[:6]}"
-    restore = run_cli(settings, "restore", "--target", "main", "--into", str(into))
-    assert restore.returncode == 0, restore.stdout + restore.stderr
-    restored = PgCluster(into, free_port())
-    restored.start()
-    try:
-        assert restored.psql("SELECT count(*) FROM blobs").strip() == "50000"
-    finally:
-        restored.destroy()
+    assert restore_and_query(settings, into, "SELECT count(*) FROM blobs") == "50000"

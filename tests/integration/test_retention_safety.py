@@ -9,12 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import raw_s3, run_cli, worker_context
+from support import raw_s3, restore_and_query, run_cli, worker_context
 
 from deskvault_core.config import Settings, load_settings
 from messages.events import BackupDue
 from workers.backups.expire import expire
-from workers.engines.postgresql.cluster import PgCluster, free_port
 from workers.handlers.backup import handle_backup_due
 from workers.repository import catalog
 from workers.repository.errors import RepositoryError
@@ -88,14 +87,7 @@ def test_a_worker_with_the_wrong_key_file_deletes_nothing_and_names_the_key(
     verified = run_cli(settings, "backups", "verify", "--target", "main")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     into = scratch_dir / f"retention-{uuid.uuid4().hex[:6]}"
-    restored = run_cli(settings, "restore", "--target", "main", "--into", str(into))
-    assert restored.returncode == 0, restored.stdout + restored.stderr
-    cluster = PgCluster(into, free_port())
-    cluster.start()
-    try:
-        assert cluster.psql("SELECT count(*) FROM tickets", "acme").strip() != "0"
-    finally:
-        cluster.destroy()
+    assert restore_and_query(settings, into, "SELECT count(*) FROM tickets", "acme") != "0"
 
 
 def test_a_full_taken_with_the_wrong_key_file_leaves_older_backups_alone(
