@@ -136,11 +136,16 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("restore", help="restore a target to a point in time (default: latest) into a folder")
     r.add_argument("--target", required=True)
     r.add_argument("--into", required=True, type=Path, help="new or empty folder for the data directory")
-    r.add_argument(
+    goal = r.add_mutually_exclusive_group()
+    goal.add_argument(
         "--at",
         metavar="TIME",
-        help="restore to this moment (RFC 3339, e.g. 2026-11-27T10:15:30Z); default: the latest",
+        help="restore to this moment: the last commit at or before it (RFC 3339, e.g. "
+        "2026-11-27T10:15:30Z); default: the latest",
     )
+    goal.add_argument("--xid", type=int, metavar="XID", help="restore up to this transaction's commit")
+    goal.add_argument("--lsn", metavar="LSN", help="restore up to this WAL position (e.g. 0/3000148)")
+    goal.add_argument("--name", metavar="NAME", help="restore up to this restore point (see: deskvault mark)")
     r.add_argument(
         "--start", action="store_true", help="start PostgreSQL, wait for recovery, report the time reached"
     )
@@ -153,6 +158,17 @@ def _parser() -> argparse.ArgumentParser:
         help="where a tablespace goes (repeatable); default: DIR.tablespaces/<oid> beside the data directory",
     )
     r.set_defaults(func=_cmd_restore)
+
+    mk = sub.add_parser(
+        "mark",
+        help="create a named restore point on a target, to restore to later with restore --name",
+    )
+    mk.add_argument("--target", required=True)
+    mk.add_argument("name", metavar="NAME", help="the restore point's name (up to 63 bytes)")
+    mk.add_argument(
+        "--wait", type=float, default=60, metavar="SECONDS", help="wait this long for it to be archived"
+    )
+    mk.set_defaults(func=_cmd_mark)
 
     t = sub.add_parser("tenants", help="the tenants deskvault knows, with their lifecycle state")
     tsub = t.add_subparsers(dest="tenants_command", required=True)
@@ -585,6 +601,8 @@ def _cmd_backups_list(args: argparse.Namespace, _extra: list[str]) -> int:
             f"{m['backup_id']:<26} {m['kind']:<5} {m['finished_at']:<28} {lsns:<24} "
             f"{_mib(m['plain_size']):>10} {_mib(m['stored_size']):>10}"
         )
+        if m.get("restorable"):
+            print(f"{'':<26} restores: {m['restorable']}")
     wal = found["wal"]
     print(
         f"\nWAL: {wal['segments']} segments {wal['first'] or ''}..{wal['last'] or ''}"
@@ -652,24 +670,29 @@ def _mib(n: int) -> str:
 
 def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
+    from workers.engines.base import RestoreGoal
     from workers.engines.registry import engine_for
 
     settings = _settings(args)
     engine = engine_for(settings.target(args.target))
     at = _parse_at(args.at)
+    goal = RestoreGoal(at=at, xid=args.xid, lsn=args.lsn, name=args.name)
     relocate = _parse_tablespaces(args.tablespace)
     repo = open_repository(settings)
-    plan = engine.plan_restore(repo, at)
+    plan = engine.plan_restore(repo, at, goal=goal)
     base = plan.base
     for skipped in plan.skipped:
         print(f"WARNING: left out a damaged backup: {skipped}", flush=True)
     diff = f" + differential {plan.diff['backup_id']}" if plan.diff else ""
     window = ", ".join(f"{a:%Y-%m-%dT%H:%M:%SZ} .. {b:%Y-%m-%dT%H:%M:%SZ}" for a, b in plan.window.intervals)
+    asked = {"at": args.at, "transaction": args.xid, "LSN": args.lsn, "restore point": args.name}
+    asked_for = next((f"{k} {v}" for k, v in asked.items() if v is not None), "the latest archived moment")
     print(
-        f"restoring {args.target} to {args.at or 'the latest archived moment'}: full {base['backup_id']} "
+        f"restoring {args.target} to {asked_for}: full {base['backup_id']} "
         f"({_mib(base['plain_size'])}){diff} + {plan.log_files} WAL file(s); restorable: {window}",
         flush=True,
     )
+    print(f"recovery stops at {plan.stop.what}", flush=True)
     result = engine.restore(
         repo,
         plan,
@@ -687,13 +710,48 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
             if result.reached
             else "none: no commit after the base backup was archived"
         )
-        print(f"recovered and running on 127.0.0.1:{args.port}; last transaction replayed at {reached}")
+        print(
+            f"recovered and running on 127.0.0.1:{args.port}; stopped as planned at {result.stop}; "
+            f"last transaction replayed at {reached}"
+        )
     else:
         print(
             f"restored and verified into {args.into} (WAL in {result.log_dir}). Start it as the postgres "
             f"user with: pg_ctl -D {args.into} start; it recovers, then promotes"
         )
     return 0
+
+
+def _cmd_mark(args: argparse.Namespace, _extra: list[str]) -> int:
+    import time
+
+    from workers.context import open_repository
+    from workers.engines.base import RestoreGoal, Unreachable
+    from workers.engines.registry import engine_for
+
+    if not args.name or len(args.name.encode()) > 63:
+        raise _usage("NAME: give a restore point name of 1 to 63 bytes")
+    settings = _settings(args)
+    engine = engine_for(settings.target(args.target))
+    lsn = engine.mark(args.name)
+    print(f"restore point {args.name!r} created on {args.target} at LSN {lsn}", flush=True)
+    repo = open_repository(settings)
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            engine.plan_restore(repo, None, goal=RestoreGoal(name=args.name))
+        except Unreachable:
+            if time.monotonic() >= deadline:
+                print(
+                    f"it is not archived yet after {args.wait:.0f}s: check that `deskvault wal-stream` "
+                    f"runs for {args.target} (deskvault status)",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(1)
+            continue
+        print(f"archived: restore it with deskvault restore --target {args.target} --name {args.name!r}")
+        return 0
 
 
 def _parse_tablespaces(pairs: list[str]) -> dict[str, Path]:

@@ -364,8 +364,7 @@ def test_a_gap_in_the_archive_is_named(history, scratch_dir) -> None:
     segments = [e for e in list_wal(ctx.repository, "main") if e.segment is not None and not e.partial]
     missing = next(e for e in segments if e.segment > base_start)
     ctx.repository.delete(missing.key)
-    # Refused while planning, or -- where an upload time misled the plan -- once the WAL before the gap
-    # shows it ends too early; either way before PostgreSQL starts, naming the segment.
+    # Refused while planning, before anything is downloaded, naming the segment.
     into = scratch_dir / f"gap-{uuid.uuid4().hex[:6]}"
     with pytest.raises(Unreachable, match=f"gap in the WAL archive.*{missing.filename}"):
         restore(ctx.repository, plan_restore(ctx.repository, "main", times[12]), into)

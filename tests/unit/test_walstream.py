@@ -19,7 +19,7 @@ def test_a_partial_segment_renamed_while_listed_is_left_for_the_next_round(tmp_p
     vanished = tmp_path / "000000010000000000000003.partial"
 
     # Then the round goes on without an error, and nothing is recorded as uploaded
-    assert streamer._upload_partial(vanished) == 0
+    assert streamer._upload_partial(vanished, None) == 0
     assert streamer._partial_seen == {}
 
 

@@ -60,6 +60,7 @@ def expire(repo: ObjectRepository, target: TargetSettings, now: datetime, *, dry
     doomed = [catalog.manifest_key(target.name, b) for b in sorted(expired)]
     doomed += [catalog.manifest_key(target.name, m["backup_id"]) for m in logs]
     doomed += [k for k in decided.expired_keys if k not in doomed]
+    doomed += [c for k in decided.expired_keys for c in archive.companions(k)]
     lines = describe(decided) + [
         f"would delete log manifest {m['backup_id']}: its full expired" for m in logs
     ]

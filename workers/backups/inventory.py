@@ -33,11 +33,12 @@ def inventory(repo: ObjectRepository, target: TargetSettings) -> dict[str, Any]:
         }
     except Unreachable:
         restorable = None
+    reaches = engine.restorable_by_backup(repo)
     return {
         "target": target.name,
         "restorable_window": restorable,
         "chains": chains,
-        "backups": manifests,
+        "backups": [{**m, "restorable": reaches.get(m["backup_id"])} for m in manifests],
         "wal": _log_summary(engine.log_archive(repo, manifests)),
     }
 

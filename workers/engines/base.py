@@ -101,6 +101,17 @@ class RestorePlan(Protocol):
 
 
 @dataclass(frozen=True)
+class RestoreGoal:
+    """What a restore is asked to reach: a moment (None: the latest), or one transaction's commit, a
+    log position (PostgreSQL: an LSN such as 0/3000148), or a named restore point."""
+
+    at: datetime | None = None
+    xid: int | None = None
+    lsn: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
 class Relocated:
     """A part of a restore laid out outside its folder (PostgreSQL: a tablespace), and where it went."""
 
@@ -112,9 +123,10 @@ class Relocated:
 class RestoreResult:
     into: Path
     log_dir: Path  # where the log files replayed were laid out
-    recovery_target: datetime | None  # the stop moment set; None: replay to the end of the archive
+    recovery_target: datetime | None  # the moment asked for; None: the latest
     reached: datetime | None  # with start=True: the last transaction replayed
     relocated: tuple[Relocated, ...] = ()
+    stop: str = ""  # exactly where recovery stops (with start=True: checked that it did)
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,10 @@ class LogArchive(ABC):
             if position not in have and not (position == end and position in partial):
                 return position
         return None
+
+    def companions(self, key: str) -> list[str]:
+        """Objects that belong to the log file at `key` and go with it (PostgreSQL: its commit index)."""
+        return []
 
     def gaps(self) -> list[str]:
         """Names of every position missing between archived files of one timeline."""
@@ -247,8 +263,18 @@ class Engine(ABC):
     # --- Restores -------------------------------------------------------------------------------
 
     @abstractmethod
-    def plan_restore(self, repo: ObjectRepository, at: datetime | None) -> RestorePlan:
-        """What restoring to `at` (None: the latest moment) needs; Unreachable says why not."""
+    def plan_restore(
+        self, repo: ObjectRepository, at: datetime | None, *, goal: RestoreGoal | None = None
+    ) -> RestorePlan:
+        """What restoring to `at` (or `goal`; neither: the latest moment) needs; Unreachable says why not."""
+
+    def restorable_by_backup(self, repo: ObjectRepository) -> dict[str, str]:
+        """backup id -> the stretch a restore starting from it reaches, or why none (for `backups list`)."""
+        return {}
+
+    def mark(self, name: str) -> str:
+        """Create a named restore point on the target now; returns its log position."""
+        raise EngineError(f"the {self.name} engine has no named restore points")
 
     @abstractmethod
     def restore(

@@ -1,11 +1,12 @@
 """restore-drill: prove a target restorable by restoring it, instead of hoping.
 
 The drill restores a random moment of the restorable window (chosen from the event's id, so a retry of
-the same drill picks the same moment) into a scratch server of the target's engine, starts it, checks it
-(the engine's probes; for PostgreSQL pg_amcheck on every database where installed, and exact row counts
-of each database's largest tables), tears it down, and records the outcome, the moment, and the
-duration. A failed drill is the finding, not an error to retry: it is recorded and reported, and the
-metric of the last verified restore stays old.
+the same drill picks the same moment; the commit index resolves it to the last commit at or before it,
+so every moment of the window is one recovery reaches) into a scratch server of the target's engine,
+starts it, checks it (the engine's probes; for PostgreSQL pg_amcheck on every database where installed,
+and exact row counts of each database's largest tables), tears it down, and records the outcome, the
+moment, and the duration. A failed drill is the finding, not an error to retry: it is recorded and
+reported, and the metric of the last verified restore stays old.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def _drill(ctx: WorkerContext, event: RestoreDrill) -> str:
     started = time.monotonic()
     with engine.scratch_server("drill") as server:
         try:
-            engine.restore(ctx.repository, plan, server.datadir, start=True, port=server.port)
-            succeeded, detail = True, "; ".join(engine.probe(server))
+            result = engine.restore(ctx.repository, plan, server.datadir, start=True, port=server.port)
+            succeeded, detail = True, "; ".join([f"stopped at {result.stop}", *engine.probe(server)])
         except DeskvaultError as e:
             succeeded, detail = False, str(e)
     seconds = int(time.monotonic() - started)

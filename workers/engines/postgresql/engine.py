@@ -16,6 +16,7 @@ from workers.engines.base import (
     Engine,
     LogBackupResult,
     Manifest,
+    RestoreGoal,
     RestorePlan,
     RestoreResult,
     ScratchServer,
@@ -98,8 +99,16 @@ class PostgresEngine(Engine):
     def log_archive(self, repo: ObjectRepository, manifests: list[Manifest]) -> WalArchive:
         return wal_archive(repo, self.target.name, manifests)
 
-    def plan_restore(self, repo: ObjectRepository, at: datetime | None) -> point_in_time.RestorePlan:
-        return point_in_time.plan_restore(repo, self.target.name, at)
+    def plan_restore(
+        self, repo: ObjectRepository, at: datetime | None, *, goal: RestoreGoal | None = None
+    ) -> point_in_time.RestorePlan:
+        return point_in_time.plan_restore(repo, self.target.name, at, goal=goal, pg_bin=self.pg_bin)
+
+    def restorable_by_backup(self, repo: ObjectRepository) -> dict[str, str]:
+        return point_in_time.restorable_by_backup(repo, self.target.name, self.pg_bin)
+
+    def mark(self, name: str) -> str:
+        return self.server.create_restore_point(name)
 
     def restore(
         self,

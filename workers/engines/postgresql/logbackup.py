@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from workers.engines.base import LogBackupResult, LogGap
+from workers.engines.postgresql.commitindex import index_key
 from workers.engines.postgresql.server import PgServer
 from workers.engines.postgresql.walarchive import WalArchive, list_wal, read_histories, wal_key
 from workers.engines.postgresql.walnames import Segment, parse_lsn
@@ -99,8 +100,9 @@ def log_backup(
 
 
 def _wait_archived(repo: ObjectRepository, target: str, segment: str) -> None:
+    """Until the segment and its commit index (written after it) are in the bucket."""
     deadline = time.monotonic() + ARCHIVE_WAIT_SECONDS
-    while not repo.exists(wal_key(target, segment)):
+    while not (repo.exists(wal_key(target, segment)) and repo.exists(index_key(target, segment))):
         if time.monotonic() > deadline:
             raise HandlerError(
                 f"WAL segment {segment} of {target} did not reach the archive within "

@@ -1,11 +1,12 @@
 """Point-in-time restore: choose what a moment needs, refuse what cannot be reached, lay it out.
 
-A restore to T needs the newest full backup finished at or before T and every WAL segment from that
-backup's start up to the one holding T, without a gap. All of it is checked against the catalog before
-anything is downloaded. The WAL is then downloaded (in parallel, while the base unpacks and, with
-`start`, while PostgreSQL replays) next to the data directory, and the recovery settings point
-PostgreSQL at it through a small shell script (see `walfetch`), because the server's own user runs
-that command and need not be able to run deskvault.
+A restore to T replays from the newest backup (a differential, or its full) finished at or before T whose
+WAL from its start to its consistency point is archived, through every segment up to the one holding the
+last commit at or before T (see `stops`), without a gap. All of it is checked against the catalog and
+the commit indexes before anything is downloaded. The WAL is then downloaded (in parallel, while the
+base unpacks and, with `start`, while PostgreSQL replays) next to the data directory, and the recovery
+settings point PostgreSQL at it through a small shell script (see `walfetch`), because the server's own
+user runs that command and need not be able to run deskvault.
 """
 
 from __future__ import annotations
@@ -13,37 +14,40 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from deskvault_core.errors import DeskvaultError
-from workers.engines.base import Relocated, RestoreResult, Unreachable, Window
+from workers.engines.base import Relocated, RestoreGoal, RestoreResult, Unreachable, Window
 from workers.engines.postgresql.basebackup import restore_full
-from workers.engines.postgresql.cluster import DEFAULT_PG_BIN, PgCluster, hand_over
+from workers.engines.postgresql.cluster import DEFAULT_PG_BIN, ClusterError, PgCluster, hand_over
+from workers.engines.postgresql.commitindex import Commit
 from workers.engines.postgresql.diff import apply_diff
+from workers.engines.postgresql.stops import IndexReader, Stop, consistency_stop, file_of
 from workers.engines.postgresql.tablespaces import Tablespace
 from workers.engines.postgresql.tablespaces import layout as tablespace_layout
 from workers.engines.postgresql.walarchive import WalArchive, WalEntry, list_wal, read_histories
-from workers.engines.postgresql.walfetch import DOWNLOAD_THREADS, WalDownloads, local_name, restore_command
-from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from workers.engines.postgresql.walfetch import (
+    DOWNLOAD_THREADS,
+    WAIT_FOR_FILE_SECONDS,
+    WalDownloads,
+    restore_command,
+)
+from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, format_lsn, parse_lsn
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
 
 log = logging.getLogger(__name__)
 
-# S3 upload times have one-second resolution: a partial segment is trusted up to a second before it.
-UPLOAD_TIME_MARGIN = timedelta(seconds=1)
 WAL_BESIDE_BASE = DOWNLOAD_THREADS  # WAL files downloaded while the base unpacks
-WAL_FILE_RE = re.compile(r"[0-9A-F]{24}")
+LSN_RE = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
 RECOVERY_SETTING_RE = re.compile(
     r"\s*(restore_command|recovery_target\w*|recovery_end_command|primary_conninfo|primary_slot_name)\s*="
 )
-COMMIT_RE = re.compile(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
 @dataclass(frozen=True)
@@ -51,15 +55,12 @@ class RestorePlan:
     target: str
     at: datetime | None
     base: dict[str, Any]
-    diff: dict[str, Any] | None  # the newest differential of `base` at or before `at`
+    diff: dict[str, Any] | None  # the differential of `base` replay starts from, if any
     wal: tuple[WalEntry, ...]
     segment_size: int
     window: Window
-    skipped: tuple[str, ...] = ()  # damaged manifests planned around: "key: why"
-    # Upload times only bound what a segment holds (a re-upload makes a segment look newer), so the
-    # rest of the archived run is fetched too if the planned WAL turns out to end before `at`.
-    more_wal: tuple[WalEntry, ...] = ()
-    gap: Segment | None = None
+    stop: Stop  # exactly where recovery stops, checked once it has
+    skipped: tuple[str, ...] = ()  # damaged manifests and unusable backups planned around: "what: why"
     # The timeline to follow the backup's onto (the newest descending from it; None: the backup's own),
     # and every archived history file, so a promote picks a timeline ID no one has used.
     follow_timeline: int | None = None
@@ -70,58 +71,218 @@ class RestorePlan:
         return len(self.wal)
 
 
-def plan_restore(repo: ObjectRepository, target: str, at: datetime | None) -> RestorePlan:
-    """What restoring `target` to `at` (None: the latest moment) needs; Unreachable says why not."""
+def plan_restore(
+    repo: ObjectRepository,
+    target: str,
+    at: datetime | None = None,
+    *,
+    goal: RestoreGoal | None = None,
+    pg_bin: Path | None = None,
+) -> RestorePlan:
+    """What restoring `target` to `at` (or `goal`; neither: the latest moment) needs, before anything
+    is downloaded; Unreachable says why it cannot be reached."""
+    goal = goal or RestoreGoal(at=at)
+    lsn = _parse_lsn_goal(goal.lsn)
     manifests, damaged = catalog.scan_manifests(repo, target)
     fulls = [m for m in manifests if m["kind"] == "full"]
     if not fulls:
         raise Unreachable(f"target {target} has no full backup yet; nothing can be restored")
+    archive, reader = _open_archive(repo, target, fulls, pg_bin)
+    segment_size, entries = archive.segment_size, archive.entries
+    runs: dict[str, tuple[list[WalEntry], Segment | None]] = {}
+
+    def run_of(backup: dict[str, Any]) -> tuple[list[WalEntry], Segment | None]:
+        if backup["backup_id"] not in runs:
+            runs[backup["backup_id"]] = _contiguous_run(backup, archive)
+        return runs[backup["backup_id"]]
+
+    window = _window(fulls, run_of, reader, segment_size)
+    moment = goal.at.astimezone(UTC) if goal.at is not None else None
+    goal = RestoreGoal(moment, goal.xid, goal.lsn, goal.name)
+    if moment is not None and moment < window.earliest:
+        raise Unreachable(
+            f"{_show(moment)} is before the oldest full backup of {target} finished "
+            f"({_show(window.earliest)}); the restorable window is {_show_window(window)}"
+        )
+    skipped = [f"{key}: {why}" for key, why in damaged.items()]
+    by_id = {m["backup_id"]: m for m in fulls}
+    for start in _candidates(manifests, fulls, moment):
+        run, _ = run_of(start)
+        if not _consistent(run, start, reader, segment_size):
+            skipped.append(
+                f"backup {start['backup_id']}: the WAL from its start ({start['start_lsn']}) to its "
+                f"consistency point ({start['stop_lsn']}) is not archived"
+            )
+            continue
+        found = _resolve(goal, lsn, start, run, reader, segment_size)
+        if found is None:
+            continue
+        stop, last = found
+        full = start if start["kind"] == "full" else by_id[start["parent"]]
+        return RestorePlan(
+            target,
+            moment,
+            full,
+            start if start["kind"] == "diff" else None,
+            # the file after the stop's too: the record stopped after may end in it
+            tuple(run[: last + 2]),
+            segment_size,
+            window,
+            stop,
+            tuple(skipped),
+            follow_timeline=_follow_timeline(archive, start),
+            history=tuple(e for e in entries if e.segment is None),
+        )
+    raise Unreachable(
+        _unreachable(goal, target, window, [run_of(f)[1] for f in fulls], segment_size, skipped)
+    )
+
+
+def restorable_by_backup(repo: ObjectRepository, target: str, pg_bin: Path | None = None) -> dict[str, str]:
+    """For each full and differential: the stretch a replay from it really reaches, or why it cannot."""
+    manifests, _ = catalog.scan_manifests(repo, target)
+    fulls = [m for m in manifests if m["kind"] == "full"]
+    if not fulls:
+        return {}
+    archive, reader = _open_archive(repo, target, fulls, pg_bin)
+    found = {}
+    for backup in (m for m in manifests if m["kind"] in ("full", "diff")):
+        run, _ = _contiguous_run(backup, archive)
+        if not _consistent(run, backup, reader, archive.segment_size):
+            found[backup["backup_id"]] = (
+                f"not restorable: the WAL from {backup['start_lsn']} to its consistency point "
+                f"{backup['stop_lsn']} is not archived"
+            )
+        else:
+            finished = _finished(backup)
+            found[backup["backup_id"]] = f"{_show(finished)} .. {_show(reader.coverage(run, finished))}"
+    return found
+
+
+def _open_archive(
+    repo: ObjectRepository, target: str, fulls: list[dict[str, Any]], pg_bin: Path | None
+) -> tuple[WalArchive, IndexReader]:
     segment_size = fulls[-1].get("wal_segment_size") or DEFAULT_SEGMENT_SIZE
     entries = list_wal(repo, target, segment_size)
     archive = WalArchive(target, entries, segment_size, read_histories(repo, entries))
-    window = Window(_finished(fulls[0]), _latest(fulls[-1], archive), _intervals(fulls, archive))
-    if at is not None:
-        at = at.astimezone(UTC)
-        if at < window.earliest:
-            raise Unreachable(
-                f"{_show(at)} is before the oldest full backup of {target} finished "
-                f"({_show(window.earliest)}); the restorable window is {_show_window(window)}"
-            )
-    base = [m for m in fulls if at is None or _finished(m) <= at][-1]
-    diffs = [
-        m
-        for m in manifests
-        if m["kind"] == "diff" and m["parent"] == base["backup_id"] and (at is None or _finished(m) <= at)
-    ]
-    diff = diffs[-1] if diffs else None
-    # Replay starts at the checkpoint of the newest backup used, so the WAL is needed from there.
-    run, gap = _contiguous_run(diff or base, archive)
-    wal = _needed(run, at)
-    if at is not None and (wal is None or at > window.latest):
-        if gap is not None:
-            raise Unreachable(
-                f"{_show(at)} lies across a gap in the WAL archive of {target}: segment "
-                f"{gap.name(segment_size)} is missing; the restorable window is {_show_window(window)}"
-            )
-        raise Unreachable(
-            f"{_show(at)} is after the newest archived WAL of {target}; the restorable window is "
-            f"{_show_window(window)}"
+    return archive, IndexReader(repo, target, pg_bin or DEFAULT_PG_BIN, segment_size)
+
+
+def _parse_lsn_goal(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not LSN_RE.fullmatch(text):
+        raise Unreachable(f"--lsn {text!r} is not an LSN; write it as PostgreSQL does, e.g. 0/3000148")
+    return parse_lsn(text)
+
+
+def _candidates(
+    manifests: list[dict[str, Any]], fulls: list[dict[str, Any]], at: datetime | None
+) -> list[dict[str, Any]]:
+    """Backups replay could start from, newest first: each full's differentials, then the full."""
+    found = []
+    for full in reversed(fulls):
+        if at is not None and _finished(full) > at:
+            continue
+        diffs = [
+            m
+            for m in manifests
+            if m["kind"] == "diff" and m["parent"] == full["backup_id"] and (at is None or _finished(m) <= at)
+        ]
+        found += [*reversed(diffs), full]
+    return found
+
+
+def _consistent(run: list[WalEntry], backup: dict[str, Any], reader: IndexReader, segment_size: int) -> bool:
+    """Whether replay from the backup can become consistent: a full carries the WAL it needs in its tar
+    (pg_basebackup -X fetch); a differential needs the archived WAL up to its consistency point."""
+    if backup["kind"] == "full":
+        return True
+    stop_lsn = parse_lsn(backup["stop_lsn"])
+    i = file_of(run, stop_lsn, segment_size)
+    return i is not None and not (run[i].partial and reader.get(run, i).end_lsn < stop_lsn)
+
+
+def _resolve(
+    goal: RestoreGoal,
+    lsn: int | None,
+    start: dict[str, Any],
+    run: list[WalEntry],
+    reader: IndexReader,
+    segment_size: int,
+) -> tuple[Stop, int] | None:
+    """Where replay from `start` stops for `goal`, and the position of that file in `run`; None if it
+    cannot get there (before the backup's consistency point, or beyond its archived WAL)."""
+    consistent_at = parse_lsn(start["stop_lsn"])
+    consistency = (consistency_stop(start), file_of(run, consistent_at, segment_size) or 0)
+    found: tuple[int, Commit] | None
+    if goal.xid is not None:
+        found = reader.find_commit(run, goal.xid)
+        return None if found is None or found[1].lsn < consistent_at else _commit_stop(found)
+    if goal.name is not None:
+        found_point = reader.find_restore_point(run, goal.name)
+        if found_point is None or found_point[1].lsn < consistent_at:
+            return None
+        i, point = found_point
+        return Stop(point.lsn, f"restore point {goal.name!r} (LSN {format_lsn(point.lsn)})", point.end), i
+    if lsn is not None:
+        i = file_of(run, lsn, segment_size)
+        if lsn < consistent_at or i is None or lsn >= reader.get(run, i).end_lsn:
+            return None
+        return Stop(lsn, f"LSN {format_lsn(lsn)}"), i
+    if goal.at is None:
+        found = next(
+            ((i, c) for i in range(len(run) - 1, -1, -1) for c in reversed(reader.get(run, i).commits)), None
         )
-    skipped = tuple(f"{key}: {why}" for key, why in damaged.items())
-    wal = wal or run
-    return RestorePlan(
-        target,
-        at,
-        base,
-        diff,
-        tuple(wal),
-        segment_size,
-        window,
-        skipped,
-        more_wal=tuple(run[len(wal) :]),
-        gap=gap,
-        follow_timeline=_follow_timeline(archive, diff or base),
-        history=tuple(e for e in entries if e.segment is None),
+    else:
+        if goal.at > reader.coverage(run, _finished(start)):
+            return None
+        found = reader.last_commit_by(run, goal.at)
+    if found is None or found[1].lsn < consistent_at:
+        return consistency  # every commit up to the moment is in the backup itself
+    return _commit_stop(found)
+
+
+def _commit_stop(found: tuple[int, Commit]) -> tuple[Stop, int]:
+    i, commit = found
+    return Stop(commit.lsn, commit.describe(), commit.end, commit), i
+
+
+def _unreachable(
+    goal: RestoreGoal,
+    target: str,
+    window: Window,
+    gaps: list[Segment | None],
+    segment_size: int,
+    skipped: list[str],
+) -> str:
+    if goal.xid is not None:
+        return (
+            f"transaction {goal.xid} has no commit in the archived WAL of {target} after a backup's "
+            "consistency point: it aborted, has not committed yet, or committed outside the restorable "
+            f"window ({_show_window(window)})"
+        )
+    if goal.name is not None:
+        return (
+            f"no restore point named {goal.name!r} is in the archived WAL of {target} after a backup's "
+            f"consistency point; create one with: deskvault mark --target {target} NAME"
+        )
+    if goal.lsn is not None:
+        return (
+            f"LSN {goal.lsn} is not in the archived WAL of {target} after a backup's "
+            f"consistency point; the restorable window is {_show_window(window)}"
+        )
+    if goal.at is None:
+        return f"no backup of {target} can be restored: {'; '.join(skipped)}"
+    gap = next((g for g in reversed(gaps) if g is not None), None)
+    if gap is not None:
+        return (
+            f"{_show(goal.at)} lies across a gap in the WAL archive of {target}: segment "
+            f"{gap.name(segment_size)} is missing; the restorable window is {_show_window(window)}"
+        )
+    return (
+        f"{_show(goal.at)} is after the newest archived WAL of {target}; the restorable window is "
+        f"{_show_window(window)}"
     )
 
 
@@ -130,14 +291,26 @@ def _follow_timeline(archive: WalArchive, start: dict[str, Any]) -> int | None:
     return newest if newest != start["timeline"] else None
 
 
-def _intervals(fulls: list[dict[str, Any]], archive: WalArchive) -> tuple[tuple[datetime, datetime], ...]:
+def _window(
+    fulls: list[dict[str, Any]],
+    run_of: Callable[[dict[str, Any]], tuple[list[WalEntry], Segment | None]],
+    reader: IndexReader,
+    segment_size: int,
+) -> Window:
+    """Each full's finish to the moment its archived WAL run holds every commit up to, merged."""
+    stretches = []
+    for full in fulls:
+        run, _ = run_of(full)
+        if _consistent(run, full, reader, segment_size):
+            stretches.append((_finished(full), reader.coverage(run, _finished(full))))
     merged: list[tuple[datetime, datetime]] = []
-    for start, end in sorted((_finished(f), _latest(f, archive)) for f in fulls):
+    for start, end in sorted(stretches):
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
             merged.append((start, end))
-    return tuple(merged)
+    latest = merged[-1][1] if merged else _finished(fulls[-1])
+    return Window(_finished(fulls[0]), latest, tuple(merged))
 
 
 def _show_intervals(window: Window) -> str:
@@ -172,23 +345,6 @@ def _contiguous_run(start: dict[str, Any], archive: WalArchive) -> tuple[list[Wa
         segno += 1
 
 
-def _needed(run: list[WalEntry], at: datetime | None) -> list[WalEntry] | None:
-    """The run up to the first file uploaded after `at` (it holds `at`); None if the run ends earlier."""
-    if at is None:
-        return run
-    for i, entry in enumerate(run):
-        if entry.uploaded_at - UPLOAD_TIME_MARGIN >= at:
-            return run[: i + 1]
-    return None
-
-
-def _latest(newest_full: dict[str, Any], archive: WalArchive) -> datetime:
-    run, _ = _contiguous_run(newest_full, archive)
-    if not run:
-        return _finished(newest_full)
-    return max(_finished(newest_full), run[-1].uploaded_at - UPLOAD_TIME_MARGIN)
-
-
 def _show(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -207,8 +363,10 @@ def restore(
     pg_bin: Path | None = None,
     tablespaces: Mapping[str, Path] | None = None,
     on_progress: Callable[[str], None] = log.info,
+    wal_patience: float = WAIT_FOR_FILE_SECONDS,
 ) -> RestoreResult:
-    """Lay out the base, the WAL and the recovery settings; with `start`, recover and report the time.
+    """Lay out the base, the WAL and the recovery settings; with `start`, recover, check that recovery
+    reached the plan's stop, and report the last transaction replayed.
 
     With `start`, PostgreSQL starts as soon as the base is in place and replays the WAL while the rest
     of it downloads; without, every file is in place before this returns. `tablespaces` maps a
@@ -221,10 +379,10 @@ def restore(
         if folder.exists() and any(folder.iterdir()):
             raise DeskvaultError(f"{folder} is not empty; restore into a new or empty folder")
     pg_bin = pg_bin or DEFAULT_PG_BIN
-    downloads = WalDownloads(repo, wal_dir, on_progress, planned=len(plan.wal))
+    downloads = WalDownloads(repo, wal_dir, on_progress, planned=len(plan.wal), patience=wal_patience)
     cluster = None
     try:
-        target = _lay_out(repo, plan, into, spaces, downloads, pg_bin, on_progress)
+        _lay_out(repo, plan, into, spaces, downloads, on_progress)
         if start:
             cluster = PgCluster(into, port, pg_bin)
             on_progress("starting PostgreSQL: it replays the WAL as the files arrive")
@@ -232,18 +390,33 @@ def restore(
         downloads.wait_all()
         downloads.close()
         hand_over(wal_dir)
-    except BaseException:
+    except BaseException as e:
+        missing = downloads.missing()  # read before the folder goes
         downloads.abandon()
         if cluster is not None:
             cluster.stop("immediate")
         # Never leave a half-restored folder that someone might start.
         for folder in (into, wal_dir, *(s.into for s in spaces)):
             shutil.rmtree(folder, ignore_errors=True)
+        if missing and isinstance(e, DeskvaultError):
+            raise DeskvaultError(f"recovery stopped before {plan.stop.what}: {missing}") from e
         raise
     # Every file is in place now: a recovery that fails from here on is left for inspection.
-    reached = _wait_recovered(cluster) if cluster is not None else None
+    reached = None
+    if cluster is not None:
+        try:
+            reached = _wait_recovered(cluster)
+        except ClusterError as e:
+            why = downloads.missing() or str(e)
+            raise DeskvaultError(
+                f"recovery of {into} stopped before {plan.stop.what}: {why}; see the server log"
+            ) from e
+        _check_reached(cluster, plan.stop)
+        if plan.stop.commit is not None:
+            # PostgreSQL does not note the time of a commit it stops after by LSN; replay ended at it.
+            reached = plan.stop.commit.at
     relocated = tuple(Relocated(s.describe(), s.into) for s in spaces)
-    return RestoreResult(into, wal_dir, target, reached, relocated)
+    return RestoreResult(into, wal_dir, plan.at, reached, relocated, plan.stop.what)
 
 
 def _lay_out(
@@ -252,16 +425,11 @@ def _lay_out(
     into: Path,
     spaces: list[Tablespace],
     downloads: WalDownloads,
-    pg_bin: Path,
     on_progress: Callable[[str], None],
-) -> datetime | None:
-    """Base, differential and recovery settings, WAL downloading meanwhile; returns the target time set."""
+) -> None:
+    """Base, differential and recovery settings, WAL downloading meanwhile."""
     downloads.add(plan.history)  # PostgreSQL reads them first, to choose its timelines
     wal = list(plan.wal)
-    if plan.at is not None and wal:
-        # Whether PostgreSQL gets a target time depends on the last commit in the last file: fetch it first.
-        downloads.add(wal[-1:])
-        wal = wal[:-1]
     # Only the first files download beside the base, which needs both cores; the rest follow it, while
     # PostgreSQL replays what is already there.
     downloads.add(wal[:WAL_BESIDE_BASE])
@@ -273,66 +441,28 @@ def _lay_out(
         on_progress(f"applying differential backup {plan.diff['backup_id']}")
         apply_diff(repo, plan.diff, into, spaces)
     downloads.add(wal[WAL_BESIDE_BASE:])
-    target = _recovery_target(plan, downloads, pg_bin)
-    _write_recovery_settings(into, downloads.wal_dir, target, plan.follow_timeline)
+    _write_recovery_settings(into, downloads.wal_dir, plan.stop, plan.follow_timeline)
     hand_over(downloads.wal_dir)
     hand_over(into)
-    return target
 
 
-def _recovery_target(plan: RestorePlan, downloads: WalDownloads, pg_bin: Path) -> datetime | None:
-    """The recovery_target_time to set: `plan.at`, or None where recovering to the end gives that state."""
-    target = plan.at
-    if target is None or not plan.wal:
-        return target
-    last_file = local_name(plan.wal[-1])
-    downloads.wait_for(last_file)
-    last = last_commit_time(downloads.wal_dir, pg_bin, [last_file])
-    if last is None:
-        downloads.wait_all()
-        last = last_commit_time(downloads.wal_dir, pg_bin)
-    if last is None or last <= target:
-        if plan.more_wal:
-            downloads.add(plan.more_wal)
-            downloads.wait_all()
-            last = last_commit_time(downloads.wal_dir, pg_bin)
-        elif plan.gap is not None:
-            raise Unreachable(
-                f"{_show(target)} lies across a gap in the WAL archive of {plan.target}: segment "
-                f"{plan.gap.name(plan.segment_size)} is missing and the WAL before it ends earlier"
-            )
-    if last is not None and target >= last:
-        # No commit after T is archived: recovering to the end gives exactly the state at T, whereas
-        # PostgreSQL refuses a target time it never sees passed.
-        return None
-    return target
+def _write_recovery_settings(into: Path, wal_dir: Path, stop: Stop, timeline: int | None) -> None:
+    """`timeline`: the one to follow the backup's timeline onto; None stays on the backup's own.
 
-
-def last_commit_time(wal_dir: Path, pg_bin: Path, names: list[str] | None = None) -> datetime | None:
-    """The newest commit timestamp in the WAL files `names` (default: all in the folder), newest first."""
-    if names is None:
-        names = [p.name for p in wal_dir.iterdir() if WAL_FILE_RE.fullmatch(p.name)]
-    for name in sorted(names, reverse=True):
-        proc = subprocess.run(
-            [str(pg_bin / "pg_waldump"), "--path", str(wal_dir), name], capture_output=True, text=True
-        )
-        stamps = COMMIT_RE.findall(proc.stdout)
-        if stamps:
-            return datetime.fromisoformat(stamps[-1]).replace(tzinfo=UTC)
-    return None
-
-
-def _write_recovery_settings(
-    into: Path, wal_dir: Path, target: datetime | None, timeline: int | None
-) -> None:
-    """`timeline`: the one to follow the backup's timeline onto; None stays on the backup's own."""
+    PostgreSQL refuses to promote when it runs out of WAL before the stop: a missing file is a failed
+    restore, never a quietly shorter one.
+    """
     lines = [
         "# Written by deskvault restore",
         f"restore_command = '{restore_command(wal_dir)}'",
         f"recovery_target_timeline = '{timeline or 'current'}'",
+        (
+            "recovery_target = 'immediate'"
+            if stop.consistent
+            else f"recovery_target_lsn = '{stop.lsn_text}'\nrecovery_target_inclusive = on"
+        ),
+        "recovery_target_action = 'promote'",
     ]
-    if target is not None:
-        lines += [f"recovery_target_time = '{target.isoformat()}'", "recovery_target_action = 'promote'"]
     auto_conf = into / "postgresql.auto.conf"
     # A backup of a cluster that was itself restored carries that restore's settings (its target time
     # above all), dormant there without recovery.signal; here they would stop recovery at that moment.
@@ -354,5 +484,26 @@ def _wait_recovered(cluster: PgCluster, timeout: float = 6 * 3600) -> datetime |
                 f"{cluster.datadir}, see its server log"
             )
         time.sleep(0.5)
+    return _last_replayed_commit(cluster)
+
+
+def _last_replayed_commit(cluster: PgCluster) -> datetime | None:
     reached = cluster.psql("SELECT pg_last_xact_replay_timestamp()").strip()
     return datetime.fromisoformat(reached).astimezone(UTC) if reached else None
+
+
+def _check_reached(cluster: PgCluster, stop: Stop) -> None:
+    """Replay ended exactly at the end of the record stopped after (past the LSN asked for; at least at
+    the consistency point), not before it and not beyond."""
+    replayed = parse_lsn(cluster.psql("SELECT pg_last_wal_replay_lsn()").strip())
+    if stop.consistent:
+        reached = replayed >= stop.lsn
+    elif stop.end is not None:
+        reached = replayed == stop.end
+    else:
+        reached = replayed > stop.lsn
+    if not reached:
+        raise DeskvaultError(
+            f"recovery of {cluster.datadir} ended at LSN {format_lsn(replayed)}, not at the planned "
+            f"{stop.what}; the cluster is left running for inspection, see its server log"
+        )

@@ -53,3 +53,10 @@ class PgServer:
         """Close the current WAL segment; returns (the segment it closed, the switch LSN)."""
         name, lsn = self.query("SELECT pg_walfile_name(l), l FROM pg_switch_wal() AS l").split("|")
         return name, lsn
+
+    def create_restore_point(self, name: str) -> str:
+        """A named restore point now; returns its LSN. The transaction around it takes an ID, so its
+        commit flushes the point's record to the WAL stream at once (the function alone does not)."""
+        literal = "'" + name.replace("'", "''") + "'"
+        lsn, _ = self.query(f"SELECT pg_create_restore_point({literal}), txid_current()").split("|")
+        return lsn

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from workers.engines.base import LogArchive, LogFile
+from workers.engines.postgresql.commitindex import index_key
 from workers.engines.postgresql.timelines import Switch, parse_history
 from workers.engines.postgresql.walnames import (
     DEFAULT_SEGMENT_SIZE,
@@ -107,6 +108,7 @@ class WalArchive(LogArchive):
                 for e in entries
             ],
         )
+        self.target = target
         self.entries = entries
         self.segment_size = segment_size
         self.histories = histories or {}
@@ -146,6 +148,10 @@ class WalArchive(LogArchive):
 
     def name(self, timeline: int, position: int) -> str:
         return Segment(timeline, position).name(self.segment_size)
+
+    def companions(self, key: str) -> list[str]:
+        filename = key.removeprefix(self.prefix).removesuffix(SUFFIX)
+        return [index_key(self.target, filename)] if filename != key else []
 
 
 def wal_archive(repo: ObjectRepository, target: str, manifests: list[dict[str, Any]]) -> WalArchive:

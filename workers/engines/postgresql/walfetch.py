@@ -15,12 +15,16 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from workers.engines.postgresql.walarchive import PARTIAL, WalEntry
+from deskvault_core.errors import DeskvaultError
+from workers.engines.postgresql.walarchive import PARTIAL, SUFFIX, WalEntry
+from workers.repository.errors import ObjectNotFound
 from workers.repository.objects import ObjectRepository
 
 DOWNLOAD_THREADS = 4
 EXPECTED_LIST = ".expected"
 STOPPED_MARKER = ".stopped"
+GAVE_UP_LIST = ".gave-up"  # planned files the script stopped waiting for
+FAILED_SUFFIX = ".failed"  # beside a planned file whose download failed: why
 FETCH_SCRIPT = "fetch-wal.sh"
 # How long the restore_command waits for a planned file: far longer than one segment's download, short
 # enough that a recovery whose deskvault process died ends instead of hanging.
@@ -30,12 +34,17 @@ _POLL_SECONDS = 0.2
 _SCRIPT = """#!/bin/sh
 # Written by deskvault restore: PostgreSQL's restore_command ("fetch-wal.sh %f %p"). Copies a WAL file
 # from this folder, waiting for one that deskvault is still downloading; any other name is missing.
+# A planned file that does not come is noted, so the restore can name it.
 dir=$(dirname "$0")
 polls=0
 while [ ! -f "$dir/$1" ]; do
     grep -qxF "$1" "$dir/{expected}" 2>/dev/null || exit 1
     [ -f "$dir/{stopped}" ] && exit 1
-    [ "$polls" -ge {max_polls} ] && exit 1
+    [ -f "$dir/$1{failed}" ] && exit 1
+    if [ "$polls" -ge {max_polls} ]; then
+        echo "$1" >> "$dir/{gave_up}"
+        exit 1
+    fi
     sleep {poll}
     polls=$((polls + 1))
 done
@@ -64,6 +73,7 @@ class WalDownloads:
         *,
         planned: int = 0,
         threads: int = 0,
+        patience: float = WAIT_FOR_FILE_SECONDS,
     ) -> None:
         self.repo = repo
         self.planned = planned  # how many files progress counts towards, if more are added later
@@ -73,6 +83,7 @@ class WalDownloads:
         self._futures: dict[str, Future[None]] = {}
         self._lock = threading.Lock()
         self._finished = 0
+        self.patience = patience
         wal_dir.mkdir(parents=True, exist_ok=True)
         (wal_dir / EXPECTED_LIST).touch()
         script = wal_dir / FETCH_SCRIPT
@@ -80,7 +91,9 @@ class WalDownloads:
             _SCRIPT.format(
                 expected=EXPECTED_LIST,
                 stopped=STOPPED_MARKER,
-                max_polls=int(WAIT_FOR_FILE_SECONDS / _POLL_SECONDS),
+                failed=FAILED_SUFFIX,
+                gave_up=GAVE_UP_LIST,
+                max_polls=int(patience / _POLL_SECONDS),
                 poll=_POLL_SECONDS,
             )
         )
@@ -111,12 +124,44 @@ class WalDownloads:
         (self.wal_dir / STOPPED_MARKER).touch()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def missing(self) -> str:
+        """Why planned files did not reach PostgreSQL, as the fetch script and the downloads noted it."""
+        reasons = [
+            f"the download of WAL file {p.name.removesuffix(FAILED_SUFFIX)} failed: {p.read_text()}"
+            for p in sorted(self.wal_dir.glob("*" + FAILED_SUFFIX))
+        ]
+        gave_up = self.wal_dir / GAVE_UP_LIST
+        if gave_up.exists():
+            reasons += [
+                f"WAL file {name} was not downloaded within {self.patience:.0f}s, so PostgreSQL stopped "
+                "waiting for it"
+                for name in dict.fromkeys(gave_up.read_text().split())
+            ]
+        return "; ".join(reasons)
+
     def _fetch(self, entry: WalEntry) -> None:
+        try:
+            self._download(entry)
+        except Exception as e:
+            # The fetch script stops waiting for it, and the restore names it.
+            (self.wal_dir / (local_name(entry) + FAILED_SUFFIX)).write_text(str(e)[:500])
+            raise DeskvaultError(f"the download of WAL file {local_name(entry)} failed: {e}") from e
+
+    def _download(self, entry: WalEntry) -> None:
         path = self.wal_dir / local_name(entry)
         partial = path.with_name(path.name + ".download")
-        with partial.open("wb") as f:
-            for chunk in self.repo.get_stream(entry.key):
-                f.write(chunk)
+        try:
+            chunks = self.repo.get_stream(entry.key)
+            with partial.open("wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+        except ObjectNotFound:
+            if not entry.partial:
+                raise
+            # The segment was completed since the plan was made: the whole one holds at least as much.
+            with partial.open("wb") as f:
+                for chunk in self.repo.get_stream(entry.key.replace(PARTIAL + SUFFIX, SUFFIX)):
+                    f.write(chunk)
         # Only a whole, verified file ever carries the name PostgreSQL asks for.
         os.replace(partial, path)
         with self._lock:

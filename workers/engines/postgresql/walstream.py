@@ -18,11 +18,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from deskvault_core.config import TargetSettings
 from workers import metrics
 from workers.engines.base import EngineError
+from workers.engines.postgresql.commitindex import FileIndex, index_file, index_key
 from workers.engines.postgresql.conninfo import libpq_env, split_password
 from workers.engines.postgresql.timelines import server_timeline
 from workers.engines.postgresql.walarchive import PARTIAL, archivable, wal_key
@@ -61,6 +63,8 @@ class WalStreamer:
         self.conninfo, password = split_password(target.conninfo)
         self.env = libpq_env(password)
         self._partial_seen: dict[str, tuple[int, int]] = {}
+        self._partial_index: dict[str, FileIndex] = {}
+        self._awaiting_index: set[str] = set()  # archived complete segments whose index waits
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0
         self._errors: list[str] = []
@@ -104,11 +108,13 @@ class WalStreamer:
                 held = self._held_once_caught_up(flushed)
             except EngineError as e:
                 self._report_problem(str(e))
-        self.upload_ready()
+        proven = flushed is not None and held is not None and held >= flushed
+        # Indexed after the proof: the partial segment's index then holds every commit made before `began`.
+        self.upload_ready(covered_until=datetime.fromtimestamp(began, UTC) if proven else None)
         if flushed is None or held is None:
             return False
         metrics.WAL_BEHIND.labels(self.target.name).set(max(0, flushed - held))
-        if held >= flushed and receiver is not None and receiver.poll() is None:
+        if proven and receiver is not None and receiver.poll() is None:
             metrics.WAL_ARCHIVED.labels(self.target.name).set(began)
             self._report_problem(None)
             return True
@@ -283,43 +289,78 @@ class WalStreamer:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
 
-    def upload_ready(self) -> int:
-        """Upload what arrived since the last call; returns how many files were uploaded."""
+    def upload_ready(self, covered_until: datetime | None = None) -> int:
+        """Upload what arrived since the last call, each WAL segment with its commit index; returns how
+        many files were uploaded. `covered_until`: every commit before it is in the spool (proven)."""
         uploaded = 0
-        for path in sorted(self.spool.iterdir()):
-            if not archivable(path.name):
-                continue
+        files = sorted(p for p in self.spool.iterdir() if p.is_file() and archivable(p.name))
+        for path in files:
             if path.name.endswith(PARTIAL):
-                uploaded += self._upload_partial(path)
+                uploaded += self._upload_partial(path, covered_until)
             else:
-                self._upload_complete(path)
-                uploaded += 1
+                uploaded += self._upload_complete(path, _following(path, files))
         return uploaded
 
-    def _upload_complete(self, path: Path) -> None:
+    def _upload_complete(self, path: Path, following: Path | None) -> int:
         key = wal_key(self.target.name, path.name)
-        if self.repo.exists(key) and not self._same_as_archived(path, key):
-            # Two clusters writing one target's archive, or a damaged file: keep both for an operator.
-            raise RuntimeError(f"{key} is already archived with other contents; kept {path} for inspection")
-        stored = self.repo.put_stream(key, _file_chunks(path))
-        log.info("wal %s: archived %s (%d bytes stored)", self.target.name, path.name, stored.stored_size)
+        uploaded = 0
+        if path.name not in self._awaiting_index:
+            if self.repo.exists(key) and not self._same_as_archived(path, key):
+                # Two clusters writing one target's archive, or a damaged file: keep both for an operator.
+                raise RuntimeError(
+                    f"{key} is already archived with other contents; kept {path} for inspection"
+                )
+            stored = self.repo.put_stream(key, _file_chunks(path))
+            log.info("wal %s: archived %s (%d bytes stored)", self.target.name, path.name, stored.stored_size)
+            self._awaiting_index.add(path.name)
+            uploaded = 1
+        if SEGMENT_RE.match(path.name):
+            index = self._index(path, following)
+            if not index.complete:
+                return uploaded  # its last record goes on in the next segment: indexed once that arrives
+            # The partial's proof holds for the whole segment too.
+            partial_index = self._partial_index.get(path.name + PARTIAL)
+            if partial_index is not None:
+                index = index.with_coverage(partial_index.covered_until)
+            self.repo.put_json(index_key(self.target.name, path.name), index.to_json())
         # Its partial object, if any, is superseded by the complete segment.
         self.repo.delete(wal_key(self.target.name, path.name + PARTIAL))
+        self.repo.delete(index_key(self.target.name, path.name + PARTIAL))
         self._partial_seen.pop(path.name + PARTIAL, None)
+        self._partial_index.pop(path.name + PARTIAL, None)
+        self._awaiting_index.discard(path.name)
         path.unlink()
+        return uploaded
 
-    def _upload_partial(self, path: Path) -> int:
+    def _upload_partial(self, path: Path, covered_until: datetime | None) -> int:
+        """Index, then upload: the file only grows, so the object holds at least what its index lists."""
+        known = self._partial_index.get(path.name)
         try:
             stat = path.stat()
             state = (stat.st_size, stat.st_mtime_ns)
-            if self._partial_seen.get(path.name) == state:
+            if self._partial_seen.get(path.name) == state and known is not None:
+                if covered_until is not None:  # unchanged: only the proof moves on
+                    self._put_partial_index(path.name, known.with_coverage(covered_until))
                 return 0
+            index = self._index(path, None).with_coverage(
+                covered_until or (known.covered_until if known else None)
+            )
             self.repo.put_stream(wal_key(self.target.name, path.name), _file_chunks(path))
         except FileNotFoundError:
             # pg_receivewal finished the segment and renamed it meanwhile: the next round uploads it whole.
             return 0
         self._partial_seen[path.name] = state
+        self._put_partial_index(path.name, index)
         return 1
+
+    def _put_partial_index(self, name: str, index: FileIndex) -> None:
+        self.repo.put_json(index_key(self.target.name, name), index.to_json())
+        self._partial_index[name] = index
+
+    def _index(self, path: Path, following: Path | None) -> FileIndex:
+        size = path.stat().st_size  # pg_receivewal writes segments, partial ones too, at full size
+        segment = Segment.parse(path.name.removesuffix(PARTIAL), size)
+        return index_file(Path(self.target.pg_bin), path, segment, size, following)
 
     def _same_as_archived(self, path: Path, key: str) -> bool:
         archived = hashlib.sha256()
@@ -329,6 +370,16 @@ class WalStreamer:
         for chunk in _file_chunks(path):
             local.update(chunk)
         return archived.digest() == local.digest()
+
+
+def _following(path: Path, files: list[Path]) -> Path | None:
+    """The spool file of the segment after `path`'s, complete or partial, if it is there."""
+    if not SEGMENT_RE.match(path.name):
+        return None  # a history file
+    size = path.stat().st_size
+    segment = Segment.parse(path.name, size)
+    name = Segment(segment.timeline, segment.segno + 1).name(size)
+    return next((p for p in files if p.name in (name, name + PARTIAL)), None)
 
 
 def _file_chunks(path: Path) -> Iterator[bytes]:
