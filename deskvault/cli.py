@@ -658,6 +658,7 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     engine = engine_for(settings.target(args.target))
     at = _parse_at(args.at)
     relocate = _parse_tablespaces(args.tablespace)
+    into = args.into.absolute()  # the server runs in another folder: print and pass no relative path
     repo = open_repository(settings)
     plan = engine.plan_restore(repo, at)
     base = plan.base
@@ -673,7 +674,7 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     result = engine.restore(
         repo,
         plan,
-        args.into,
+        into,
         start=args.start,
         port=args.port,
         relocate=relocate,
@@ -690,8 +691,8 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
         print(f"recovered and running on 127.0.0.1:{args.port}; last transaction replayed at {reached}")
     else:
         print(
-            f"restored and verified into {args.into} (WAL in {result.log_dir}). Start it as the postgres "
-            f"user with: pg_ctl -D {args.into} start; it recovers, then promotes"
+            f"restored and verified into {into} (WAL in {result.log_dir}). Start it as the postgres "
+            f"user with: pg_ctl -D {into} start; it recovers, then promotes"
         )
     return 0
 

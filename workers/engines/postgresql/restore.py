@@ -214,6 +214,7 @@ def restore(
     of it downloads; without, every file is in place before this returns. `tablespaces` maps a
     tablespace (by oid, name or original location) to its new folder; the rest go beside `into`.
     """
+    into = into.absolute()  # restore_command and the tablespace links must not depend on our cwd
     wal_dir = into.parent / f"{into.name}.wal"
     spaces = tablespace_layout([plan.base, plan.diff], into, tablespaces)
     for folder in (into, wal_dir, *(s.into for s in spaces)):
