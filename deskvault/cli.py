@@ -144,7 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--start", action="store_true", help="start PostgreSQL, wait for recovery, report the time reached"
     )
-    r.add_argument("--port", type=int, default=5439, help="port for --start (default 5439)")
+    r.add_argument(
+        "--port", type=int, default=0, help="port for --start (default: a free one, printed once running)"
+    )
     r.add_argument(
         "--tablespace",
         action="append",
@@ -688,7 +690,7 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
             if result.reached
             else "none: no commit after the base backup was archived"
         )
-        print(f"recovered and running on 127.0.0.1:{args.port}; last transaction replayed at {reached}")
+        print(f"recovered and running on 127.0.0.1:{result.port}; last transaction replayed at {reached}")
     else:
         print(
             f"restored and verified into {into} (WAL in {result.log_dir}). Start it as the postgres "

@@ -115,3 +115,34 @@ def test_a_restore_into_a_relative_folder_starts_and_holds_every_row(backed_up, 
         assert str(cwd / "rel" / "dir.wal") in (into / "postgresql.auto.conf").read_text()
     finally:
         PgCluster(into, 0).stop("immediate")
+
+
+def test_without_port_a_free_one_is_picked_and_printed(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    into = folder(scratch_dir) / "data"
+
+    with port_taken(BUSY_PORT):
+        result = run_cli(settings, "restore", "--target", "main", "--into", str(into), "--start")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        port = int(RUNNING_RE.search(result.stdout).group(1))
+        assert port != BUSY_PORT
+        assert rows_on(into, port) == ROWS
+    finally:
+        PgCluster(into, 0).stop("immediate")
+
+
+def test_a_busy_port_given_is_refused_before_anything_is_downloaded(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    into = folder(scratch_dir) / "data"
+
+    with port_taken(BUSY_PORT):
+        result = run_cli(
+            settings, "restore", "--target", "main", "--into", str(into), "--start", "--port", str(BUSY_PORT)
+        )
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--port {BUSY_PORT}" in result.stderr and "in use" in result.stderr
+    assert "restoring base backup" not in result.stdout
+    assert not into.exists() and not into.with_name("data.wal").exists()

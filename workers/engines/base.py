@@ -115,6 +115,7 @@ class RestoreResult:
     recovery_target: datetime | None  # the stop moment set; None: replay to the end of the archive
     reached: datetime | None  # with start=True: the last transaction replayed
     relocated: tuple[Relocated, ...] = ()
+    port: int | None = None  # with start=True: where the recovered server listens on 127.0.0.1
 
 
 @dataclass(frozen=True)
@@ -262,8 +263,9 @@ class Engine(ABC):
         relocate: Mapping[str, Path] | None = None,
         on_progress: Callable[[str], None] | None = None,
     ) -> RestoreResult:
-        """Lay the plan out in `into` (which must be new or empty); with `start`, recover on `port` and
-        report the moment reached. Nothing half-restored is left behind on failure. `relocate` moves
+        """Lay the plan out in `into` (which must be new or empty); with `start`, recover on `port` (0: a
+        free one, given in the result; a busy one is refused before anything is written) and report the
+        moment reached. Nothing half-restored is left behind on failure. `relocate` moves
         parts the backup kept outside its folder (PostgreSQL: tablespaces, by oid, name or old path)."""
 
     @abstractmethod

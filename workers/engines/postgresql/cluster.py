@@ -31,6 +31,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortInUse(ClusterError):
+    """The port asked for is taken: a bad input, refused before any work."""
+
+    exit_code = 2
+
+
+def check_port_free(port: int) -> None:
+    """PortInUse unless a server could listen on 127.0.0.1:`port` now."""
+    with socket.socket() as s:
+        # As PostgreSQL binds: a connection lingering in TIME_WAIT does not make the port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise PortInUse(
+                f"--port {port}: 127.0.0.1:{port} is already in use ({e.strerror}); choose a free port, "
+                "or leave --port out and a free one is picked"
+            ) from e
+
+
 def server_user() -> str | None:
     """The user PostgreSQL's server programs must run as: `postgres` when we are root, else ourselves."""
     return "postgres" if os.geteuid() == 0 else None

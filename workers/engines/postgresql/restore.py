@@ -24,7 +24,13 @@ from typing import Any
 from deskvault_core.errors import DeskvaultError
 from workers.engines.base import Relocated, RestoreResult, Unreachable, Window
 from workers.engines.postgresql.basebackup import restore_full
-from workers.engines.postgresql.cluster import DEFAULT_PG_BIN, PgCluster, hand_over
+from workers.engines.postgresql.cluster import (
+    DEFAULT_PG_BIN,
+    PgCluster,
+    check_port_free,
+    free_port,
+    hand_over,
+)
 from workers.engines.postgresql.diff import apply_diff
 from workers.engines.postgresql.tablespaces import Tablespace
 from workers.engines.postgresql.tablespaces import layout as tablespace_layout
@@ -215,6 +221,11 @@ def restore(
     tablespace (by oid, name or original location) to its new folder; the rest go beside `into`.
     """
     into = into.absolute()  # restore_command and the tablespace links must not depend on our cwd
+    if start:
+        # Port 0: a free one. Checked before anything is written or downloaded, since a busy port would
+        # only fail the start, once the whole base is in.
+        port = port or free_port()
+        check_port_free(port)
     wal_dir = into.parent / f"{into.name}.wal"
     spaces = tablespace_layout([plan.base, plan.diff], into, tablespaces)
     for folder in (into, wal_dir, *(s.into for s in spaces)):
@@ -244,7 +255,7 @@ def restore(
     # Every file is in place now: a recovery that fails from here on is left for inspection.
     reached = _wait_recovered(cluster) if cluster is not None else None
     relocated = tuple(Relocated(s.describe(), s.into) for s in spaces)
-    return RestoreResult(into, wal_dir, target, reached, relocated)
+    return RestoreResult(into, wal_dir, target, reached, relocated, port if start else None)
 
 
 def _lay_out(
