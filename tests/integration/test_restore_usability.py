@@ -146,3 +146,19 @@ def test_a_busy_port_given_is_refused_before_anything_is_downloaded(backed_up, s
     assert f"--port {BUSY_PORT}" in result.stderr and "in use" in result.stderr
     assert "restoring base backup" not in result.stdout
     assert not into.exists() and not into.with_name("data.wal").exists()
+
+
+def test_a_failed_start_keeps_the_server_log_and_shows_its_end(backed_up, scratch_dir) -> None:
+    settings, ctx = backed_up
+    into = folder(scratch_dir) / "data"
+
+    with base_wal_zeroed(ctx):
+        result = run_cli(settings, "restore", "--target", "main", "--into", str(into), "--start")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    log_file = into.with_name("data.log")
+    assert str(log_file) in result.stderr
+    assert log_file.is_file()
+    fatal = [line for line in log_file.read_text().splitlines() if "FATAL:" in line]
+    assert fatal and fatal[-1].strip() in result.stderr
+    assert not into.exists()  # no half-restored folder that someone might start

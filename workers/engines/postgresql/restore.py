@@ -26,10 +26,12 @@ from workers.engines.base import Relocated, RestoreResult, Unreachable, Window
 from workers.engines.postgresql.basebackup import restore_full
 from workers.engines.postgresql.cluster import (
     DEFAULT_PG_BIN,
+    ClusterError,
     PgCluster,
     check_port_free,
     free_port,
     hand_over,
+    log_report,
 )
 from workers.engines.postgresql.diff import apply_diff
 from workers.engines.postgresql.tablespaces import Tablespace
@@ -253,7 +255,7 @@ def restore(
             shutil.rmtree(folder, ignore_errors=True)
         raise
     # Every file is in place now: a recovery that fails from here on is left for inspection.
-    reached = _wait_recovered(cluster) if cluster is not None else None
+    reached = _recovered(cluster) if cluster is not None else None
     relocated = tuple(Relocated(s.describe(), s.into) for s in spaces)
     return RestoreResult(into, wal_dir, target, reached, relocated, port if start else None)
 
@@ -355,6 +357,17 @@ def _write_recovery_settings(
     ]
     auto_conf.write_text("\n".join(kept + lines) + "\n")
     (into / "recovery.signal").touch()
+
+
+def _recovered(cluster: PgCluster) -> datetime | None:
+    """`_wait_recovered`, failing with the end of the server's log: psql failing here most likely means
+    the server died replaying (a FATAL), which only the log explains."""
+    try:
+        return _wait_recovered(cluster)
+    except DeskvaultError as e:
+        raise ClusterError(
+            f"recovery in {cluster.datadir} failed (left for inspection): {e}\n{log_report(cluster.log_file)}"
+        ) from e
 
 
 def _wait_recovered(cluster: PgCluster, timeout: float = 6 * 3600) -> datetime | None:
