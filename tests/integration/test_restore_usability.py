@@ -148,6 +148,22 @@ def test_a_busy_port_given_is_refused_before_anything_is_downloaded(backed_up, s
     assert not into.exists() and not into.with_name("data.wal").exists()
 
 
+def test_once_recovered_the_wal_folder_is_removed(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    into = folder(scratch_dir) / "data"
+
+    result = run_cli(settings, "restore", "--target", "main", "--into", str(into), "--start")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        wal_dir = into.with_name("data.wal")
+        assert not wal_dir.exists()
+        assert str(wal_dir) not in result.stdout  # the message does not point at it
+        assert rows_on(into, int(RUNNING_RE.search(result.stdout).group(1))) == ROWS
+    finally:
+        PgCluster(into, 0).stop("immediate")
+
+
 def test_a_failed_start_keeps_the_server_log_and_shows_its_end(backed_up, scratch_dir) -> None:
     settings, ctx = backed_up
     into = folder(scratch_dir) / "data"

@@ -111,7 +111,7 @@ class Relocated:
 @dataclass(frozen=True)
 class RestoreResult:
     into: Path
-    log_dir: Path  # where the log files replayed were laid out
+    log_dir: Path  # where the log files replayed were laid out (gone once a started restore is promoted)
     recovery_target: datetime | None  # the stop moment set; None: replay to the end of the archive
     reached: datetime | None  # with start=True: the last transaction replayed
     relocated: tuple[Relocated, ...] = ()

@@ -256,6 +256,8 @@ def restore(
         raise
     # Every file is in place now: a recovery that fails from here on is left for inspection.
     reached = _recovered(cluster) if cluster is not None else None
+    if cluster is not None:
+        shutil.rmtree(wal_dir, ignore_errors=True)  # promoted: the server reads no more WAL
     relocated = tuple(Relocated(s.describe(), s.into) for s in spaces)
     return RestoreResult(into, wal_dir, target, reached, relocated, port if start else None)
 
