@@ -164,6 +164,19 @@ def test_once_recovered_the_wal_folder_is_removed(backed_up, scratch_dir) -> Non
         PgCluster(into, 0).stop("immediate")
 
 
+def test_the_base_shows_progress_and_without_start_the_wal_stays(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    into = folder(scratch_dir) / "data"
+
+    result = run_cli(settings, "restore", "--target", "main", "--into", str(into))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    progress = [line for line in result.stdout.splitlines() if "MiB/s" in line]
+    assert progress and re.search(r"base: [\d.]+ of [\d.]+ MiB \(100%\), [\d.]+ MiB/s", progress[-1])
+    wal_dir = into.with_name("data.wal")
+    assert wal_dir.is_dir() and f"WAL in {wal_dir}" in result.stdout  # the server reads it at first start
+
+
 def test_a_failed_start_keeps_the_server_log_and_shows_its_end(backed_up, scratch_dir) -> None:
     settings, ctx = backed_up
     into = folder(scratch_dir) / "data"

@@ -39,6 +39,7 @@ from workers.engines.postgresql.tablespaces import layout as tablespace_layout
 from workers.engines.postgresql.walarchive import WalArchive, WalEntry, list_wal, read_histories
 from workers.engines.postgresql.walfetch import DOWNLOAD_THREADS, WalDownloads, local_name, restore_command
 from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, parse_lsn
+from workers.engines.progress import ByteProgress
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
 
@@ -282,7 +283,7 @@ def _lay_out(
     # PostgreSQL replays what is already there.
     downloads.add(wal[:WAL_BESIDE_BASE])
     on_progress(f"restoring base backup {plan.base['backup_id']}")
-    restore_full(repo, plan.base, into, spaces=spaces)
+    restore_full(repo, plan.base, into, spaces=spaces, on_progress=ByteProgress("base", on_progress))
     for space in spaces:
         on_progress(f"{space.describe()} goes to {space.into}")
     if plan.diff is not None:
