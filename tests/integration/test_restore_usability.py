@@ -7,20 +7,25 @@ a restore of a few seconds. Tests that damage the archive put it back before the
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
+import stat
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from support import build_settings, free_port, run_cli, take_backup, wait_for, wal_streaming, worker_context
 
+from messages.events import RestoreDrill
 from workers.context import WorkerContext
 from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.restore import plan_restore
 from workers.engines.postgresql.walarchive import list_wal
 from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE
+from workers.handlers.drill import handle_restore_drill
 from workers.repository.keyring import Keyring
 
 pytestmark = pytest.mark.integration
@@ -193,3 +198,24 @@ def test_a_failed_start_keeps_the_server_log_and_shows_its_end(backed_up, scratc
     fatal = [line for line in log_file.read_text().splitlines() if "FATAL:" in line]
     assert fatal and fatal[-1].strip() in result.stderr
     assert not into.exists()  # no half-restored folder that someone might start
+
+
+def test_a_failed_drill_keeps_the_server_log_and_reports_it(backed_up) -> None:
+    _, ctx = backed_up
+    event = RestoreDrill.new(
+        target="main",
+        slot=datetime.now(UTC).replace(second=0, microsecond=0),
+        idempotency_key=f"drill-{uuid.uuid4().hex}",
+    )
+
+    with base_wal_zeroed(ctx):
+        outcome = handle_restore_drill(ctx, event)
+
+    assert outcome.startswith("drill FAILED: ")
+    kept = Path(re.search(r"server log (\S+deskvault-drill-logs/\S+\.log)", outcome).group(1))
+    assert kept.is_file() and "FATAL:" in kept.read_text()
+    assert "FATAL:" in outcome
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and kept.stat().st_uid == os.geteuid()
+    assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700 and kept.parent.stat().st_uid == os.geteuid()
+    assert str(kept) in ctx.ledger.drills("main")[-1]["detail"]
+    kept.unlink()

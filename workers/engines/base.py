@@ -181,6 +181,11 @@ class ScratchServer(Protocol):
         """How to connect to it, as the engine's clients spell it."""
         ...
 
+    @property
+    def log_file(self) -> Path:
+        """Where the server writes its log (inside the scratch folder, so gone with it)."""
+        ...
+
 
 class LogStreamer(Protocol):
     """Ships a target's log into the repository continuously."""
