@@ -149,7 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--start", action="store_true", help="start PostgreSQL, wait for recovery, report the time reached"
     )
-    r.add_argument("--port", type=int, default=5439, help="port for --start (default 5439)")
+    r.add_argument(
+        "--port", type=int, default=0, help="port for --start (default: a free one, printed once running)"
+    )
     r.add_argument(
         "--tablespace",
         action="append",
@@ -678,6 +680,7 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     at = _parse_at(args.at)
     goal = RestoreGoal(at=at, xid=args.xid, lsn=args.lsn, name=args.name)
     relocate = _parse_tablespaces(args.tablespace)
+    into = args.into.absolute()  # the server runs in another folder: print and pass no relative path
     repo = open_repository(settings)
     plan = engine.plan_restore(repo, at, goal=goal)
     base = plan.base
@@ -696,7 +699,7 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     result = engine.restore(
         repo,
         plan,
-        args.into,
+        into,
         start=args.start,
         port=args.port,
         relocate=relocate,
@@ -711,13 +714,13 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
             else "none: no commit after the base backup was archived"
         )
         print(
-            f"recovered and running on 127.0.0.1:{args.port}; stopped as planned at {result.stop}; "
+            f"recovered and running on 127.0.0.1:{result.port}; stopped as planned at {result.stop}; "
             f"last transaction replayed at {reached}"
         )
     else:
         print(
-            f"restored and verified into {args.into} (WAL in {result.log_dir}). Start it as the postgres "
-            f"user with: pg_ctl -D {args.into} start; it recovers, then promotes"
+            f"restored and verified into {into} (WAL in {result.log_dir}). Start it as the postgres "
+            f"user with: pg_ctl -D {into} start; it recovers, then promotes"
         )
     return 0
 

@@ -147,13 +147,17 @@ def raw_s3(settings: Settings) -> Any:
     )
 
 
-def run_cli(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`deskvault --config <the test's file> ARGS...` as a user runs it, in a process of its own."""
+def run_cli(
+    settings: Settings, *args: str, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`deskvault --config <the test's file> ARGS...` as a user runs it, in a process of its own
+    (in the folder `cwd`, default this one)."""
     return subprocess.run(
         [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
     )
 
 

@@ -122,11 +122,12 @@ class Relocated:
 @dataclass(frozen=True)
 class RestoreResult:
     into: Path
-    log_dir: Path  # where the log files replayed were laid out
+    log_dir: Path  # where the log files replayed were laid out (gone once a started restore is promoted)
     recovery_target: datetime | None  # the moment asked for; None: the latest
     reached: datetime | None  # with start=True: the last transaction replayed
     relocated: tuple[Relocated, ...] = ()
     stop: str = ""  # exactly where recovery stops (with start=True: checked that it did)
+    port: int | None = None  # with start=True: where the recovered server listens on 127.0.0.1
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,11 @@ class ScratchServer(Protocol):
     @property
     def conninfo(self) -> str:
         """How to connect to it, as the engine's clients spell it."""
+        ...
+
+    @property
+    def log_file(self) -> Path:
+        """Where the server writes its log (inside the scratch folder, so gone with it)."""
         ...
 
 
@@ -288,8 +294,9 @@ class Engine(ABC):
         relocate: Mapping[str, Path] | None = None,
         on_progress: Callable[[str], None] | None = None,
     ) -> RestoreResult:
-        """Lay the plan out in `into` (which must be new or empty); with `start`, recover on `port` and
-        report the moment reached. Nothing half-restored is left behind on failure. `relocate` moves
+        """Lay the plan out in `into` (which must be new or empty); with `start`, recover on `port` (0: a
+        free one, given in the result; a busy one is refused before anything is written) and report the
+        moment reached. Nothing half-restored is left behind on failure. `relocate` moves
         parts the backup kept outside its folder (PostgreSQL: tablespaces, by oid, name or old path)."""
 
     @abstractmethod

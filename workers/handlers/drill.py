@@ -6,14 +6,22 @@ so every moment of the window is one recovery reaches) into a scratch server of 
 starts it, checks it (the engine's probes; for PostgreSQL pg_amcheck on every database where installed,
 and exact row counts of each database's largest tables), tears it down, and records the outcome, the
 moment, and the duration. A failed drill is the finding, not an error to retry: it is recorded and
-reported, and the metric of the last verified restore stays old.
+reported, and the metric of the last verified restore stays old. The scratch server's log is kept
+(KEPT_LOGS) when it fails.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
+import stat
+import tempfile
 import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
 
 from deskvault_core.errors import DeskvaultError
 from messages.events import RestoreDrill
@@ -24,6 +32,8 @@ from workers.errors import UnknownTarget
 from workers.jobs import run_once
 
 log = logging.getLogger(__name__)
+
+KEPT_LOGS = "deskvault-drill-logs"  # in the system's temp folder: failed drills' server logs
 
 
 def handle_restore_drill(ctx: WorkerContext, event: RestoreDrill) -> str | None:
@@ -38,14 +48,14 @@ def _drill(ctx: WorkerContext, event: RestoreDrill) -> str:
     engine = engine_for(target)
     window = engine.plan_restore(ctx.repository, None).window
     point = window.point_at(random.Random(event.event_id).random())
-    plan = engine.plan_restore(ctx.repository, point if window.latest > window.earliest else None)
     started = time.monotonic()
     with engine.scratch_server("drill") as server:
         try:
+            plan = engine.plan_restore(ctx.repository, point if window.latest > window.earliest else None)
             result = engine.restore(ctx.repository, plan, server.datadir, start=True, port=server.port)
             succeeded, detail = True, "; ".join([f"stopped at {result.stop}", *engine.probe(server)])
         except DeskvaultError as e:
-            succeeded, detail = False, str(e)
+            succeeded, detail = False, _with_kept_log(str(e), server.log_file, target.name)
     seconds = int(time.monotonic() - started)
     ctx.ledger.record_drill(
         target=target.name,
@@ -62,3 +72,32 @@ def _drill(ctx: WorkerContext, event: RestoreDrill) -> str:
         log.error("restore drill of %s to %s FAILED: %s", target.name, moment, detail)
         return f"drill FAILED: restoring {target.name} to {moment}: {detail}"
     return f"drill passed: {target.name} restored to {moment} in {seconds}s; {detail}"
+
+
+def _with_kept_log(detail: str, log_file: Path, target: str) -> str:
+    """The failure, pointing at a copy of the server's log: the scratch folder holding it goes next."""
+    if not log_file.is_file():
+        return detail  # the server never started
+    try:
+        kept = _keep_log(log_file, target)
+    except OSError as e:
+        return f"{detail}\n(the server log could not be kept: {e})"
+    if str(log_file) in detail:  # the restore's error names the log and quotes its end
+        return detail.replace(str(log_file), str(kept))
+    return f"{detail}\nserver log {kept}"
+
+
+def _keep_log(log_file: Path, target: str) -> Path:
+    """Copy the log into KEPT_LOGS, readable by this user only (a server log can quote data)."""
+    folder = Path(tempfile.gettempdir()) / KEPT_LOGS
+    folder.mkdir(mode=0o700, exist_ok=True)
+    found = folder.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+        # A shared temp folder: a name someone else made first is not ours to write into.
+        raise OSError(f"{folder} is not a folder of this user's")
+    folder.chmod(0o700)
+    kept = folder / f"{target}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}.log"
+    fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out, log_file.open("rb") as source:
+        shutil.copyfileobj(source, out)
+    return kept

@@ -18,6 +18,8 @@ from pathlib import Path
 from deskvault_core.errors import DeskvaultError
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
+LOG_TAIL_LINES = 20
+_LOG_TAIL_BYTES = 64 * 1024  # plenty for LOG_TAIL_LINES; a log of hours of recovery is not read whole
 
 
 class ClusterError(DeskvaultError):
@@ -29,6 +31,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PortInUse(ClusterError):
+    """The port asked for is taken: a bad input, refused before any work."""
+
+    exit_code = 2
+
+
+def check_port_free(port: int) -> None:
+    """PortInUse unless a server could listen on 127.0.0.1:`port` now."""
+    with socket.socket() as s:
+        # As PostgreSQL binds: a connection lingering in TIME_WAIT does not make the port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise PortInUse(
+                f"--port {port}: 127.0.0.1:{port} is already in use ({e.strerror}); choose a free port, "
+                "or leave --port out and a free one is picked"
+            ) from e
+
+
+def log_report(log_file: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """Where a server's log is and its last `lines` lines, to end an error message with."""
+    try:
+        with log_file.open("rb") as f:
+            offset = max(0, f.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES)
+            f.seek(offset)
+            tail = f.read().decode("utf-8", "replace").splitlines()[1 if offset else 0 :][-lines:]
+    except OSError as e:
+        return f"server log {log_file} could not be read: {e.strerror}"
+    if not tail:
+        return f"server log {log_file} is empty"
+    return f"server log {log_file}, last {len(tail)} lines:\n" + "\n".join(f"  {line}" for line in tail)
 
 
 def server_user() -> str | None:
@@ -58,6 +94,11 @@ class PgCluster:
     @property
     def conninfo(self) -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    @property
+    def log_file(self) -> Path:
+        """Where `start` has the server log: beside the data directory, so it outlives a removed one."""
+        return self.datadir.parent / f"{self.datadir.name}.log"
 
     def _server_cmd(self, *args: str) -> list[str]:
         user = server_user()
@@ -114,27 +155,32 @@ class PgCluster:
     def start(self, timeout: float = 120) -> None:
         if self.is_running():
             return
-        log_file = self.datadir.parent / f"{self.datadir.name}.log"
+        log_file = self.log_file
         log_file.touch()
+        log_file.chmod(0o600)  # kept after a failure; what the server logs is no one else's business
         hand_over(log_file)
-        self._run(
-            self._server_cmd(
-                str(self.pg_bin / "pg_ctl"),
-                "-D",
-                str(self.datadir),
-                "-l",
-                str(log_file),
-                # Command-line settings win over the copied config of a restored cluster.
-                "-o",
-                f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=",
-                "-w",
-                "-t",
-                str(int(timeout)),
-                "start",
-            ),
-            f"starting PostgreSQL in {self.datadir} (log: {log_file})",
-            timeout=timeout + 10,
-        )
+        try:
+            self._run(
+                self._server_cmd(
+                    str(self.pg_bin / "pg_ctl"),
+                    "-D",
+                    str(self.datadir),
+                    "-l",
+                    str(log_file),
+                    # Command-line settings win over the copied config of a restored cluster.
+                    "-o",
+                    f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=",
+                    "-w",
+                    "-t",
+                    str(int(timeout)),
+                    "start",
+                ),
+                f"starting PostgreSQL in {self.datadir}",
+                timeout=timeout + 10,
+            )
+        except ClusterError as e:
+            # pg_ctl only says "could not start server": the log says why.
+            raise ClusterError(f"{e}\n{log_report(log_file)}") from e
 
     def stop(self, mode: str = "fast") -> None:
         if not (self.datadir / "postmaster.pid").exists():

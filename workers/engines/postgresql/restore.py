@@ -24,7 +24,15 @@ from typing import Any
 from deskvault_core.errors import DeskvaultError
 from workers.engines.base import Relocated, RestoreGoal, RestoreResult, Unreachable, Window
 from workers.engines.postgresql.basebackup import restore_full
-from workers.engines.postgresql.cluster import DEFAULT_PG_BIN, ClusterError, PgCluster, hand_over
+from workers.engines.postgresql.cluster import (
+    DEFAULT_PG_BIN,
+    ClusterError,
+    PgCluster,
+    check_port_free,
+    free_port,
+    hand_over,
+    log_report,
+)
 from workers.engines.postgresql.commitindex import Commit
 from workers.engines.postgresql.diff import apply_diff
 from workers.engines.postgresql.stops import IndexReader, Stop, consistency_stop, file_of
@@ -38,6 +46,7 @@ from workers.engines.postgresql.walfetch import (
     restore_command,
 )
 from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, format_lsn, parse_lsn
+from workers.engines.progress import ByteProgress
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
 
@@ -372,6 +381,12 @@ def restore(
     of it downloads; without, every file is in place before this returns. `tablespaces` maps a
     tablespace (by oid, name or original location) to its new folder; the rest go beside `into`.
     """
+    into = into.absolute()  # restore_command and the tablespace links must not depend on our cwd
+    if start:
+        # Port 0: a free one. Checked before anything is written or downloaded, since a busy port would
+        # only fail the start, once the whole base is in.
+        port = port or free_port()
+        check_port_free(port)
     wal_dir = into.parent / f"{into.name}.wal"
     spaces = tablespace_layout([plan.base, plan.diff], into, tablespaces)
     for folder in (into, wal_dir, *(s.into for s in spaces)):
@@ -406,17 +421,20 @@ def restore(
     if cluster is not None:
         try:
             reached = _wait_recovered(cluster)
-        except ClusterError as e:
+        except DeskvaultError as e:
+            # psql failing here most likely means the server died replaying: the log says why.
             why = downloads.missing() or str(e)
-            raise DeskvaultError(
-                f"recovery of {into} stopped before {plan.stop.what}: {why}; see the server log"
+            raise ClusterError(
+                f"recovery of {into} stopped before {plan.stop.what} (left for inspection): {why}\n"
+                f"{log_report(cluster.log_file)}"
             ) from e
         _check_reached(cluster, plan.stop)
         if plan.stop.commit is not None:
             # PostgreSQL does not note the time of a commit it stops after by LSN; replay ended at it.
             reached = plan.stop.commit.at
+        shutil.rmtree(wal_dir, ignore_errors=True)  # promoted: the server reads no more WAL
     relocated = tuple(Relocated(s.describe(), s.into) for s in spaces)
-    return RestoreResult(into, wal_dir, plan.at, reached, relocated, plan.stop.what)
+    return RestoreResult(into, wal_dir, plan.at, reached, relocated, plan.stop.what, port if start else None)
 
 
 def _lay_out(
@@ -434,7 +452,7 @@ def _lay_out(
     # PostgreSQL replays what is already there.
     downloads.add(wal[:WAL_BESIDE_BASE])
     on_progress(f"restoring base backup {plan.base['backup_id']}")
-    restore_full(repo, plan.base, into, spaces=spaces)
+    restore_full(repo, plan.base, into, spaces=spaces, on_progress=ByteProgress("base", on_progress))
     for space in spaces:
         on_progress(f"{space.describe()} goes to {space.into}")
     if plan.diff is not None:

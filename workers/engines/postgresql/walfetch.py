@@ -107,10 +107,6 @@ class WalDownloads:
         for entry in entries:
             self._futures[local_name(entry)] = self._pool.submit(self._fetch, entry)
 
-    def wait_for(self, name: str) -> None:
-        """Until the file `name` is in place; its download's error if it failed."""
-        self._futures[name].result()
-
     def wait_all(self) -> None:
         """Until every queued file is in place; the first failure's error otherwise."""
         for future in list(self._futures.values()):

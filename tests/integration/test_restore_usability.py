@@ -1,0 +1,221 @@
+"""Restore as a person runs it: relative folders, ports, progress, and failures that say why.
+
+One small source cluster with one full backup and its WAL streamed serves every test, so each test is
+a restore of a few seconds. Tests that damage the archive put it back before they end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import stat
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from support import build_settings, free_port, run_cli, take_backup, wait_for, wal_streaming, worker_context
+
+from messages.events import RestoreDrill
+from workers.context import WorkerContext
+from workers.engines.postgresql.cluster import PgCluster
+from workers.engines.postgresql.restore import plan_restore
+from workers.engines.postgresql.walarchive import list_wal
+from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE
+from workers.handlers.drill import handle_restore_drill
+from workers.repository.keyring import Keyring
+
+pytestmark = pytest.mark.integration
+
+BUSY_PORT = 5439  # the port `restore --start` used whatever else listened there
+RUNNING_RE = re.compile(r"recovered and running on 127\.0\.0\.1:(\d+)")
+ROWS = {1, 2, 3, 4, 5}
+
+
+@pytest.fixture(scope="module")
+def source(scratch_dir: Path) -> Iterator[PgCluster]:
+    cluster = PgCluster(scratch_dir / f"usability-{uuid.uuid4().hex[:6]}", free_port())
+    cluster.initdb()
+    cluster.start()
+    cluster.psql("CREATE TABLE marks (id int PRIMARY KEY)")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="module")
+def backed_up(source: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
+    """Given rows 1-3 in a full backup and rows 4-5 only in the WAL streamed after it."""
+    directory = tmp_path_factory.mktemp("usability")
+    key_file = directory / "keys.json"
+    Keyring.create(key_file)
+    settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, source)
+    ctx = worker_context(settings)
+    with wal_streaming(ctx):
+        wait_for(
+            lambda: source.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
+            what="the WAL streamer to connect",
+        )
+        source.psql("INSERT INTO marks VALUES (1), (2), (3)")
+        assert take_backup(ctx, "full").startswith("full backup ")
+        source.psql("INSERT INTO marks VALUES (4)")
+        source.psql("INSERT INTO marks VALUES (5)")
+        # Their segment, completed at once, reaches the archive within a second or two.
+        segment = source.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").strip()
+        source.psql("SELECT pg_switch_wal()")
+        wait_for(
+            lambda: any(e.filename == segment for e in list_wal(ctx.repository, "main")),
+            what="the last commit to reach the archive",
+        )
+        yield settings, ctx
+
+
+def folder(scratch_dir: Path) -> Path:
+    """A new folder the postgres user can reach, for one test's restore."""
+    path = scratch_dir / f"usability-restore-{uuid.uuid4().hex[:6]}"
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    return path
+
+
+def rows_on(into: Path, port: int) -> set[int]:
+    return {int(x) for x in PgCluster(into, port).psql("SELECT id FROM marks").split()}
+
+
+@contextlib.contextmanager
+def port_taken(port: int) -> Iterator[None]:
+    """Something listening on 127.0.0.1:`port` for the block (if another program already does, that)."""
+    with socket.socket() as s:
+        with contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        yield
+
+
+@contextlib.contextmanager
+def base_wal_zeroed(ctx: WorkerContext) -> Iterator[str]:
+    """The WAL segment holding the full backup's checkpoint replaced, validly encrypted, by zeros: the
+    archive serves bytes PostgreSQL cannot use (what a recycled segment archived by mistake looks like).
+    Yields the segment's file name; puts the real one back afterwards."""
+    first = plan_restore(ctx.repository, "main", None).wal[0]
+    original = b"".join(ctx.repository.get_stream(first.key))
+    ctx.repository.put_stream(first.key, [bytes(DEFAULT_SEGMENT_SIZE)])
+    try:
+        yield first.filename
+    finally:
+        ctx.repository.put_stream(first.key, [original])
+
+
+def test_a_restore_into_a_relative_folder_starts_and_holds_every_row(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    cwd = folder(scratch_dir)
+
+    result = run_cli(settings, "restore", "--target", "main", "--into", "rel/dir", "--start", cwd=cwd)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    into = cwd / "rel" / "dir"
+    try:
+        port = int(RUNNING_RE.search(result.stdout).group(1))
+        assert rows_on(into, port) == ROWS
+        assert str(cwd / "rel" / "dir.wal") in (into / "postgresql.auto.conf").read_text()
+    finally:
+        PgCluster(into, 0).stop("immediate")
+
+
+def test_without_port_a_free_one_is_picked_and_printed(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    into = folder(scratch_dir) / "data"
+
+    with port_taken(BUSY_PORT):
+        result = run_cli(settings, "restore", "--target", "main", "--into", str(into), "--start")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        port = int(RUNNING_RE.search(result.stdout).group(1))
+        assert port != BUSY_PORT
+        assert rows_on(into, port) == ROWS
+    finally:
+        PgCluster(into, 0).stop("immediate")
+
+
+def test_a_busy_port_given_is_refused_before_anything_is_downloaded(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    into = folder(scratch_dir) / "data"
+
+    with port_taken(BUSY_PORT):
+        result = run_cli(
+            settings, "restore", "--target", "main", "--into", str(into), "--start", "--port", str(BUSY_PORT)
+        )
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"--port {BUSY_PORT}" in result.stderr and "in use" in result.stderr
+    assert "restoring base backup" not in result.stdout
+    assert not into.exists() and not into.with_name("data.wal").exists()
+
+
+def test_once_recovered_the_wal_folder_is_removed(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    into = folder(scratch_dir) / "data"
+
+    result = run_cli(settings, "restore", "--target", "main", "--into", str(into), "--start")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        wal_dir = into.with_name("data.wal")
+        assert not wal_dir.exists()
+        assert str(wal_dir) not in result.stdout  # the message does not point at it
+        assert rows_on(into, int(RUNNING_RE.search(result.stdout).group(1))) == ROWS
+    finally:
+        PgCluster(into, 0).stop("immediate")
+
+
+def test_the_base_shows_progress_and_without_start_the_wal_stays(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    into = folder(scratch_dir) / "data"
+
+    result = run_cli(settings, "restore", "--target", "main", "--into", str(into))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    progress = [line for line in result.stdout.splitlines() if "MiB/s" in line]
+    assert progress and re.search(r"base: [\d.]+ of [\d.]+ MiB \(100%\), [\d.]+ MiB/s", progress[-1])
+    wal_dir = into.with_name("data.wal")
+    assert wal_dir.is_dir() and f"WAL in {wal_dir}" in result.stdout  # the server reads it at first start
+
+
+def test_a_failed_start_keeps_the_server_log_and_shows_its_end(backed_up, scratch_dir) -> None:
+    settings, ctx = backed_up
+    into = folder(scratch_dir) / "data"
+
+    with base_wal_zeroed(ctx):
+        result = run_cli(settings, "restore", "--target", "main", "--into", str(into), "--start")
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    log_file = into.with_name("data.log")
+    assert str(log_file) in result.stderr
+    assert log_file.is_file()
+    fatal = [line for line in log_file.read_text().splitlines() if "FATAL:" in line]
+    assert fatal and fatal[-1].strip() in result.stderr
+    assert not into.exists()  # no half-restored folder that someone might start
+
+
+def test_a_failed_drill_keeps_the_server_log_and_reports_it(backed_up) -> None:
+    _, ctx = backed_up
+    event = RestoreDrill.new(
+        target="main",
+        slot=datetime.now(UTC).replace(second=0, microsecond=0),
+        idempotency_key=f"drill-{uuid.uuid4().hex}",
+    )
+
+    with base_wal_zeroed(ctx):
+        outcome = handle_restore_drill(ctx, event)
+
+    assert outcome.startswith("drill FAILED: ")
+    kept = Path(re.search(r"server log (\S+deskvault-drill-logs/\S+\.log)", outcome).group(1))
+    assert kept.is_file() and "FATAL:" in kept.read_text()
+    assert "FATAL:" in outcome
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600 and kept.stat().st_uid == os.geteuid()
+    assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700 and kept.parent.stat().st_uid == os.geteuid()
+    assert str(kept) in ctx.ledger.drills("main")[-1]["detail"]
+    kept.unlink()
