@@ -419,15 +419,7 @@ def restore(
     # Every file is in place now: a recovery that fails from here on is left for inspection.
     reached = None
     if cluster is not None:
-        try:
-            reached = _wait_recovered(cluster)
-        except DeskvaultError as e:
-            # psql failing here most likely means the server died replaying: the log says why.
-            why = downloads.missing() or str(e)
-            raise ClusterError(
-                f"recovery of {into} stopped before {plan.stop.what} (left for inspection): {why}\n"
-                f"{log_report(cluster.log_file)}"
-            ) from e
+        reached = _recovered(cluster, downloads.missing)
         _check_reached(cluster, plan.stop)
         if plan.stop.commit is not None:
             # PostgreSQL does not note the time of a commit it stops after by LSN; replay ended at it.
@@ -491,6 +483,19 @@ def _write_recovery_settings(into: Path, wal_dir: Path, stop: Stop, timeline: in
     ]
     auto_conf.write_text("\n".join(kept + lines) + "\n")
     (into / "recovery.signal").touch()
+
+
+def _recovered(cluster: PgCluster, missing: Callable[[], str] = lambda: "") -> datetime | None:
+    """`_wait_recovered`, failing with the end of the server's log: psql failing here most likely means
+    the server died replaying (a FATAL), which only the log explains; `missing` names a WAL file that
+    never came, the likeliest cause."""
+    try:
+        return _wait_recovered(cluster)
+    except DeskvaultError as e:
+        raise ClusterError(
+            f"recovery in {cluster.datadir} failed (left for inspection): {missing() or e}\n"
+            f"{log_report(cluster.log_file)}"
+        ) from e
 
 
 def _wait_recovered(cluster: PgCluster, timeout: float = 6 * 3600) -> datetime | None:
