@@ -16,7 +16,7 @@ from workers import context
 from workers.broker import DeskvaultBroker
 from workers.errors import PERMANENT_ERRORS
 from workers.handlers.backup import handle_backup_due
-from workers.handlers.drill import handle_restore_drill
+from workers.handlers.drill import WaitingForFirstBackup, handle_restore_drill
 from workers.handlers.export import handle_export_requested
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
 from workers.handlers.purge import handle_purge_due
@@ -78,10 +78,11 @@ def build_broker(settings: Settings) -> tuple[DeskvaultBroker, PoolMetrics]:
 
 
 def _retry_when(max_retries: int) -> Callable[[int, BaseException], bool]:
-    """Retry failures up to the limit; waiting for a busy job is not a failure and never runs out."""
+    """Retry failures up to the limit; waiting for a busy job, or for a new target's first backup, is
+    not a failure and does not run out (the latter is bounded by its own deadline)."""
 
     def retry(retries: int, exception: BaseException) -> bool:
-        return isinstance(exception, JobBusy) or retries < max_retries
+        return isinstance(exception, JobBusy | WaitingForFirstBackup) or retries < max_retries
 
     return retry
 

@@ -39,7 +39,7 @@ from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.restore import plan_restore, restore
 from workers.engines.postgresql.walarchive import list_wal
 from workers.errors import HandlerError
-from workers.handlers.drill import handle_restore_drill
+from workers.handlers.drill import FIRST_BACKUP_WAIT, WaitingForFirstBackup, handle_restore_drill
 from workers.handlers.export import handle_export_requested
 from workers.repository import catalog
 from workers.repository.keyring import Keyring
@@ -296,6 +296,37 @@ def test_a_restore_drill_runs_end_to_end_and_moves_its_metrics(history) -> None:
     window = plan_restore(ctx.repository, "main", None).window
     assert window.earliest <= drill["point_in_time"] <= window.latest
     assert not list(Path(tempfile.gettempdir()).glob("deskvault-drill-main-*"))  # torn down
+
+
+def test_a_drill_waits_for_a_new_targets_first_full_then_records_its_absence_as_a_failure(
+    source, tmp_path, s3_endpoint, rabbit_url, control_db_odbc
+) -> None:
+    # Given the same target backed up to a fresh, empty repository prefix
+    key_file = tmp_path / "keys.json"
+    Keyring.create(key_file)
+    ctx = worker_context(build_settings(tmp_path, key_file, s3_endpoint, rabbit_url, control_db_odbc, source))
+    drills = len(ctx.ledger.drills("main"))
+    slot = datetime.now(UTC).replace(second=0, microsecond=0)
+    due_now = RestoreDrill.new(target="main", slot=slot, idempotency_key=f"drill-{uuid.uuid4().hex}")
+
+    # When its drill is due as the first full is (a fresh `deskvault up`), then it waits for that
+    # full: a retry that is no failure, with no job claimed and no drill recorded
+    with pytest.raises(WaitingForFirstBackup):
+        handle_restore_drill(ctx, due_now)
+    assert ctx.ledger.job(due_now.idempotency_key) is None
+    assert len(ctx.ledger.drills("main")) == drills
+
+    # and a drill due longer ago than the wait is a failed drill, recorded with the reason
+    long_due = RestoreDrill.new(
+        target="main",
+        slot=slot - FIRST_BACKUP_WAIT,
+        idempotency_key=f"drill-{uuid.uuid4().hex}",
+        occurred_at=datetime.now(UTC) - FIRST_BACKUP_WAIT - timedelta(minutes=1),
+    )
+    outcome = handle_restore_drill(ctx, long_due)
+    assert outcome.startswith("drill FAILED: restoring main to ") and "no full backup yet" in outcome
+    recorded = ctx.ledger.drills("main")[-1]
+    assert not recorded["succeeded"] and recorded["drill_id"] == long_due.idempotency_key
 
 
 def test_an_export_as_of_a_moment_holds_exactly_the_rows_committed_by_then(history, source, tmp_path) -> None:

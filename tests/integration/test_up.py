@@ -1,4 +1,5 @@
-"""The README's run command, tried as a newcomer would: `deskvault up` takes the first full backup unasked."""
+"""The README's run command, tried as a newcomer would: `deskvault up` takes the first full backup and
+passes the first restore drill unasked."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -122,6 +124,26 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
             return float(line.split()[-1]) if line else 0.0
 
         assert wait_for(handled, timeout=30, what="backup-due counted as handled") >= 1
+
+        # and the first restore drill, due at once like the first full, passes: it waits for that full
+        # rather than failing on an empty repository, and restores a moment the archive really reaches
+        def drilled():
+            if up.poll() is not None:
+                raise AssertionError(f"deskvault up exited early:\n{_tail(scratch_dir / 'up.log')}")
+            time.sleep(2)  # each probe is a whole CLI process; the drill needs the cores
+            status = subprocess.run(
+                [sys.executable, "-m", "deskvault.cli", "--config", str(config), "status", "--json"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+            assert status.returncode == 0, status.stderr
+            return json.loads(status.stdout)["targets"]["demo"]["drill"]
+
+        drill = wait_for(drilled, timeout=300, what="the first restore drill of the demo target")
+        assert drill["passed"], f"the first drill failed:\n{_tail(scratch_dir / 'up.log')}"
+        assert "Failed to process message restore_drill" not in (scratch_dir / "up.log").read_text()
 
         # and Ctrl-C stops everything cleanly
         up.send_signal(signal.SIGINT)

@@ -45,6 +45,10 @@ class Unreachable(DeskvaultError):
     exit_code = 2
 
 
+class NoBackupYet(Unreachable):
+    """The target has no full backup yet: nothing of it can be restored."""
+
+
 class LogGap(EngineError):
     """The archived log of the newest chain misses a file, so that chain cannot be extended."""
 

@@ -20,13 +20,16 @@ import stat
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import dramatiq
 
 from deskvault_core.errors import DeskvaultError
 from messages.events import RestoreDrill
 from workers import metrics
 from workers.context import WorkerContext
+from workers.engines.base import NoBackupYet
 from workers.engines.registry import engine_for
 from workers.errors import UnknownTarget
 from workers.jobs import run_once
@@ -36,21 +39,49 @@ log = logging.getLogger(__name__)
 KEPT_LOGS = "deskvault-drill-logs"  # in the system's temp folder: failed drills' server logs
 
 
+# A new target's first drill is due with its first full backup (the scheduler emits the newest slot of
+# each at once): it waits this long for that backup before it is a failed drill.
+FIRST_BACKUP_WAIT = timedelta(hours=1)
+FIRST_BACKUP_POLL_MS = 15_000
+
+
+class WaitingForFirstBackup(dramatiq.Retry):
+    """Nothing of the target is restorable yet, and its first full backup may still be running.
+
+    A retry that is not a failure (see workers.actors); bounded by FIRST_BACKUP_WAIT from the event.
+    """
+
+
 def handle_restore_drill(ctx: WorkerContext, event: RestoreDrill) -> str | None:
     if event.target not in ctx.settings.targets:
         known = ", ".join(sorted(ctx.settings.targets)) or "none"
         raise UnknownTarget(f"target: {event.target!r} is not configured (configured targets: {known})")
+    _wait_for_first_backup(ctx, event)
     return run_once(ctx, event, lambda: _drill(ctx, event))
+
+
+def _wait_for_first_backup(ctx: WorkerContext, event: RestoreDrill) -> None:
+    if ctx.ledger.now() - event.occurred_at > FIRST_BACKUP_WAIT:
+        return  # long enough: no backup by now is the drill's finding
+    try:
+        engine_for(ctx.settings.target(event.target)).plan_restore(ctx.repository, None)
+    except NoBackupYet:
+        log.info("restore-drill of %s: waits for the target's first full backup", event.target)
+        raise WaitingForFirstBackup(delay=FIRST_BACKUP_POLL_MS) from None
+    except DeskvaultError:
+        return  # any other reason it cannot restore is the drill's to record
 
 
 def _drill(ctx: WorkerContext, event: RestoreDrill) -> str:
     target = ctx.settings.target(event.target)
     engine = engine_for(target)
-    window = engine.plan_restore(ctx.repository, None).window
-    point = window.point_at(random.Random(event.event_id).random())
+    rng = random.Random(event.event_id)  # a retry of this drill drills the same moment
     started = time.monotonic()
+    point = event.slot  # recorded as the moment when not even the window could be planned
     with engine.scratch_server("drill") as server:
         try:
+            window = engine.plan_restore(ctx.repository, None).window
+            point = window.point_at(rng.random())
             plan = engine.plan_restore(ctx.repository, point if window.latest > window.earliest else None)
             result = engine.restore(ctx.repository, plan, server.datadir, start=True, port=server.port)
             succeeded, detail = True, "; ".join([f"stopped at {result.stop}", *engine.probe(server)])

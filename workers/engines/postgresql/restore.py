@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deskvault_core.errors import DeskvaultError
-from workers.engines.base import Relocated, RestoreGoal, RestoreResult, Unreachable, Window
+from workers.engines.base import NoBackupYet, Relocated, RestoreGoal, RestoreResult, Unreachable, Window
 from workers.engines.postgresql.basebackup import restore_full
 from workers.engines.postgresql.cluster import (
     DEFAULT_PG_BIN,
@@ -95,7 +95,7 @@ def plan_restore(
     manifests, damaged = catalog.scan_manifests(repo, target)
     fulls = [m for m in manifests if m["kind"] == "full"]
     if not fulls:
-        raise Unreachable(f"target {target} has no full backup yet; nothing can be restored")
+        raise NoBackupYet(f"target {target} has no full backup yet; nothing can be restored")
     archive, reader = _open_archive(repo, target, fulls, pg_bin)
     segment_size, entries = archive.segment_size, archive.entries
     runs: dict[str, tuple[list[WalEntry], Segment | None]] = {}
