@@ -121,6 +121,56 @@ def wal_streaming(ctx: WorkerContext, target: str = "main") -> Iterator[None]:
         thread.join(timeout=30)
 
 
+@contextlib.contextmanager
+def marks_cluster(
+    scratch_dir: Path, name: str, *, columns: str = "id int PRIMARY KEY", commit_timestamps: bool = True
+) -> Iterator[Any]:
+    """A new PostgreSQL cluster with an empty `marks` table, checkpointed and two seconds old.
+
+    Files touched within a second of a full's start always go into the next differential (their
+    modification time cannot prove them unchanged); a cluster any younger would make every file one.
+    `commit_timestamps` lets tests read each row's commit time (`commit_times`).
+    """
+    from workers.engines.postgresql.cluster import PgCluster
+
+    cluster = PgCluster(scratch_dir / f"{name}-{uuid.uuid4().hex[:6]}", free_port())
+    cluster.initdb(extra_conf="track_commit_timestamp = on\n" if commit_timestamps else "")
+    cluster.start()
+    try:
+        cluster.psql(f"CREATE TABLE marks ({columns})")
+        cluster.psql("CHECKPOINT")
+        time.sleep(2)
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def commit_times(cluster: Any) -> dict[int, datetime]:
+    """Each `marks` row's id and the UTC time its transaction committed."""
+    rows = cluster.psql("SELECT id, pg_xact_commit_timestamp(xmin) FROM marks ORDER BY id").splitlines()
+    return {int(i): datetime.fromisoformat(ts).astimezone(UTC) for i, ts in (r.split("|") for r in rows)}
+
+
+@contextlib.contextmanager
+def streamed_target(
+    directory: Path, source: Any, s3_endpoint: Any, rabbit_url: str, control_db_odbc: str
+) -> Iterator[tuple[Settings, WorkerContext]]:
+    """`source` as target main of a new repository (own key file), its WAL streamed from the moment the
+    streamer has connected until the block ends."""
+    from workers.repository.keyring import Keyring
+
+    key_file = directory / "keys.json"
+    Keyring.create(key_file)
+    settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, source)
+    ctx = worker_context(settings)
+    with wal_streaming(ctx):
+        wait_for(
+            lambda: source.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
+            what="the WAL streamer to connect",
+        )
+        yield settings, ctx
+
+
 def restore_and_query(settings: Settings, into: Path, sql: str, dbname: str = "postgres") -> str:
     """`deskvault restore` of the target's latest moment into `into`, started: what `sql` returns there."""
     from workers.engines.postgresql.cluster import PgCluster

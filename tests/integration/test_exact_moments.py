@@ -16,11 +16,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import build_settings, free_port, run_cli, take_backup, wait_for, wal_streaming, worker_context
+from support import commit_times, free_port, marks_cluster, run_cli, streamed_target, take_backup, wait_for
 
 from deskvault_core.errors import DeskvaultError
 from workers.engines.base import RestoreGoal
@@ -28,7 +28,6 @@ from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.restore import plan_restore, restore
 from workers.engines.postgresql.walnames import format_lsn
 from workers.repository import catalog
-from workers.repository.keyring import Keyring
 
 pytestmark = pytest.mark.integration
 
@@ -51,14 +50,8 @@ def berlin_time() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def source(scratch_dir: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster(scratch_dir / f"moments-{uuid.uuid4().hex[:6]}", free_port())
-    cluster.initdb(extra_conf="track_commit_timestamp = on\n")
-    cluster.start()
-    cluster.psql("CREATE TABLE marks (id int PRIMARY KEY)")
-    cluster.psql("CHECKPOINT")
-    time.sleep(2)  # files touched within a second of the full go into every differential
-    yield cluster
-    cluster.destroy()
+    with marks_cluster(scratch_dir, "moments") as cluster:
+        yield cluster
 
 
 def commit(cluster: PgCluster, ids: range, pause: float = 1.0) -> None:
@@ -67,23 +60,10 @@ def commit(cluster: PgCluster, ids: range, pause: float = 1.0) -> None:
         time.sleep(pause)
 
 
-def commit_times(cluster: PgCluster) -> dict[int, datetime]:
-    rows = cluster.psql("SELECT id, pg_xact_commit_timestamp(xmin) FROM marks ORDER BY id").splitlines()
-    return {int(i): datetime.fromisoformat(ts).astimezone(UTC) for i, ts in (r.split("|") for r in rows)}
-
-
 @pytest.fixture(scope="module")
 def history(berlin_time, source, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
     directory = tmp_path_factory.mktemp("moments")
-    key_file = directory / "keys.json"
-    Keyring.create(key_file)
-    settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, source)
-    ctx = worker_context(settings)
-    with wal_streaming(ctx):
-        wait_for(
-            lambda: source.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
-            what="the WAL streamer to connect",
-        )
+    with streamed_target(directory, source, s3_endpoint, rabbit_url, control_db_odbc) as (settings, ctx):
         assert take_backup(ctx, "full").startswith("full backup ")
         time.sleep(IDLE_GAP)
         commit(source, range(1, 4))
@@ -276,14 +256,8 @@ def test_a_download_that_fails_fails_the_restore_naming_the_file(history, scratc
 
 @pytest.fixture
 def quiet_source(scratch_dir: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster(scratch_dir / f"down-{uuid.uuid4().hex[:6]}", free_port())
-    cluster.initdb()
-    cluster.start()
-    cluster.psql("CREATE TABLE marks (id int PRIMARY KEY)")
-    cluster.psql("CHECKPOINT")
-    time.sleep(2)
-    yield cluster
-    cluster.destroy()
+    with marks_cluster(scratch_dir, "down", commit_timestamps=False) as cluster:
+        yield cluster
 
 
 def test_the_latest_restore_after_a_differential_taken_while_wal_stream_was_down(
@@ -291,12 +265,8 @@ def test_the_latest_restore_after_a_differential_taken_while_wal_stream_was_down
 ) -> None:
     source = quiet_source
     directory = tmp_path_factory.mktemp("down")
-    key_file = directory / "keys.json"
-    Keyring.create(key_file)
-    settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, source)
-    ctx = worker_context(settings)
     before = {int(x) for x in source.psql("SELECT id FROM marks").split()}
-    with wal_streaming(ctx):
+    with streamed_target(directory, source, s3_endpoint, rabbit_url, control_db_odbc) as (settings, ctx):
         take_backup(ctx, "full")
         source.psql("INSERT INTO marks VALUES (200)")
         wait_for(

@@ -21,12 +21,14 @@ import pytest
 from prometheus_client import REGISTRY
 from support import (
     build_settings,
+    commit_times,
     free_port,
+    marks_cluster,
     raw_s3,
     run_cli,
+    streamed_target,
     take_backup,
     wait_for,
-    wal_streaming,
     worker_context,
 )
 
@@ -52,16 +54,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def source(scratch_dir: Path):
-    cluster = PgCluster(scratch_dir / f"pitr-{uuid.uuid4().hex[:6]}", free_port())
-    cluster.initdb(extra_conf="track_commit_timestamp = on\n")
-    cluster.start()
-    cluster.psql("CREATE TABLE marks (id int PRIMARY KEY, note text NOT NULL)")
-    cluster.psql("CHECKPOINT")
-    # Files touched within a second of a full's start always go into the next differential (their
-    # modification time cannot prove them unchanged); a cluster this young would make every file one.
-    time.sleep(2)
-    yield cluster
-    cluster.destroy()
+    with marks_cluster(scratch_dir, "pitr", columns="id int PRIMARY KEY, note text NOT NULL") as cluster:
+        yield cluster
 
 
 def commit_rows(cluster: PgCluster, ids: range) -> None:
@@ -70,24 +64,11 @@ def commit_rows(cluster: PgCluster, ids: range) -> None:
         time.sleep(1.0)
 
 
-def commit_times(cluster: PgCluster) -> dict[int, datetime]:
-    rows = cluster.psql("SELECT id, pg_xact_commit_timestamp(xmin) FROM marks ORDER BY id").splitlines()
-    return {int(i): datetime.fromisoformat(ts) for i, ts in (r.split("|") for r in rows)}
-
-
 @pytest.fixture(scope="module")
 def history(source: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
     """Given a target streamed to the archive through full, writes, differential, writes, log, writes."""
     directory = tmp_path_factory.mktemp("pitr")
-    key_file = directory / "keys.json"
-    Keyring.create(key_file)
-    settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, source)
-    ctx = worker_context(settings)
-    with wal_streaming(ctx):
-        wait_for(
-            lambda: source.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
-            what="the WAL streamer to connect",
-        )
+    with streamed_target(directory, source, s3_endpoint, rabbit_url, control_db_odbc) as (settings, ctx):
         assert take_backup(ctx, "full").startswith("full backup ")
         commit_rows(source, range(1, 5))
         assert take_backup(ctx, "diff").startswith("diff backup ")

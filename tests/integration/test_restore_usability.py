@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from support import build_settings, free_port, run_cli, take_backup, wait_for, wal_streaming, worker_context
+from support import marks_cluster, run_cli, streamed_target, take_backup, wait_for
 
 from messages.events import RestoreDrill
 from workers.context import WorkerContext
@@ -26,7 +26,6 @@ from workers.engines.postgresql.restore import plan_restore
 from workers.engines.postgresql.walarchive import list_wal
 from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE
 from workers.handlers.drill import handle_restore_drill
-from workers.repository.keyring import Keyring
 
 pytestmark = pytest.mark.integration
 
@@ -37,27 +36,15 @@ ROWS = {1, 2, 3, 4, 5}
 
 @pytest.fixture(scope="module")
 def source(scratch_dir: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster(scratch_dir / f"usability-{uuid.uuid4().hex[:6]}", free_port())
-    cluster.initdb()
-    cluster.start()
-    cluster.psql("CREATE TABLE marks (id int PRIMARY KEY)")
-    yield cluster
-    cluster.destroy()
+    with marks_cluster(scratch_dir, "usability", commit_timestamps=False) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
 def backed_up(source: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
     """Given rows 1-3 in a full backup and rows 4-5 only in the WAL streamed after it."""
     directory = tmp_path_factory.mktemp("usability")
-    key_file = directory / "keys.json"
-    Keyring.create(key_file)
-    settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, source)
-    ctx = worker_context(settings)
-    with wal_streaming(ctx):
-        wait_for(
-            lambda: source.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
-            what="the WAL streamer to connect",
-        )
+    with streamed_target(directory, source, s3_endpoint, rabbit_url, control_db_odbc) as (settings, ctx):
         source.psql("INSERT INTO marks VALUES (1), (2), (3)")
         assert take_backup(ctx, "full").startswith("full backup ")
         source.psql("INSERT INTO marks VALUES (4)")

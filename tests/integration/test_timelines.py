@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import free_port, take_backup, wait_for, wal_streaming, worker_context
+from support import free_port, marks_cluster, take_backup, wait_for, wal_streaming, worker_context
 
 from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.diff import diff_backup
@@ -26,14 +26,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def source(scratch_dir: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster(scratch_dir / f"timeline-{uuid.uuid4().hex[:6]}", free_port())
-    cluster.initdb(extra_conf="track_commit_timestamp = on\n")
-    cluster.start()
-    cluster.psql("CREATE TABLE marks (id int PRIMARY KEY)")
-    cluster.psql("CHECKPOINT")
-    time.sleep(2)  # files touched within a second of a full's start are never trusted unchanged
-    yield cluster
-    cluster.destroy()
+    with marks_cluster(scratch_dir, "timeline") as cluster:
+        yield cluster
 
 
 @pytest.fixture
