@@ -28,6 +28,7 @@ from workers.engines.postgresql.walnames import Segment, format_lsn, parse_lsn
 INDEX_VERSION = 1
 XLOG_BLOCK = 8192
 SHORT_PAGE_HEADER = 24  # SizeOfXLogShortPHD, aligned
+LONG_PAGE_HEADER = 40  # SizeOfXLogLongPHD: the first page of each segment
 ALIGN = 8
 RECORD_RE = re.compile(
     r"^rmgr: (\w+)\s+len \(rec/tot\):\s+\d+/\s*(\d+), tx:\s+(\d+), lsn: ([0-9A-F]+/[0-9A-F]+), "
@@ -169,7 +170,7 @@ def parse_records(lines: Iterable[str], start: int, end: int) -> _Parsed:
             break
         if lsn < start:
             continue
-        parsed.last_end = record_end(lsn, int(total))
+        parsed.last_end = record_end(lsn, int(total), end - start)
         parsed.last_was_switch = rmgr == "XLOG" and desc.startswith("SWITCH")
         if rmgr == "Transaction" and (commit := COMMIT_RE.match(desc)):
             prepared, stamp = commit.groups()
@@ -181,15 +182,16 @@ def parse_records(lines: Iterable[str], start: int, end: int) -> _Parsed:
     return parsed
 
 
-def record_end(lsn: int, total: int) -> int:
-    """Where a record of `total` bytes starting at `lsn` ends, page headers in between counted."""
+def record_end(lsn: int, total: int, segment_size: int) -> int:
+    """Where a record of `total` bytes starting at `lsn` ends (PostgreSQL's EndRecPtr, which replay
+    reports once it has replayed the record), the page headers it spans counted."""
     position, remaining = lsn, total
     while True:
         take = min(remaining, XLOG_BLOCK - position % XLOG_BLOCK)
         position, remaining = position + take, remaining - take
         if remaining == 0:
             return -(-position // ALIGN) * ALIGN
-        position += SHORT_PAGE_HEADER
+        position += LONG_PAGE_HEADER if position % segment_size == 0 else SHORT_PAGE_HEADER
 
 
 def _micros(moment: datetime) -> int:
