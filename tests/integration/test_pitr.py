@@ -297,6 +297,13 @@ def test_a_drill_waits_for_a_new_targets_first_full_then_records_its_absence_as_
     assert ctx.ledger.job(due_now.idempotency_key) is None
     assert len(ctx.ledger.drills("main")) == drills
 
+    # while a redelivery of a drill already done is a duplicate, not a wait
+    done = RestoreDrill.new(target="main", slot=slot, idempotency_key=f"drill-{uuid.uuid4().hex}")
+    key = done.idempotency_key
+    ctx.ledger.claim(key, pool="verify", event_type=done.type, event_id=done.event_id, owner="t")
+    ctx.ledger.complete(key, "t", "done by an earlier delivery")
+    assert handle_restore_drill(ctx, done) is None
+
     # and a drill due longer ago than the wait is a failed drill, recorded with the reason
     long_due = RestoreDrill.new(
         target="main",

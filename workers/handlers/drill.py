@@ -56,7 +56,8 @@ def handle_restore_drill(ctx: WorkerContext, event: RestoreDrill) -> str | None:
     if event.target not in ctx.settings.targets:
         known = ", ".join(sorted(ctx.settings.targets)) or "none"
         raise UnknownTarget(f"target: {event.target!r} is not configured (configured targets: {known})")
-    _wait_for_first_backup(ctx, event)
+    if (job := ctx.ledger.job(event.idempotency_key)) is None or job.state != "done":
+        _wait_for_first_backup(ctx, event)  # a drill already done is a duplicate, never a wait
     return run_once(ctx, event, lambda: _drill(ctx, event))
 
 
