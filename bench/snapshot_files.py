@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import BenchServices, log  # noqa: E402
 from workers.context import open_repository  # noqa: E402
-from workers.servers import filetrees  # noqa: E402
+from workers.servers import filetrees, tree_restore  # noqa: E402
 
 MIB = 2**20
 FILE_SIZE = 4 * MIB
@@ -84,7 +84,7 @@ def main() -> int:
             f"{second['new_bytes'] / MIB:.1f} MiB new"
         )
         into = scratch / "restored"
-        restore_s = _timed(lambda: filetrees.restore_snapshot(repo, second, into, on_progress=log))
+        restore_s = _timed(lambda: tree_restore.restore_snapshot(repo, second, into, on_progress=log))
         result = {
             "tree_mib": round(size / MIB),
             "files": files,

@@ -212,6 +212,11 @@ def _parser() -> argparse.ArgumentParser:
     snr.add_argument("--server", required=True)
     snr.add_argument("--into", required=True, type=Path, help="a new or empty folder")
     snr.add_argument("--at", help="the newest snapshot finished at or before this time (default: newest)")
+    snr.add_argument(
+        "--owners",
+        action="store_true",
+        help="give every entry its recorded owner, and files their setuid/setgid bits (root only)",
+    )
     snr.set_defaults(func=_cmd_snapshots_restore)
 
     q = sub.add_parser("dlq", help="dead letters: list them with their reasons, replay or drop them")
@@ -563,7 +568,8 @@ def _cmd_snapshots_list(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_snapshots_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import open_repository
-    from workers.servers.filetrees import list_snapshots, restore_snapshot
+    from workers.servers.filetrees import list_snapshots
+    from workers.servers.tree_restore import restore_snapshot
 
     settings = _settings(args)
     if args.server not in settings.servers:
@@ -580,7 +586,9 @@ def _cmd_snapshots_restore(args: argparse.Namespace, _extra: list[str]) -> int:
         raise DeskvaultError(f"server {args.server} has no snapshot{when}; see `deskvault snapshots list`")
     manifest = found[-1]
     print(f"restoring snapshot {manifest['snapshot_id']} of {args.server} into {args.into}", flush=True)
-    restore_snapshot(repo, manifest, args.into, on_progress=lambda line: print(f"  {line}", flush=True))
+    restore_snapshot(
+        repo, manifest, args.into, owners=args.owners, on_progress=lambda line: print(f"  {line}", flush=True)
+    )
     return 0
 
 

@@ -17,7 +17,7 @@ from support import run_cli, worker_context
 from messages.events import SnapshotDue
 from workers.errors import PermanentError, UnknownTarget
 from workers.handlers.snapshot import handle_snapshot_due
-from workers.servers import filetrees
+from workers.servers import filetrees, tree_restore
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +115,7 @@ def test_a_second_snapshot_after_one_percent_changed_stores_little_and_both_rest
 
     for manifest, expected in ((first_m, before), (second_m, after)):
         into = tmp_path / f"restored-{manifest['snapshot_id']}"
-        filetrees.restore_snapshot(ctx.repository, manifest, into)
+        tree_restore.restore_snapshot(ctx.repository, manifest, into)
         assert describe(into / str(root).lstrip("/")) == expected
 
 

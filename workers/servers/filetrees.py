@@ -4,9 +4,11 @@ Each regular file is cut into chunks by content (FastCDC, 256 KiB on average), s
 chunks it touches. A chunk is stored once per server, at `servers/<S>/chunks/<id[:2]>/<id>.dv`, its id
 a keyed hash of its bytes (`Keyring.content_id`: equal content gets equal names, but nobody without the
 keys can test the bucket for a known file). A snapshot is the manifest listing every entry (path,
-type, mode, mtime, size, chunk ids), written last as the commit point at
+type, mode, owner, mtime, size, chunk ids), written last as the commit point at
 `servers/<S>/snapshots/<id>.json.dv`. A file whose size and mtime match the previous snapshot reuses
-its chunk list without being read again.
+its chunk list without being read again. The walk never follows a link: each folder and file is
+opened relative to its parent's descriptor with O_NOFOLLOW and must be what was listed. Restores are
+in `tree_restore`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import Any
 
 from fastcdc import fastcdc
 
-from deskvault_core.errors import DeskvaultError
 from workers.errors import PermanentError
 from workers.repository import catalog
 from workers.repository.errors import IntegrityError
@@ -115,11 +116,9 @@ def take_snapshot(
     with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="chunk-upload") as pool:
         in_flight: list[Future[tuple[int, int]]] = []
         for root in roots:
-            for path, info in _walk(Path(root)):
-                entry = _entry(root, path, info)
+            for path, info, folder, name in _walk(Path(root)):
+                entry = _entry(root, path, info, folder, name)
                 if stat.S_ISREG(info.st_mode):
-                    counts.files += 1
-                    counts.bytes += info.st_size
                     before = earlier.get((entry["root"], entry["path"]))
                     if before is not None and (before["size"], before["mtime_ns"]) == (
                         info.st_size,
@@ -128,9 +127,12 @@ def take_snapshot(
                         entry["chunks"] = before["chunks"]
                         counts.reused_files += 1
                     else:
-                        entry["chunks"] = _store_chunks(
-                            repo, server, path, info.st_size, counts, pool, in_flight
-                        )
+                        fd = _open_file(folder, name, info, path)
+                        if fd is None:
+                            continue
+                        entry["chunks"] = _store_chunks(repo, server, fd, path, counts, pool, in_flight)
+                    counts.files += 1
+                    counts.bytes += info.st_size
                 entries.append(entry)
                 if len(entries) % 10_000 == 0:
                     on_progress(f"{len(entries)} entries, {counts.bytes / 2**20:.0f} MiB scanned")
@@ -156,31 +158,94 @@ def take_snapshot(
     return repo.commit_json(key, manifest)
 
 
-def _walk(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
-    """Every entry under `root` (itself included), parents before children, without following links."""
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            info = directory.lstat()
-            yield directory, info
-            names = sorted(os.listdir(directory))
-        except OSError as e:
-            raise UnreadablePath(f"paths: {directory} cannot be read ({e.strerror})") from None
-        for name in names:
-            path = directory / name
+def _walk(root: Path) -> Iterator[tuple[Path, os.stat_result, int, str]]:
+    """Every entry under `root` (itself first), parents before children, never through a link: yields
+    (path, lstat, descriptor of its open folder, name in it); the descriptor is valid until the next.
+
+    Each folder is opened part by part from `root` with O_NOFOLLOW, and must be the very folder its
+    parent listed: one swapped for a link (or anything else) meanwhile is skipped with a warning.
+    """
+    try:
+        top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the configured path itself
+    except OSError as e:
+        raise UnreadablePath(f"paths: {root} cannot be read ({e.strerror})") from None
+    try:
+        info = os.fstat(top)
+        yield root, info, top, "."
+        stack: list[tuple[tuple[str, ...], os.stat_result]] = [((), info)]
+        while stack:
+            parts, info = stack.pop()
+            folder = _open_folder(top, parts, info, root)
+            if folder is None:
+                continue
             try:
-                info = path.lstat()
-            except FileNotFoundError:
-                continue  # removed while we walked: it is simply not in this snapshot
-            if stat.S_ISDIR(info.st_mode):
-                stack.append(path)
-            elif stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
-                yield path, info
-            # sockets, FIFOs and devices are not data: left out
+                try:
+                    names = sorted(os.listdir(folder))
+                except OSError as e:
+                    raise UnreadablePath(
+                        f"paths: {root.joinpath(*parts)} cannot be read ({e.strerror})"
+                    ) from None
+                for name in names:
+                    try:
+                        child = os.stat(name, dir_fd=folder, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed while we walked: it is simply not in this snapshot
+                    if stat.S_ISDIR(child.st_mode):
+                        yield root.joinpath(*parts, name), child, folder, name
+                        stack.append(((*parts, name), child))
+                    elif stat.S_ISREG(child.st_mode) or stat.S_ISLNK(child.st_mode):
+                        yield root.joinpath(*parts, name), child, folder, name
+                    # sockets, FIFOs and devices are not data: left out
+            finally:
+                os.close(folder)
+    finally:
+        os.close(top)
 
 
-def _entry(root: str, path: Path, info: os.stat_result) -> dict[str, Any]:
+def _open_folder(top: int, parts: tuple[str, ...], listed: os.stat_result, root: Path) -> int | None:
+    fd = os.dup(top)
+    try:
+        for part in parts:
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        if _same(os.fstat(fd), listed):
+            return fd
+    except PermissionError as e:
+        os.close(fd)
+        raise UnreadablePath(f"paths: {root.joinpath(*parts)} cannot be read ({e.strerror})") from None
+    except OSError:
+        pass  # replaced by a link (ELOOP), a file (ENOTDIR), or removed
+    os.close(fd)
+    log.warning("%s changed while the snapshot walked (never followed): skipped", root.joinpath(*parts))
+    return None
+
+
+def _open_file(folder: int, name: str, listed: os.stat_result, path: Path) -> int | None:
+    """The listed file, opened without following a link; None (with a warning) if it was swapped."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except PermissionError as e:
+        raise UnreadablePath(f"paths: {path} cannot be read ({e.strerror})") from None
+    except OSError:
+        fd = None  # replaced by a link (ELOOP) or removed
+    if fd is not None and _same(os.fstat(fd), listed):
+        return fd
+    if fd is not None:
+        os.close(fd)
+    log.warning("%s changed while the snapshot walked (never followed): skipped", path)
+    return None
+
+
+def _same(opened: os.stat_result, listed: os.stat_result) -> bool:
+    return (opened.st_dev, opened.st_ino, stat.S_IFMT(opened.st_mode)) == (
+        listed.st_dev,
+        listed.st_ino,
+        stat.S_IFMT(listed.st_mode),
+    )
+
+
+def _entry(root: str, path: Path, info: os.stat_result, folder: int, name: str) -> dict[str, Any]:
     relative = path.relative_to(root).as_posix()
     kind = "dir" if stat.S_ISDIR(info.st_mode) else "symlink" if stat.S_ISLNK(info.st_mode) else "file"
     entry: dict[str, Any] = {
@@ -188,28 +253,30 @@ def _entry(root: str, path: Path, info: os.stat_result) -> dict[str, Any]:
         "path": relative,
         "type": kind,
         "mode": stat.S_IMODE(info.st_mode),
+        "uid": info.st_uid,
+        "gid": info.st_gid,
         "mtime_ns": info.st_mtime_ns,
         "size": info.st_size if kind == "file" else 0,
     }
     if kind == "symlink":
-        entry["target"] = os.readlink(path)
+        entry["target"] = os.readlink(name, dir_fd=folder)
     return entry
 
 
 def _store_chunks(
     repo: ObjectRepository,
     server: str,
+    fd: int,
     path: Path,
-    size: int,
     counts: _Counts,
     pool: ThreadPoolExecutor,
     in_flight: list[Future[tuple[int, int]]],
 ) -> list[str]:
-    if size == 0:
-        return []  # (mmap refuses an empty file; there is nothing to chunk)
     ids = []
-    try:
-        with path.open("rb") as f:
+    with os.fdopen(fd, "rb") as f:
+        if os.fstat(fd).st_size == 0:
+            return []  # (mmap refuses an empty file; there is nothing to chunk)
+        try:
             for chunk in fastcdc(f, min_size=MIN_CHUNK, avg_size=AVG_CHUNK, max_size=MAX_CHUNK, fat=True):
                 chunk_id = repo.keyring.content_id(chunk.data)
                 ids.append(chunk_id)
@@ -219,8 +286,8 @@ def _store_chunks(
                 if len(in_flight) >= MAX_IN_FLIGHT:
                     counts.add(in_flight.pop(0).result())
                 in_flight.append(pool.submit(_put_chunk, repo, chunk_key(server, chunk_id), chunk.data))
-    except PermissionError as e:
-        raise UnreadablePath(f"paths: {path} cannot be read ({e.strerror})") from None
+        except PermissionError as e:
+            raise UnreadablePath(f"paths: {path} cannot be read ({e.strerror})") from None
     return ids
 
 
@@ -233,55 +300,3 @@ def _put_chunk(repo: ObjectRepository, key: str, data: bytes) -> tuple[int, int]
 def chunk_id_of(key: str) -> str:
     """The chunk id in a chunk's object key."""
     return key.rsplit("/", 1)[-1].removesuffix(".dv")
-
-
-def restore_snapshot(
-    repo: ObjectRepository,
-    manifest: dict[str, Any],
-    into: Path,
-    on_progress: Callable[[str], None] = log.info,
-) -> int:
-    """Recreate every entry of a snapshot under `into/<root without its leading />`; returns bytes written."""
-    if into.exists() and any(into.iterdir()):
-        raise DeskvaultError(f"{into} is not empty; restore into a new or empty folder")
-    server = manifest["server"]
-    written = 0
-    directories = []
-    with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="chunk-download") as pool:
-        for entry in manifest["entries"]:
-            target = into / entry["root"].lstrip("/") / entry["path"]
-            if entry["type"] == "dir":
-                target.mkdir(parents=True, exist_ok=True)
-                directories.append((target, entry))
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if entry["type"] == "symlink":
-                os.symlink(entry["target"], target)
-                os.utime(target, ns=(entry["mtime_ns"], entry["mtime_ns"]), follow_symlinks=False)
-                continue
-            with target.open("wb") as f:
-                fetch = lambda chunk_id: _get_chunk(repo, server, chunk_id)  # noqa: E731
-                for data in pool.map(fetch, entry["chunks"]):
-                    f.write(data)
-                    written += len(data)
-            if target.stat().st_size != entry["size"]:
-                raise IntegrityError(
-                    f"restored {target} has {target.stat().st_size} bytes, not {entry['size']}"
-                )
-            os.chmod(target, entry["mode"])
-            os.utime(target, ns=(entry["mtime_ns"], entry["mtime_ns"]))
-    # Directories last, deepest first: writing into them changed their times.
-    for target, entry in sorted(directories, key=lambda d: len(d[0].parts), reverse=True):
-        os.chmod(target, entry["mode"])
-        os.utime(target, ns=(entry["mtime_ns"], entry["mtime_ns"]))
-    on_progress(f"restored {len(manifest['entries'])} entries, {written / 2**20:.1f} MiB")
-    return written
-
-
-def _get_chunk(repo: ObjectRepository, server: str, chunk_id: str) -> bytes:
-    key = chunk_key(server, chunk_id)
-    data = b"".join(repo.get_stream(key))
-    if repo.keyring.content_id(data) != chunk_id:
-        # Decrypted fine, but holds other content: a chunk swapped in from another name.
-        raise IntegrityError("its content does not match its name", key)
-    return data
