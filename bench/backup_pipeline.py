@@ -54,7 +54,7 @@ def main() -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="deskvault-bench-"))
     scratch.chmod(0o755)
-    cluster = PgCluster(scratch / "pg", free_port())
+    cluster = PgCluster(scratch / "pg", free_port(), tcp=True)
     services = BenchServices("bench").__enter__()
     try:
         log(f"creating a target cluster with helpdesk data at scale {args.scale} (takes a few minutes)")

@@ -89,7 +89,7 @@ def main() -> int:
 
     scratch = Path(tempfile.mkdtemp(prefix="deskvault-rpo-"))
     scratch.chmod(0o755)
-    cluster = PgCluster(scratch / "pg", free_port())
+    cluster = PgCluster(scratch / "pg", free_port(), tcp=True)
     stop_streaming, stop_load, stop_commits = threading.Event(), threading.Event(), threading.Event()
     threads: list[threading.Thread] = []
     connections: list[pyodbc.Connection] = []

@@ -96,7 +96,7 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="deskvault-vs-pgbackrest-"))
     scratch.chmod(0o755)
     services = BenchServices("vs-pgbackrest").__enter__()
-    source = PgCluster(scratch / "source", free_port())
+    source = PgCluster(scratch / "source", free_port(), tcp=True)
     pgbackrest = PgBackRest(scratch / "pgbackrest", source)
     stop_streaming = threading.Event()
     streamer: threading.Thread | None = None

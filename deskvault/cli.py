@@ -292,6 +292,7 @@ def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.ledger.ledger import utcnow
 
     settings = _settings(args)
+    _check_tenant_databases(settings)
     ledger = open_ledger(settings)
     ledger.migrate()
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
@@ -309,11 +310,23 @@ def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
     return 0
 
 
+def _check_tenant_databases(settings: Any) -> None:
+    """Refuse to start while two of the accounts query's tenants share a database (the config's own
+    were refused as it loaded); an accounts database not up yet is checked per event instead."""
+    from workers.tenants.registry import AccountsQueryError, TenantRegistry
+
+    try:
+        TenantRegistry(settings).check()
+    except AccountsQueryError as e:
+        log.warning("tenants' databases not checked at start-up: %s", e)
+
+
 def _cmd_worker(args: argparse.Namespace, _extra: list[str]) -> int:
     from messages.topology import POOLS
     from workers.runner import WorkerOptions, run
 
     settings = _settings(args)
+    _check_tenant_databases(settings)
     options = WorkerOptions(
         config=_config_path(args),
         pools=tuple(args.pools or POOLS),
@@ -722,13 +735,16 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
             else "none: no commit after the base backup was archived"
         )
         print(
-            f"recovered and running on 127.0.0.1:{result.port}; stopped as planned at {result.stop}; "
-            f"last transaction replayed at {reached}"
+            f"recovered and running on port {result.port}; stopped as planned at {result.stop}; "
+            f"last transaction replayed at {reached}\n"
+            f"it accepts local connections only, through its socket folder (as root or the server's "
+            f"user): psql -h {result.socket_dir} -p {result.port} -U postgres"
         )
     else:
         print(
             f"restored and verified into {into} (WAL in {result.log_dir}). Start it as the postgres "
-            f"user with: pg_ctl -D {into} start; it recovers, then promotes"
+            f"user with: pg_ctl -D {into} start; it recovers, then promotes. It accepts local "
+            "connections only (see its pg_hba.conf)"
         )
     return 0
 

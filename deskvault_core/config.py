@@ -264,6 +264,7 @@ def _build(raw: dict[str, Any], source: str) -> Settings:
     targets = {name: _target(name, value) for name, value in _table(raw, "targets").items()}
     servers = {name: _server(name, value) for name, value in _table(raw, "servers").items()}
     tenants = {name: _tenant(name, value, targets) for name, value in _table(raw, "tenants").items()}
+    _check_tenant_databases(tenants, sections["control_db"])
     return Settings(**sections, targets=targets, servers=servers, tenants=tenants, source=source)
 
 
@@ -338,6 +339,41 @@ def _tenant(name: str, value: Any, targets: Mapping[str, TargetSettings]) -> Ten
         known = ", ".join(sorted(targets)) or "none"
         raise ConfigError(f"tenants.{name}.target: {tenant.target!r} is not a configured target ({known})")
     return tenant
+
+
+# A purge drops its tenant's database: these belong to the server or to deskvault, never to a tenant.
+RESERVED_DATABASES = frozenset({"postgres", "template0", "template1"})
+
+
+def control_database(control_db: ControlDbSettings) -> str:
+    """The DATABASE of the control database's ODBC string ('' if it names none)."""
+    for pair in control_db.odbc.split(";"):
+        key, _, value = pair.partition("=")
+        if key.strip().upper() == "DATABASE":
+            return value.strip().strip("{}")
+    return ""
+
+
+def reserved_database(database: str, control_db: ControlDbSettings) -> str | None:
+    """Why a tenant may not name `database`, or None."""
+    if database.lower() in RESERVED_DATABASES:
+        return f"{database!r} is the server's own database"
+    if database == control_database(control_db):
+        return f"{database!r} is deskvault's control database"
+    return None
+
+
+def _check_tenant_databases(tenants: Mapping[str, TenantSettings], control_db: ControlDbSettings) -> None:
+    """Each tenant's database is its own: a purge of one must never drop another's, or the server's."""
+    owners: dict[tuple[str, str], str] = {}
+    for name, tenant in sorted(tenants.items()):
+        if (why := reserved_database(tenant.database, control_db)) is not None:
+            raise ConfigError(f"tenants.{name}.database: {why}; a tenant's database is dropped at its purge")
+        if (other := owners.setdefault((tenant.target, tenant.database), name)) != name:
+            raise ConfigError(
+                f"tenants.{name}.database: {tenant.database!r} on target {tenant.target} is also tenant "
+                f"{other}'s; two tenants never share a database (a purge of one would drop the other's)"
+            )
 
 
 def _check_cron(expression: str, where: str) -> None:

@@ -92,7 +92,7 @@ def control_db_odbc() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def pg_target(scratch_dir: Path) -> Iterator[PgCluster]:
     """A real PostgreSQL 15 cluster (run as the postgres user) holding two tenants' helpdesk databases."""
-    cluster = PgCluster(scratch_dir / "target-pg", free_port())
+    cluster = PgCluster(scratch_dir / "target-pg", free_port(), tcp=True)
     try:
         cluster.initdb()
         cluster.start()

@@ -133,7 +133,7 @@ def marks_cluster(
     """
     from workers.engines.postgresql.cluster import PgCluster
 
-    cluster = PgCluster(scratch_dir / f"{name}-{uuid.uuid4().hex[:6]}", free_port())
+    cluster = PgCluster(scratch_dir / f"{name}-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
     cluster.initdb(extra_conf="track_commit_timestamp = on\n" if commit_timestamps else "")
     cluster.start()
     try:

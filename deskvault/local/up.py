@@ -55,7 +55,7 @@ def run_up(options: UpOptions) -> int:
         Keyring.create(key_file)
         _step("created key file %s -- keep a copy: without it no backup can be read", key_file)
     _ensure_control_db()
-    cluster = PgCluster(state / "demo-pg", options.demo_port)
+    cluster = PgCluster(state / "demo-pg", options.demo_port, tcp=True)
     _ensure_demo_cluster(cluster)
     config = _write_config(state, options, s3, key_file, cluster)
     settings = load_settings(config)

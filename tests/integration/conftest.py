@@ -67,7 +67,7 @@ def s3_store(s3_endpoint: S3Endpoint) -> Iterator[S3Store]:
 @pytest.fixture(scope="session")
 def big_cluster(scratch_dir: Path) -> Iterator[PgCluster]:
     """A target whose base backup takes many 5 MiB parts (about 100 MiB of incompressible rows)."""
-    cluster = PgCluster(scratch_dir / f"big-{uuid4().hex[:6]}", free_port())
+    cluster = PgCluster(scratch_dir / f"big-{uuid4().hex[:6]}", free_port(), tcp=True)
     cluster.initdb()
     cluster.start()
     cluster.psql(

@@ -26,7 +26,7 @@ REPEATS = 5
 
 @pytest.fixture(scope="module")
 def busy_cluster(scratch_dir: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster(scratch_dir / f"busy-{uuid.uuid4().hex[:6]}", free_port())
+    cluster = PgCluster(scratch_dir / f"busy-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
     cluster.initdb(extra_conf=BUSY_CONF)
     cluster.start()
     cluster.psql(

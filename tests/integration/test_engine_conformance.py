@@ -41,7 +41,7 @@ class PostgresHarness:
     """A PostgreSQL 15 cluster of its own, run as the postgres user, looked at through psql."""
 
     def __init__(self, root: Path) -> None:
-        self.cluster = PgCluster(root / "pg", free_port())
+        self.cluster = PgCluster(root / "pg", free_port(), tcp=True)
 
     def start(self) -> PgCluster:
         self.cluster.initdb()

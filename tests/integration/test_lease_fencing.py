@@ -29,7 +29,7 @@ THROTTLE = "full_max_rate_mib = 4\n"  # the big cluster's 100 MiB full takes abo
 @pytest.fixture
 def control_db(scratch_dir: Path):
     """A control database on a PostgreSQL of the test's own, so that stopping it disturbs nobody."""
-    cluster = PgCluster(scratch_dir / f"control-{uuid.uuid4().hex[:6]}", free_port())
+    cluster = PgCluster(scratch_dir / f"control-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
     cluster.initdb()
     cluster.start()
     yield cluster

@@ -59,7 +59,7 @@ def test_every_alert_expression_ends_in_the_threshold_this_test_strips() -> None
 @pytest.fixture(scope="module")
 def cluster(scratch_dir: Path) -> Iterator[PgCluster]:
     """A target of its own: the WAL streamer leaves a replication slot behind on it."""
-    cluster = PgCluster(scratch_dir / f"live-prom-{uuid.uuid4().hex[:6]}", free_port())
+    cluster = PgCluster(scratch_dir / f"live-prom-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
     cluster.initdb()
     cluster.start()
     cluster.psql("CREATE DATABASE acme")

@@ -37,7 +37,7 @@ FUTURE_SEGMENT = "0000000100000000000000F0.partial"
 
 @pytest.fixture
 def cluster(scratch_dir: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster(scratch_dir / f"rpo-{uuid.uuid4().hex[:6]}", free_port())
+    cluster = PgCluster(scratch_dir / f"rpo-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
     cluster.initdb()
     cluster.start()
     cluster.psql("CREATE TABLE beat (id serial PRIMARY KEY, at timestamptz DEFAULT now())")

@@ -101,7 +101,7 @@ def test_the_object_store_down_for_30_s_mid_upload_then_the_backup_completes(
 
 @pytest.fixture
 def small_cluster(scratch_dir: Path) -> Iterator[PgCluster]:
-    cluster = PgCluster(scratch_dir / f"outage-{uuid.uuid4().hex[:6]}", free_port())
+    cluster = PgCluster(scratch_dir / f"outage-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
     cluster.initdb()
     cluster.start()
     yield cluster

@@ -34,7 +34,7 @@ LOCATION = "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname 
 def source(scratch_dir: Path):
     """Given a cluster whose table `marks` lives in tablespace `outside`, in a folder beside the cluster."""
     name = f"ts-{uuid.uuid4().hex[:6]}"
-    cluster = PgCluster(scratch_dir / name, free_port())
+    cluster = PgCluster(scratch_dir / name, free_port(), tcp=True)
     cluster.initdb(extra_conf="track_commit_timestamp = on\n")
     cluster.start()
     location = scratch_dir / f"{name}-space"

@@ -33,7 +33,7 @@ def source(scratch_dir: Path) -> Iterator[PgCluster]:
 @pytest.fixture
 def copy(source: PgCluster) -> Iterator[PgCluster]:
     """The restored copy that takes the source's folder and address once it is promoted."""
-    cluster = PgCluster(source.datadir, source.port)
+    cluster = PgCluster(source.datadir, source.port, tcp=True)
     yield cluster
     cluster.destroy()
 
@@ -83,6 +83,7 @@ def test_a_copy_promoted_as_the_target_streams_on_its_new_timeline_and_both_side
         # and address, as ops/runbooks/restore-target.md does it)
         restored = scratch_dir / f"timeline-copy-{uuid.uuid4().hex[:6]}"
         restore(ctx.repository, plan_restore(ctx.repository, "main", before[2]), restored)
+        (restored / "pg_hba.conf.from-backup").replace(restored / "pg_hba.conf")  # opened deliberately
         source.stop()
         source.datadir.rename(source.datadir.with_name(source.datadir.name + ".old"))
         restored.rename(copy.datadir)
@@ -134,7 +135,7 @@ def test_a_differential_refuses_a_data_directory_that_is_not_the_servers(
     settings = make_settings(target=source)
     ctx = worker_context(settings)
     assert take_backup(ctx, "full").startswith("full backup ")
-    other = PgCluster(scratch_dir / f"timeline-other-{uuid.uuid4().hex[:6]}", free_port())
+    other = PgCluster(scratch_dir / f"timeline-other-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
     other.initdb()
     target = dataclasses.replace(settings.target("main"), data_directory=str(other.datadir))
     full = catalog.list_manifests(ctx.repository, "main")[-1]

@@ -151,7 +151,7 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
     finally:
         if up.poll() is None:
             up.kill()
-        PgCluster(state / "demo-pg", demo_port).stop("immediate")
+        PgCluster(state / "demo-pg", demo_port, tcp=True).stop("immediate")
         log.close()
 
 

@@ -88,3 +88,25 @@ def test_an_unknown_target_lists_the_configured_ones() -> None:
     settings = load_settings(EXAMPLE, env={})
     with pytest.raises(ConfigError, match=r"targets.nope: no such target .*\(configured: main\)"):
         settings.target("nope")
+
+
+TARGET = "[targets.main]\nengine='postgresql'\nconninfo='x'\n"
+
+
+def _tenant(name: str, database: str) -> str:
+    return f"[tenants.{name}]\nplan='team'\ndatabase='{database}'\ntarget='main'\n"
+
+
+@pytest.mark.parametrize(
+    ("tenants", "key", "said"),
+    [
+        (_tenant("a", "shared") + _tenant("b", "shared"), "tenants.b.database", "is also tenant a's"),
+        (_tenant("a", "postgres"), "tenants.a.database", "'postgres' is the server's own database"),
+        (_tenant("a", "template0"), "tenants.a.database", "'template0' is the server's own database"),
+        (_tenant("a", "deskvault"), "tenants.a.database", "'deskvault' is deskvault's control database"),
+    ],
+)
+def test_a_tenant_never_names_another_tenants_or_the_servers_database(tmp_path, tenants, key, said) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, TARGET + tenants), env={})
+    assert str(caught.value).startswith(key + ":") and said in str(caught.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from workers.engines.progress import MIB, ByteProgress, progress_line
+from deskvault_core.progress import MIB, ByteProgress, progress_line
 
 
 class Clock:

@@ -131,7 +131,8 @@ class RestoreResult:
     reached: datetime | None  # with start=True: the last transaction replayed
     relocated: tuple[Relocated, ...] = ()
     stop: str = ""  # exactly where recovery stops (with start=True: checked that it did)
-    port: int | None = None  # with start=True: where the recovered server listens on 127.0.0.1
+    port: int | None = None  # with start=True: the recovered server's port
+    socket_dir: Path | None = None  # with start=True: the 0700 folder of its socket, its only way in
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class LogArchive(ABC):
 
 
 class ScratchServer(Protocol):
-    """A throwaway server of the engine on 127.0.0.1 (drills, exports as of a moment)."""
+    """A throwaway server of the engine, reachable by deskvault alone (drills, exports as of a moment)."""
 
     datadir: Path
     port: int

@@ -1,6 +1,7 @@
 """purge-due: delete an expired tenant's data for good, once its retention window has passed.
 
 Steps, each safe to repeat, so a purge killed midway completes on redelivery:
+  0. refused, changing nothing, if the database is the server's or deskvault's, or another tenant's too;
   1. the ledger marks the account `purging` (refused, with the reason, if it was reactivated, is under
      a legal hold, or is not due);
   2. the tenant's database is dropped on its target;
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 
+from deskvault_core.config import reserved_database
 from messages.events import PurgeDue
 from workers.context import WorkerContext
 from workers.engines.registry import engine_for
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 
 def handle_purge_due(ctx: WorkerContext, event: PurgeDue) -> str | None:
     def purge() -> str:
+        target, database = _location(ctx, event.tenant)
+        if (ctx.ledger.account(event.tenant) or {}).get("status") != "purged":
+            _refuse_shared(ctx, event.tenant, target, database)  # before the account is marked
         try:
             state = ctx.ledger.begin_purge(event.tenant, event.purge_after)
         except PurgeRefused as e:
@@ -36,7 +41,6 @@ def handle_purge_due(ctx: WorkerContext, event: PurgeDue) -> str | None:
         if state == "purged":
             return f"already purged: tenant {event.tenant}"
         started_at = ctx.ledger.now()
-        target, database = _location(ctx, event.tenant)
         log.info("purge of tenant %s %s: dropping database %s/%s", event.tenant, state, target, database)
         dropped = engine_for(ctx.settings.target(target)).drop_database(database)
         removed = ctx.repository.store.delete_everything(tenant_prefix(event.tenant))
@@ -63,6 +67,24 @@ def handle_purge_due(ctx: WorkerContext, event: PurgeDue) -> str | None:
         )
 
     return run_once(ctx, event, purge)
+
+
+def _refuse_shared(ctx: WorkerContext, tenant: str, target: str, database: str) -> None:
+    """Never drop a database the server or deskvault owns, or one another tenant still uses."""
+    if (why := reserved_database(database, ctx.settings.control_db)) is not None:
+        raise PermanentError(f"purge of tenant {tenant} refused: database {why}; nothing was dropped")
+    statuses = ctx.ledger.account_statuses()
+    users = [
+        other
+        for other in TenantRegistry(ctx.settings).sharing(target, database, but=tenant)
+        if statuses.get(other) != "purged"
+    ]
+    if users:
+        raise PermanentError(
+            f"purge of tenant {tenant} refused: database {target}/{database} is also used by tenant "
+            f"{', '.join(users)}; nothing was dropped. Give each tenant its own database, then publish "
+            "the purge again"
+        )
 
 
 def _location(ctx: WorkerContext, tenant: str) -> tuple[str, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deskvault_core.errors import DeskvaultError
-from workers.engines.progress import ByteProgress
+from deskvault_core.progress import ByteProgress
 from workers.repository.errors import IntegrityError
 from workers.repository.objects import ObjectRepository
 from workers.servers.filetrees import chunk_key

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pyodbc
 
-from deskvault_core.config import NAME_PATTERN, Settings
+from deskvault_core.config import NAME_PATTERN, Settings, reserved_database
 from deskvault_core.errors import DeskvaultError
 from workers.errors import PermanentError
 
@@ -24,6 +24,10 @@ _DATABASE_MAX = 63
 
 class UnknownTenant(PermanentError):
     """An event names a tenant that neither the config nor the accounts table knows."""
+
+
+class TenantConflict(PermanentError):
+    """Two tenants name one database: neither is served until the accounts table (or config) is fixed."""
 
 
 class AccountsQueryError(DeskvaultError):
@@ -45,20 +49,57 @@ class TenantRegistry:
         self.settings = settings
 
     def all(self) -> list[Tenant]:
-        """Every valid tenant, by id; invalid rows of the accounts table are logged and left out."""
-        found = {t.id: t for t in self._from_accounts()}
-        found.update({t.id: t for t in self._from_config()})
-        return [found[k] for k in sorted(found)]
+        """Every valid tenant, by id; invalid rows of the accounts table, and tenants that share a
+        database, are logged and left out."""
+        tenants, conflicts = self._listed()
+        for why in dict.fromkeys(conflicts.values()):
+            log.error("%s", why)
+        return [t for t in tenants if t.id not in conflicts]
+
+    def check(self) -> None:
+        """TenantConflict naming both tenants if two share a database (at start-up)."""
+        _, conflicts = self._listed()
+        if conflicts:
+            raise TenantConflict(next(iter(conflicts.values())))
+
+    def sharing(self, target: str, database: str, but: str) -> list[str]:
+        """The other tenants (besides `but`) whose database is `target`/`database`."""
+        tenants, _ = self._listed()
+        return [t.id for t in tenants if (t.target, t.database) == (target, database) and t.id != but]
 
     def get(self, tenant_id: str) -> Tenant:
-        """The tenant `tenant_id`; UnknownTenant (naming the field `tenant`) if no source lists it."""
-        for tenant in self.all():
+        """The tenant `tenant_id`; UnknownTenant (naming the field `tenant`) if no source lists it, and
+        TenantConflict if its database is another tenant's too."""
+        tenants, conflicts = self._listed()
+        if tenant_id in conflicts:
+            raise TenantConflict(conflicts[tenant_id])
+        for tenant in tenants:
             if tenant.id == tenant_id:
                 return tenant
         sources = "[tenants.*] in the config" + (
             " or the accounts query" if self.settings.lifecycle.accounts_odbc else ""
         )
         raise UnknownTenant(f"tenant: {tenant_id!r} is not a known tenant (not in {sources})")
+
+    def _listed(self) -> tuple[list[Tenant], dict[str, str]]:
+        """Every tenant (the config's win over the accounts' of the same id), and for each tenant that
+        shares its database with another, why it is refused."""
+        found = {t.id: t for t in self._from_accounts()}
+        found.update({t.id: t for t in self._from_config()})
+        tenants = [found[k] for k in sorted(found)]
+        by_database: dict[tuple[str, str], list[str]] = {}
+        for t in tenants:
+            by_database.setdefault((t.target, t.database), []).append(t.id)
+        conflicts = {}
+        for (target, database), ids in by_database.items():
+            if len(ids) > 1:
+                why = (
+                    f"tenants {' and '.join(ids)} both name database {database!r} on target {target}: "
+                    "refused, since a purge of one would drop the other's; fix the accounts table "
+                    "(or [tenants.*]) so that each tenant has a database of its own"
+                )
+                conflicts.update(dict.fromkeys(ids, why))
+        return tenants, conflicts
 
     def _from_config(self) -> list[Tenant]:
         return [
@@ -99,6 +140,8 @@ class TenantRegistry:
             raise ValueError(f"tenant {tenant_id}: plan is empty")
         if not database or len(database) > _DATABASE_MAX:
             raise ValueError(f"tenant {tenant_id}: database name {database!r} is empty or too long")
+        if (why := reserved_database(database, self.settings.control_db)) is not None:
+            raise ValueError(f"tenant {tenant_id}: database {why}, never a tenant's")
         if target not in self.settings.targets:
             raise ValueError(f"tenant {tenant_id}: target {target!r} is not a configured target")
         flag = entitled.lower()

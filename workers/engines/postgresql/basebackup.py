@@ -28,6 +28,7 @@ from workers.engines.postgresql.server import PgServer
 from workers.engines.postgresql.tablespaces import Tablespace
 from workers.engines.postgresql.tablespaces import layout as tablespaces_layout
 from workers.engines.postgresql.tablespaces import link as link_tablespaces
+from workers.engines.postgresql.targuard import TarGuard
 from workers.engines.postgresql.tarspool import TarSpool
 from workers.engines.postgresql.untar import unpack_tar
 from workers.engines.postgresql.walhold import wal_held
@@ -263,7 +264,10 @@ def restore_full(
             plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=size)
             if on_progress is not None:
                 plain = counted(plain, lambda n, before=done: on_progress(before + n, total))
-            unpack_tar(plain, folder)
+            # PostgreSQL links a tablespace at pg_tblspc/<oid> in base.tar; no other link belongs anywhere.
+            links = {f"pg_tblspc/{s.oid}" for s in spaces} if folder == into else set()
+            archive = f"{manifest['backup_id']}/{entry['name']}"
+            unpack_tar(plain, folder, TarGuard(archive, links.__contains__))
             done += size
         for space in spaces:
             space.into.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -6,11 +6,15 @@ PostgreSQL refuses to run as root, so when deskvault runs as root the server com
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
+import shlex
 import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +23,7 @@ from deskvault_core.errors import DeskvaultError
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 LOG_TAIL_LINES = 20
+SOCKET_DIR_PREFIX = "deskvault-pg-"
 _LOG_TAIL_BYTES = 64 * 1024  # plenty for LOG_TAIL_LINES; a log of hours of recovery is not read whole
 
 
@@ -72,28 +77,79 @@ def server_user() -> str | None:
     return "postgres" if os.geteuid() == 0 else None
 
 
-def hand_over(path: Path) -> None:
-    """Give a folder tree to the server user (no-op unless we are root)."""
+def server_ids() -> tuple[int, int] | None:
+    """(uid, gid) of the server user when we are root and must hand files to it; else None."""
     user = server_user()
     if user is None:
-        return
+        return None
     entry = pwd.getpwnam(user)
-    os.chown(path, entry.pw_uid, entry.pw_gid)
+    return entry.pw_uid, entry.pw_gid
+
+
+def hand_over(path: Path) -> None:
+    """Make a folder tree the server user's alone: owned by it (when we are root), and neither group
+    nor others may read, write or enter anything in it. Links are changed, never followed."""
+    ids = server_ids()
+    _make_private(str(path), ids)
     for root, dirs, files in os.walk(path):
-        os.chown(root, entry.pw_uid, entry.pw_gid)
         for name in dirs + files:
-            os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
+            _make_private(os.path.join(root, name), ids)
+
+
+def _make_private(path: str, ids: tuple[int, int] | None) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP and ids is not None:
+            os.lchown(path, *ids)  # a link: its owner only; its mode means nothing
+        elif e.errno in (errno.EACCES, errno.ENXIO) and not stat.S_ISLNK((st := os.lstat(path)).st_mode):
+            if ids is not None:
+                os.lchown(path, *ids)  # (not a link: lchown is chown)
+            os.chmod(path, stat.S_IMODE(st.st_mode) & 0o7700)  # unreadable to us, or a socket
+        elif e.errno not in (errno.ELOOP, errno.ENOENT):
+            raise
+        return
+    try:
+        if ids is not None:
+            os.fchown(fd, *ids)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o077:
+            os.fchmod(fd, mode & 0o7700)
+    finally:
+        os.close(fd)
 
 
 @dataclass
 class PgCluster:
+    """A server in `datadir`. It listens only on a Unix socket in a folder of its own (0700, the server
+    user's), so that no other local user can reach it -- unless `tcp`: a source that backups and
+    streams connect to on 127.0.0.1 (the demo target, the tests' targets)."""
+
     datadir: Path
     port: int
     pg_bin: Path = DEFAULT_PG_BIN
+    tcp: bool = False
+
+    @property
+    def socket_dir(self) -> Path | None:
+        """The running server's socket folder, as its postmaster.pid names it (None: not running)."""
+        try:
+            lines = (self.datadir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return None
+        return Path(lines[4]) if len(lines) > 4 and lines[4].strip() else None
+
+    @property
+    def host(self) -> str:
+        if self.tcp:
+            return "127.0.0.1"
+        if (socket_dir := self.socket_dir) is None:
+            raise ClusterError(f"the server in {self.datadir} is not running (no socket folder)")
+        return str(socket_dir)
 
     @property
     def conninfo(self) -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+        return f"host={self.host} port={self.port} user=postgres dbname=postgres"
 
     @property
     def log_file(self) -> Path:
@@ -146,8 +202,10 @@ class PgCluster:
         hand_over(self.datadir)
 
     def is_running(self) -> bool:
+        if not self.tcp and self.socket_dir is None:
+            return False
         proc = subprocess.run(
-            [str(self.pg_bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-t", "2"],
+            [str(self.pg_bin / "pg_isready"), "-h", self.host, "-p", str(self.port), "-t", "2"],
             capture_output=True,
         )
         return proc.returncode == 0 and (self.datadir / "postmaster.pid").exists()
@@ -159,6 +217,20 @@ class PgCluster:
         log_file.touch()
         log_file.chmod(0o600)  # kept after a failure; what the server logs is no one else's business
         hand_over(log_file)
+        # Command-line settings win over the copied config of a restored cluster (pg_ctl hands them
+        # to a shell: quoted), and the access rules are the data directory's own, never a file of the
+        # source's elsewhere (see restore's pg_hba.conf).
+        hba = shlex.quote(str(self.datadir / "pg_hba.conf"))
+        ident = shlex.quote(str(self.datadir / "pg_ident.conf"))
+        if self.tcp:
+            listen = "-c listen_addresses=127.0.0.1 -c unix_socket_directories="
+        else:
+            socket_dir = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX))  # 0700, and short (108 bytes)
+            hand_over(socket_dir)
+            listen = (
+                f"-c listen_addresses= -c unix_socket_directories={shlex.quote(str(socket_dir))} "
+                "-c unix_socket_permissions=0700"
+            )
         try:
             self._run(
                 self._server_cmd(
@@ -167,9 +239,8 @@ class PgCluster:
                     str(self.datadir),
                     "-l",
                     str(log_file),
-                    # Command-line settings win over the copied config of a restored cluster.
                     "-o",
-                    f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=",
+                    f"-p {self.port} {listen} -c hba_file={hba} -c ident_file={ident}",
                     "-w",
                     "-t",
                     str(int(timeout)),
@@ -185,10 +256,13 @@ class PgCluster:
     def stop(self, mode: str = "fast") -> None:
         if not (self.datadir / "postmaster.pid").exists():
             return
+        socket_dir = self.socket_dir
         self._run(
             self._server_cmd(str(self.pg_bin / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"),
             f"stopping PostgreSQL in {self.datadir}",
         )
+        if socket_dir is not None and socket_dir.name.startswith(SOCKET_DIR_PREFIX):
+            shutil.rmtree(socket_dir, ignore_errors=True)  # the one `start` made
 
     def destroy(self) -> None:
         self.stop("immediate")
@@ -205,7 +279,7 @@ class PgCluster:
                 "ON_ERROR_STOP=1",
                 "-At",
                 "-h",
-                "127.0.0.1",
+                self.host,
                 "-p",
                 str(self.port),
                 "-U",

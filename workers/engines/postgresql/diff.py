@@ -31,6 +31,7 @@ from workers.engines.postgresql.conninfo import odbc_connection_string
 from workers.engines.postgresql.tablespaces import Tablespace
 from workers.engines.postgresql.tablespaces import link as link_tablespaces
 from workers.engines.postgresql.tablespaces import write_map as write_tablespace_map
+from workers.engines.postgresql.targuard import TarGuard, checked_path
 from workers.engines.postgresql.untar import unpack_tar
 from workers.engines.postgresql.walnames import parse_lsn
 from workers.errors import PermanentError
@@ -269,9 +270,10 @@ def apply_diff(
     link_tablespaces(into, spaces)  # a tablespace created after the full has no link yet
     (entry,) = diff["objects"]
     plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=entry["plain_size"])
-    unpack_tar(plain, into)
+    # A differential holds files only: no link, and nothing but the tablespaces' links on the way.
+    unpack_tar(plain, into, TarGuard(f"{diff['backup_id']}/{entry['name']}"))
     for path in diff["deleted_files"]:
-        (into / path).unlink(missing_ok=True)
+        (into / checked_path(path, f"differential {diff['backup_id']}: deleted file")).unlink(missing_ok=True)
     (into / "backup_label").write_text(diff["backup_label"])
     write_tablespace_map(into, spaces)  # the diff's own map names the old folders
     (into / "backup_manifest").unlink(missing_ok=True)  # the full's; it does not describe this state

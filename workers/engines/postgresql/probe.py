@@ -14,14 +14,14 @@ def probe(cluster: PgCluster) -> list[str]:
     """pg_amcheck on every database where installed, and exact row counts of each database's largest
     tables; EngineError on a failed check."""
     findings = []
-    databases = cluster.psql("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1").split()
+    databases = cluster.psql("SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1").splitlines()
     amcheck = cluster.pg_bin / "pg_amcheck"
     if amcheck.exists():
         proc = subprocess.run(
             [
                 str(amcheck),
                 "-h",
-                "127.0.0.1",
+                cluster.host,
                 "-p",
                 str(cluster.port),
                 "-U",
@@ -43,7 +43,7 @@ def probe(cluster: PgCluster) -> list[str]:
             "c.relnamespace WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
             f"ORDER BY c.relpages DESC LIMIT {TABLES_PROBED}",
             db,
-        ).split()
+        ).splitlines()  # one quoted name a line: a name may hold spaces
         counts = [f"{t}={cluster.psql(f'SELECT count(*) FROM {t}', db).strip()}" for t in tables]
         findings.append(f"{db}: {', '.join(counts) or 'no tables'}")
     return findings

@@ -12,6 +12,8 @@ user runs that command and need not be able to run deskvault.
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import re
 import shutil
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deskvault_core.errors import DeskvaultError
+from deskvault_core.progress import ByteProgress
 from workers.engines.base import NoBackupYet, Relocated, RestoreGoal, RestoreResult, Unreachable, Window
 from workers.engines.postgresql.basebackup import restore_full
 from workers.engines.postgresql.cluster import (
@@ -32,6 +35,7 @@ from workers.engines.postgresql.cluster import (
     free_port,
     hand_over,
     log_report,
+    server_user,
 )
 from workers.engines.postgresql.commitindex import Commit
 from workers.engines.postgresql.diff import apply_diff
@@ -46,13 +50,21 @@ from workers.engines.postgresql.walfetch import (
     restore_command,
 )
 from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, format_lsn, parse_lsn
-from workers.engines.progress import ByteProgress
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
 
 log = logging.getLogger(__name__)
 
 WAL_BESIDE_BASE = DOWNLOAD_THREADS  # WAL files downloaded while the base unpacks
+SOURCE_HBA, SOURCE_IDENT = "pg_hba.conf.from-backup", "pg_ident.conf.from-backup"
+CLOSED_HBA = f"""# Written by deskvault restore: local connections only, each local user as the role
+# of its own name and root (deskvault) as postgres -- see pg_ident.conf; no TCP connection is
+# accepted, whatever listen_addresses says. deskvault starts the server with its socket in a 0700 folder.
+# The backed-up rules are in {SOURCE_HBA}: put them back to open this copy to its network
+# deliberately (a copy that takes the source's place).
+local all all peer map=deskvault
+local replication all peer map=deskvault
+"""
 LSN_RE = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
 RECOVERY_SETTING_RE = re.compile(
     r"\s*(restore_command|recovery_target\w*|recovery_end_command|primary_conninfo|primary_slot_name)\s*="
@@ -426,7 +438,10 @@ def restore(
             reached = plan.stop.commit.at
         shutil.rmtree(wal_dir, ignore_errors=True)  # promoted: the server reads no more WAL
     relocated = tuple(Relocated(s.describe(), s.into) for s in spaces)
-    return RestoreResult(into, wal_dir, plan.at, reached, relocated, plan.stop.what, port if start else None)
+    socket_dir = cluster.socket_dir if cluster is not None else None
+    return RestoreResult(
+        into, wal_dir, plan.at, reached, relocated, plan.stop.what, port if start else None, socket_dir
+    )
 
 
 def _lay_out(
@@ -452,8 +467,24 @@ def _lay_out(
         apply_diff(repo, plan.diff, into, spaces)
     downloads.add(wal[WAL_BESIDE_BASE:])
     _write_recovery_settings(into, downloads.wal_dir, plan.stop, plan.follow_timeline)
+    _close_access(into)
     hand_over(downloads.wal_dir)
     hand_over(into)
+
+
+def _close_access(into: Path) -> None:
+    """Access rules of the restore's own: the backed-up ones were the source's, made for its network,
+    and a restored copy holds every row of it. It is kept beside, for an operator to open deliberately."""
+    for name, kept in (("pg_hba.conf", SOURCE_HBA), ("pg_ident.conf", SOURCE_IDENT)):
+        if (into / name).exists():
+            os.replace(into / name, into / kept)
+    (into / "pg_hba.conf").write_text(CLOSED_HBA)
+    us = pwd.getpwuid(os.geteuid()).pw_name
+    superusers = sorted({us, server_user() or us})
+    (into / "pg_ident.conf").write_text(
+        "# Written by deskvault restore (see pg_hba.conf)\n"
+        "deskvault /^(.*)$ \\1\n" + "".join(f"deskvault {name} postgres\n" for name in superusers)
+    )
 
 
 def _write_recovery_settings(into: Path, wal_dir: Path, stop: Stop, timeline: int | None) -> None:

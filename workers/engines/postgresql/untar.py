@@ -3,35 +3,54 @@
 Python's tarfile would unpack in the thread that also decrypts and decompresses; GNU tar writes the
 files on the other core meanwhile. The stream is read to its very end even if tar stops early, because
 the end is where the repository checks the whole object's size and SHA-256.
+
+Each member is checked before tar sees it (see `targuard`), and tar runs as the server's user with
+umask 077: what it unpacks belongs to that user alone, and even a member the check let through could
+write nowhere that user cannot.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
 import subprocess
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from deskvault_core.errors import DeskvaultError
+from workers.engines.postgresql.cluster import server_user
+from workers.engines.postgresql.targuard import TarGuard
 
 
 class UnpackError(DeskvaultError):
     """tar could not unpack a backup."""
 
 
-def unpack_tar(chunks: Iterable[bytes], into: Path) -> None:
-    """Write the tar stream `chunks` out under `into` (which must exist); errors from `chunks` propagate."""
+def unpack_tar(chunks: Iterable[bytes], into: Path, guard: TarGuard) -> None:
+    """Write the tar stream `chunks` out under `into` (which must exist), each member checked by `guard`;
+    errors from `chunks` and refusals from `guard` propagate."""
+    as_server: dict[str, Any] = {}
+    if (user := server_user()) is not None:
+        entry = pwd.getpwnam(user)
+        as_server = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        os.chown(into, entry.pw_uid, entry.pw_gid)  # tar, as that user, writes into it
     with tempfile.TemporaryFile() as errors:
-        # --no-same-owner: files belong to whoever restores; the caller hands them to the server's user.
+        # The folder is entered before tar drops to the server's user: the path to it need not be open
+        # to that user. No owners or modes from the archive: the umask makes everything private.
         proc = subprocess.Popen(
-            ["tar", "--extract", "--file=-", f"--directory={into}", "--no-same-owner"],
+            ["tar", "--extract", "--file=-", "--no-same-owner", "--no-same-permissions"],
+            cwd=into,
+            umask=0o077,
             stdin=subprocess.PIPE,
             stderr=errors,
+            **as_server,
         )
         assert proc.stdin is not None
         try:
             tar_open = True
-            for chunk in chunks:
+            for chunk in guard(chunks):
                 if tar_open:
                     try:
                         proc.stdin.write(chunk)

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from deskvault_core.errors import DeskvaultError
+from workers.engines.postgresql.cluster import hand_over, server_ids
 from workers.engines.postgresql.walarchive import PARTIAL, SUFFIX, WalEntry
 from workers.repository.errors import ObjectNotFound
 from workers.repository.objects import ObjectRepository
@@ -84,7 +85,11 @@ class WalDownloads:
         self._lock = threading.Lock()
         self._finished = 0
         self.patience = patience
-        wal_dir.mkdir(parents=True, exist_ok=True)
+        # The WAL holds every row: the folder is the server user's alone from the start, since
+        # PostgreSQL reads from it while the restore still writes.
+        wal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        hand_over(wal_dir)
+        self._ids = server_ids()
         (wal_dir / EXPECTED_LIST).touch()
         script = wal_dir / FETCH_SCRIPT
         script.write_text(
@@ -97,7 +102,8 @@ class WalDownloads:
                 poll=_POLL_SECONDS,
             )
         )
-        script.chmod(0o755)
+        script.chmod(0o700)
+        hand_over(script)
 
     def add(self, entries: Iterable[WalEntry]) -> None:
         """Queue `entries` for download; the fetch script waits for them from now on."""
@@ -143,21 +149,25 @@ class WalDownloads:
             (self.wal_dir / (local_name(entry) + FAILED_SUFFIX)).write_text(str(e)[:500])
             raise DeskvaultError(f"the download of WAL file {local_name(entry)} failed: {e}") from e
 
+    def _write(self, path: Path, chunks: Iterable[bytes]) -> None:
+        """A file for the server user alone (0600, its owner), never written through a link."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            if self._ids is not None:
+                os.fchown(fd, *self._ids)
+            for chunk in chunks:
+                f.write(chunk)
+
     def _download(self, entry: WalEntry) -> None:
         path = self.wal_dir / local_name(entry)
         partial = path.with_name(path.name + ".download")
         try:
-            chunks = self.repo.get_stream(entry.key)
-            with partial.open("wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
+            self._write(partial, self.repo.get_stream(entry.key))
         except ObjectNotFound:
             if not entry.partial:
                 raise
             # The segment was completed since the plan was made: the whole one holds at least as much.
-            with partial.open("wb") as f:
-                for chunk in self.repo.get_stream(entry.key.replace(PARTIAL + SUFFIX, SUFFIX)):
-                    f.write(chunk)
+            self._write(partial, self.repo.get_stream(entry.key.replace(PARTIAL + SUFFIX, SUFFIX)))
         # Only a whole, verified file ever carries the name PostgreSQL asks for.
         os.replace(partial, path)
         with self._lock:
