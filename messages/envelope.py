@@ -18,6 +18,17 @@ from .topology import EVENT_POOL, actor_name, delay_queue
 # which can be longer, so this bounds fresh messages, not redeliveries.
 MAX_MESSAGE_BYTES = MAX_EVENT_BYTES + 4096
 
+# The options dramatiq itself writes on the way (a retry's count, traceback and requeue time; a delay's
+# eta). Any other -- a pipe_target or on_success callback that would run another actor, a time_limit,
+# max_retries -- would let a message steer the worker: deskvault sets those, never a message.
+MESSAGE_OPTIONS = {
+    "retries": "integer",
+    "traceback": "string",
+    "requeue_timestamp": "integer",
+    "eta": "integer",
+}
+MAX_TRACEBACK_CHARS = 64 * 1024
+
 ENVELOPE_KEYS = ("queue_name", "actor_name", "args", "kwargs", "options", "message_id", "message_timestamp")
 
 
@@ -65,8 +76,23 @@ def check_envelope(fields: object, queue_name: str) -> None:
     if not isinstance(fields["kwargs"], dict) or fields["kwargs"]:
         raise InvalidEnvelope("envelope.kwargs", "expected an empty object")
     _expect(fields, "options", "object")
+    _check_options(fields["options"])
     _expect(fields, "message_id", "string")
     _expect(fields, "message_timestamp", "integer")
+
+
+def _check_options(options: dict[str, object]) -> None:
+    for key, value in options.items():
+        if key not in MESSAGE_OPTIONS:
+            raise InvalidEnvelope(
+                f"envelope.options.{key}",
+                "not accepted from a message (only dramatiq's own: " + ", ".join(MESSAGE_OPTIONS) + ")",
+            )
+        where, expected = f"envelope.options.{key}", MESSAGE_OPTIONS[key]
+        if json_type(value) != expected or (isinstance(value, int) and value < 0):
+            raise InvalidEnvelope(where, f"expected a non-negative {expected}, got {shown(value)}")
+        if isinstance(value, str) and len(value) > MAX_TRACEBACK_CHARS:
+            raise InvalidEnvelope(where, f"longer than {MAX_TRACEBACK_CHARS} characters")
 
 
 def _expect(fields: dict[str, object], key: str, expected: str) -> None:

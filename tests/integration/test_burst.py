@@ -67,7 +67,7 @@ def test_a_burst_of_10000_events_adds_up_and_leaves_every_gauge_at_rest(
     settings = make_settings(
         lease_seconds=30,
         extra=(
-            f'[tenants.{tenant}]\nplan = "paid"\ndatabase = "acme"\ntarget = "main"\n'
+            f'[tenants.{tenant}]\nplan = "paid"\ndatabase = "{tenant}"\ntarget = "main"\n'
             f'[servers.{server}]\ndriver = "files"\npaths = ["{tmp_path / "files"}"]\n'
         ),
     )

@@ -44,7 +44,7 @@ class Pools:
         (directory / "files").mkdir()
         self.settings = make_settings(
             extra=(
-                f'[tenants.{self.tenant}]\nplan = "paid"\ndatabase = "acme"\ntarget = "main"\n'
+                f'[tenants.{self.tenant}]\nplan = "paid"\ndatabase = "{self.tenant}"\ntarget = "main"\n'
                 f'[servers.{self.server}]\ndriver = "files"\npaths = ["{directory / "files"}"]\n'
             )
         )
@@ -201,3 +201,19 @@ def _drain_dead_letters(pools: Pools) -> list[str]:
                 break
             reasons.append((properties.headers or {}).get(REASON_HEADER, ""))
     return reasons
+
+
+def test_options_that_would_steer_the_worker_are_dead_lettered_and_never_run(fuzz_pools) -> None:
+    pools: Pools = fuzz_pools
+    before = _counted()
+    # A valid event, carrying a pipeline to another actor, a callback and a time limit from the wire
+    event = pools.valid("lifecycle")
+    steered = json.loads(wrap(event))
+    purge = _envelope("lifecycle", [{"tenant": pools.tenant}], actor="purge_due")
+    steered["options"] = {"pipe_target": json.loads(purge), "on_success": "purge_due", "time_limit": 1}
+    pools.send("lifecycle", json.dumps(steered).encode())
+    wait_for(lambda: _counted()["dead"] - before["dead"] >= 1, timeout=60, what="the dead letter")
+    (reason,) = _drain_dead_letters(pools)
+    assert "envelope.options." in reason and "not accepted from a message" in reason
+    assert pools.ctx.ledger.job(event.idempotency_key) is None  # the event itself never ran either
+    assert pools.ctx.ledger.account(pools.tenant) is None  # nor anything piped after it

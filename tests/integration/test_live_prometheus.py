@@ -84,9 +84,10 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_query_and_alert(
     make_settings, cluster: PgCluster, tmp_path: Path
 ) -> None:
     tenant = f"t{uuid.uuid4().hex[:10]}"
+    cluster.psql(f"CREATE DATABASE {tenant} TEMPLATE acme")  # a tenant's database is its own
     settings = make_settings(
         target=cluster,
-        extra=f'[tenants.{tenant}]\nplan = "paid"\ndatabase = "acme"\ntarget = "main"\n',
+        extra=f'[tenants.{tenant}]\nplan = "paid"\ndatabase = "{tenant}"\ntarget = "main"\n',
     )
     ctx = worker_context(settings)
     worker_port, wal_port = free_port(), free_port()

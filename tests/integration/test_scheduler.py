@@ -86,7 +86,7 @@ def test_two_replicas_publish_each_slot_once_and_catch_up_only_the_newest(schedu
 def test_scheduled_exports_resume_after_a_tick_that_died_midway(make_settings) -> None:
     names = [f"t{uuid.uuid4().hex[:10]}" for _ in range(3)]
     tenants = "".join(
-        f'[tenants.{n}]\nplan = "company"\ndatabase = "acme"\ntarget = "main"\ndownloadable_backups = true\n'
+        f'[tenants.{n}]\nplan = "company"\ndatabase = "{n}"\ntarget = "main"\ndownloadable_backups = true\n'
         for n in names
     )
     settings = make_settings(extra=tenants)

@@ -50,6 +50,7 @@ def servers(certificates, rabbit_url: str, own_seaweedfs):
 
 def _tls_settings(tmp_path, key_file, rabbit_url, control_db_odbc, pg_target, servers, ca: Path):
     amqp_port, s3 = servers
+    tenant = f"tls{uuid.uuid4().hex[:8]}"
     settings = build_settings(
         tmp_path,
         key_file,
@@ -57,7 +58,7 @@ def _tls_settings(tmp_path, key_file, rabbit_url, control_db_odbc, pg_target, se
         f"amqps://guest:guest@127.0.0.1:{amqp_port}{urlparse(rabbit_url).path}",
         control_db_odbc,
         pg_target,
-        extra=f'[tenants.tls{uuid.uuid4().hex[:8]}]\nplan = "paid"\ndatabase = "acme"\ntarget = "main"\n',
+        extra=f'[tenants.{tenant}]\nplan = "paid"\ndatabase = "{tenant}"\ntarget = "main"\n',
     )
     text = Path(settings.source).read_text()
     text = text.replace("[broker]\n", f'[broker]\nca_bundle = "{ca}"\n', 1)

@@ -168,6 +168,20 @@ def test_dramatiq_retry_options_are_accepted() -> None:
         pytest.param(envelope(kwargs={"target": "crm"}), "envelope.kwargs", id="kwargs-not-empty"),
         pytest.param(envelope(kwargs=[]), "envelope.kwargs", id="kwargs-array"),
         pytest.param(envelope(options=None), "envelope.options", id="options-null"),
+        *[
+            pytest.param(envelope(options={key: value}), f"envelope.options.{key}", id=f"option-{key}")
+            for key, value in (
+                ("pipe_target", {"actor_name": "purge_due"}),
+                ("on_success", "purge_due"),
+                ("on_failure", "purge_due"),
+                ("time_limit", 1),
+                ("max_retries", 10**9),
+                ("notify_shutdown", True),
+            )
+        ],
+        pytest.param(envelope(options={"retries": -1}), "envelope.options.retries", id="retries-negative"),
+        pytest.param(envelope(options={"eta": "soon"}), "envelope.options.eta", id="eta-text"),
+        pytest.param(envelope(options={"traceback": "x" * 70_000}), "envelope.options.traceback", id="tb"),
         pytest.param(envelope(message_id=42), "envelope.message_id", id="message-id-number"),
         pytest.param(envelope(message_timestamp="1795838400000"), "envelope.message_timestamp", id="ts-text"),
         pytest.param(envelope(message_timestamp=1795838400.5), "envelope.message_timestamp", id="ts-float"),
