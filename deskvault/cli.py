@@ -519,20 +519,15 @@ def _second(iso: str | None, absent: str = "latest") -> str:
 
 
 def _cmd_downloads_serve(args: argparse.Namespace, _extra: list[str]) -> int:
-    from workers.tenants.downloads import build_server
+    from workers.tenants.download_endpoint import DownloadEndpoint
 
     settings = _settings(args)
-    server = build_server(_download_service(settings))
+    endpoint = DownloadEndpoint(_download_service(settings))
     print(
         f"serving tenants' downloads on https://{settings.downloads.host}:{settings.downloads.port}",
         flush=True,
     )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    endpoint.serve()  # until SIGINT or SIGTERM
     return 0
 
 

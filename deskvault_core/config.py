@@ -167,6 +167,13 @@ class DownloadSettings:
     # the newest `scheduled_keep` are kept.
     scheduled: str = "30 2 * * *"
     scheduled_keep: int = 7
+    # Limits that keep one slow or idle client from holding up anyone else (seconds, counts).
+    handshake_timeout_seconds: int = 10  # a TLS handshake not done by then is dropped
+    header_timeout_seconds: int = 10  # a request's headers must have arrived by then
+    idle_timeout_seconds: int = 15  # a kept-alive connection with no new request is closed
+    send_timeout_seconds: int = 60  # a download whose client reads nothing this long is cut off
+    max_connections: int = 256  # connections beyond this are closed at once
+    max_downloads: int = 16  # dumps streamed at once; more get 503 with Retry-After
 
 
 @dataclass(frozen=True)
@@ -261,6 +268,7 @@ def _build(raw: dict[str, Any], source: str) -> Settings:
     _check_cron(sections["downloads"].scheduled, "downloads.scheduled")
     if sections["downloads"].scheduled_keep < 1:
         raise ConfigError("downloads.scheduled_keep: must be at least 1")
+    _check_download_limits(sections["downloads"])
     targets = {name: _target(name, value) for name, value in _table(raw, "targets").items()}
     servers = {name: _server(name, value) for name, value in _table(raw, "servers").items()}
     tenants = {name: _tenant(name, value, targets) for name, value in _table(raw, "tenants").items()}
@@ -374,6 +382,19 @@ def _check_tenant_databases(tenants: Mapping[str, TenantSettings], control_db: C
                 f"tenants.{name}.database: {tenant.database!r} on target {tenant.target} is also tenant "
                 f"{other}'s; two tenants never share a database (a purge of one would drop the other's)"
             )
+
+
+def _check_download_limits(downloads: DownloadSettings) -> None:
+    for name in (
+        "handshake_timeout_seconds",
+        "header_timeout_seconds",
+        "idle_timeout_seconds",
+        "send_timeout_seconds",
+        "max_connections",
+        "max_downloads",
+    ):
+        if getattr(downloads, name) < 1:
+            raise ConfigError(f"downloads.{name}: must be at least 1")
 
 
 def _check_cron(expression: str, where: str) -> None:

@@ -29,7 +29,8 @@ from workers.engines.postgresql.cluster import DEFAULT_PG_BIN
 from workers.errors import PermanentError
 from workers.handlers.export import handle_export_requested
 from workers.tenants import exports
-from workers.tenants.downloads import DownloadService, serve_in_thread
+from workers.tenants.download_endpoint import DownloadEndpoint
+from workers.tenants.downloads import DownloadService
 from workers.tenants.keys import tenant_prefix, tenant_repository
 from workers.tenants.registry import UnknownTenant
 
@@ -65,11 +66,10 @@ def export_case(make_settings, pg_target, tmp_path):
             name,
         )
     service = DownloadService(ctx, clock=clock)
-    server, thread = serve_in_thread(service)
+    endpoint = DownloadEndpoint(service).start()
     tls = ssl.create_default_context(cafile=str(cert))
     yield ctx, clock, (first, second), pg_target, service, tls
-    server.shutdown()
-    thread.join(timeout=10)
+    endpoint.stop()
 
 
 def _get(url: str, tls: ssl.SSLContext, token: str | None = None) -> tuple[int, bytes]:
@@ -166,7 +166,7 @@ def test_no_tenant_sees_another_tenants_downloads(export_case) -> None:
     )
     base = ctx.settings.downloads.public_url
     assert _get(f"{base}/v1/tenants/{first}/exports", tls, service.tenant_token(second))[0] == 403
-    assert _get(f"{base}/v1/tenants/{first}/exports", tls)[0] == 403
+    assert _get(f"{base}/v1/tenants/{first}/exports", tls)[0] == 401  # no token at all
     status, body = _get(f"{base}/v1/tenants/{second}/exports", tls, service.tenant_token(second))
     assert status == 200 and json.loads(body)["downloads"] == []
 
