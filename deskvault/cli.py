@@ -255,6 +255,23 @@ def _parser() -> argparse.ArgumentParser:
     ksub.add_parser("rotate", help="add a new active key; old keys stay for reading").set_defaults(
         func=_cmd_keys_rotate
     )
+    kl = ksub.add_parser(
+        "list",
+        help="every key, the active one, and what still uses each (reads every object's header)",
+        description="Every key of the key file, which is active, and what still needs each: the objects "
+        "whose header names it (per area: targets, servers, tenants, keystore...) and the legacy "
+        "tenant keys in the control database it wraps. Objects whose header cannot be read are listed too.",
+    )
+    kl.add_argument("--json", action="store_true", help="machine-readable output")
+    kl.set_defaults(func=_cmd_keys_list)
+    kr = ksub.add_parser(
+        "retire",
+        help="remove a key nothing uses any more from the key file",
+        description="Remove KEY from the key file, after checking every object's header and the control "
+        "database's tenant keys: refused while KEY is active, unknown, or used by anything.",
+    )
+    kr.add_argument("key_id", metavar="KEY", help="the key's id, as `deskvault keys list` shows it")
+    kr.set_defaults(func=_cmd_keys_retire)
     return p
 
 
@@ -863,6 +880,145 @@ def _cmd_keys_rotate(args: argparse.Namespace, _extra: list[str]) -> int:
     path = Path(_settings(args).repository.key_file)
     key_id = Keyring.rotate(path)
     print(f"{path}: new active key {key_id}; older keys stay for reading existing backups")
+    return 0
+
+
+def _key_usage(settings: Any) -> Any:
+    """Every object's header read (progress on stderr for long scans): a `key_usage.KeyUsage`."""
+    from workers.context import open_repository
+    from workers.repository import key_usage
+
+    store = open_repository(settings).store
+    return key_usage.scan(
+        store, on_progress=key_usage.ScanProgress(lambda line: print(line, file=sys.stderr, flush=True))
+    )
+
+
+def _tenant_keys_by_kek(settings: Any) -> dict[str, int]:
+    """How many legacy tenant keys in the control database each key-encryption key wraps."""
+    from workers.context import open_ledger
+
+    ledger = open_ledger(settings)
+    try:
+        return ledger.legacy_tenant_keys_by_kek()
+    finally:
+        ledger.close()
+
+
+def _cmd_keys_list(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.repository.keyring import Keyring
+
+    settings = _settings(args)
+    path = Path(settings.repository.key_file)
+    keyring = Keyring.load(path)
+    usage = _key_usage(settings)
+    tenant_error = None
+    try:
+        tenant_keys: dict[str, int] | None = _tenant_keys_by_kek(settings)
+    except DeskvaultError as e:
+        tenant_keys, tenant_error = None, str(e)
+    keys = []
+    for key_id in keyring.key_ids:
+        used = usage.of(key_id)
+        wrapped = None if tenant_keys is None else tenant_keys.get(key_id, 0)
+        keys.append(
+            {
+                "id": key_id,
+                "active": key_id == keyring.active_id,
+                "objects": used.objects,
+                "stored_bytes": used.stored_bytes,
+                "areas": dict(sorted(used.areas.items())),
+                "tenant_keys": wrapped,
+                "in_use": key_id == keyring.active_id or bool(used.objects) or wrapped != 0,
+            }
+        )
+    # Key ids that headers name but the file does not hold: tenant keys (each kept in the key store,
+    # wrapped by a key of this file) or a key-encryption key missing from it, whose objects cannot be read.
+    others = [
+        {
+            "id": key_id,
+            "kind": "tenant key" if key_id.startswith("tenant-") else "missing from the key file",
+            "objects": used.objects,
+            "stored_bytes": used.stored_bytes,
+            "areas": dict(sorted(used.areas.items())),
+        }
+        for key_id, used in sorted(usage.by_key.items())
+        if key_id not in keyring.key_ids
+    ]
+    unreadable = [{"key": u.key, "reason": u.reason} for u in usage.unreadable]
+    if args.json:
+        document = {
+            "key_file": str(path),
+            "active": keyring.active_id,
+            "objects": usage.objects,
+            "keys": keys,
+            "other_key_ids": others,
+            "unreadable": unreadable,
+            "tenant_keys_error": tenant_error,
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    print(f"key file {path}: {len(keys)} key(s), {usage.objects} object(s) in the repository")
+    for k in keys:
+        areas = ", ".join(f"{area} {n}" for area, n in k["areas"].items()) or "-"
+        wrapped = "unknown" if k["tenant_keys"] is None else str(k["tenant_keys"])
+        state = "active" if k["active"] else ("in use" if k["in_use"] else "unused")
+        print(
+            f"  {k['id']}  {state:<7} objects {k['objects']} ({_mib(k['stored_bytes'])}; {areas}), "
+            f"tenant keys {wrapped}"
+        )
+    for o in others:
+        areas = ", ".join(f"{area} {n}" for area, n in o["areas"].items())
+        print(f"  {o['id']}  ({o['kind']}) objects {o['objects']} ({_mib(o['stored_bytes'])}; {areas})")
+    if tenant_error:
+        print(f"tenant keys: unknown, the control database could not be read: {tenant_error}")
+    if unreadable:
+        print(f"unreadable: {len(unreadable)} object(s) whose header names no key:")
+        for u in unreadable:
+            print(f"  {u['key']}: {u['reason']}")
+    unused = [k["id"] for k in keys if not k["in_use"]]
+    if unused and not unreadable and not tenant_error:
+        print(f"unused, can be retired: {', '.join(unused)} (deskvault keys retire KEY)")
+    return 0
+
+
+def _cmd_keys_retire(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.repository import key_usage
+    from workers.repository.errors import KeyFileError
+    from workers.repository.keyring import Keyring
+
+    settings = _settings(args)
+    path = Path(settings.repository.key_file)
+    keyring = Keyring.load(path)
+    key_id = args.key_id
+    # Checked up front, so an impossible request costs no scan (retire checks both again, under the lock).
+    if key_id not in keyring.key_ids:
+        raise KeyFileError(
+            f"key file {path} holds no key {key_id!r} (it holds {', '.join(keyring.key_ids)}); "
+            "`deskvault keys list` shows them"
+        )
+    if key_id == keyring.active_id:
+        raise KeyFileError(
+            f"key {key_id!r} is the active key of {path}: new objects are wrapped by it. Rotate first "
+            "(`deskvault keys rotate`), and retire it once nothing uses it"
+        )
+    usage = _key_usage(settings)
+    try:
+        tenant_keys = _tenant_keys_by_kek(settings).get(key_id, 0)
+    except DeskvaultError as e:
+        raise DeskvaultError(
+            f"key {key_id!r} stays in the key file: the control database's tenant keys, which it may "
+            f"wrap, could not be checked ({e})"
+        ) from None
+    refusal = key_usage.retire_refusal(usage, key_id, tenant_keys)
+    if refusal is not None:
+        raise DeskvaultError(refusal)
+    Keyring.retire(path, key_id)
+    print(
+        f"retired key {key_id} from {path}: none of the {usage.objects} object(s) in the repository and no "
+        "tenant key uses it. Copy the key file to every host that runs deskvault; keep the old copy "
+        "wherever a bucket version or a backup of the repository it wrapped may still be restored"
+    )
     return 0
 
 

@@ -31,7 +31,7 @@ from workers.handlers.export import handle_export_requested
 from workers.tenants import exports
 from workers.tenants.download_endpoint import DownloadEndpoint
 from workers.tenants.downloads import DownloadService
-from workers.tenants.keys import tenant_prefix, tenant_repository
+from workers.tenants.keys import keystore_key, tenant_prefix, tenant_repository
 from workers.tenants.registry import UnknownTenant
 
 pytestmark = pytest.mark.integration
@@ -190,7 +190,7 @@ def test_bad_export_requests_are_refused_and_leave_nothing(export_case) -> None:
             ctx, ExportRequested.new(tenant=tenant, request_id="E", requested_by="a", as_of=before)
         )
     assert list(ctx.repository.list_keys(tenant_prefix(tenant))) == []
-    assert ctx.ledger.tenant_key(tenant) is None  # not even a key was made
+    assert not ctx.repository.exists(keystore_key(tenant))  # not even a key was made
 
 
 def test_an_export_for_a_purged_tenant_is_refused(export_case) -> None:

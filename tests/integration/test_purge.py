@@ -108,6 +108,7 @@ def test_a_purge_removes_the_database_the_exports_and_the_key_and_is_audited(pur
     assert json.loads(audit["detail"]) == {
         "database": f"main/{tenant}",
         "database_dropped": True,
+        "uploads_aborted": 0,
         "objects_deleted": 2,
         "tenant_key_destroyed": True,
         "resumed": False,

@@ -23,6 +23,8 @@ COMMANDS = [
     ["keys"],
     ["keys", "create"],
     ["keys", "rotate"],
+    ["keys", "list"],
+    ["keys", "retire"],
 ]
 
 

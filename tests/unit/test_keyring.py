@@ -21,6 +21,12 @@ def _file_keys(path: Path) -> dict[str, str]:
     return json.loads(path.read_text())["keys"]
 
 
+def _write_private(path: Path, text: str) -> None:
+    """A hand-written key file, private as the loader insists (a group- or world-readable one is refused)."""
+    path.write_text(text)
+    path.chmod(0o600)
+
+
 def test_create_writes_a_private_file_with_one_key(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
 
@@ -131,7 +137,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 def test_bad_json_is_named_without_showing_the_contents(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
-    path.write_text('{"active": "k1", "keys": {"k1": "SECRETSECRET"')
+    _write_private(path, '{"active": "k1", "keys": {"k1": "SECRETSECRET"')
 
     with pytest.raises(KeyFileError, match="not valid JSON") as info:
         Keyring.load(path)
@@ -152,7 +158,7 @@ def test_bad_json_is_named_without_showing_the_contents(tmp_path: Path) -> None:
 )
 def test_malformed_keys_are_named(tmp_path: Path, keys: dict[str, object], fragment: str) -> None:
     path = tmp_path / "keys.json"
-    path.write_text(json.dumps({"active": next(iter(keys)), "keys": keys}))
+    _write_private(path, json.dumps({"active": next(iter(keys)), "keys": keys}))
 
     with pytest.raises(KeyFileError, match=re.escape(fragment)) as info:
         Keyring.load(path)
@@ -162,7 +168,7 @@ def test_malformed_keys_are_named(tmp_path: Path, keys: dict[str, object], fragm
 
 def test_active_id_must_be_among_the_keys(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
-    path.write_text(json.dumps({"active": "k2", "keys": {"k1": base64.b64encode(b"x" * 32).decode()}}))
+    _write_private(path, json.dumps({"active": "k2", "keys": {"k1": base64.b64encode(b"x" * 32).decode()}}))
 
     with pytest.raises(KeyFileError, match=r"active key 'k2' is not among its keys \['k1'\]"):
         Keyring.load(path)
@@ -170,7 +176,7 @@ def test_active_id_must_be_among_the_keys(tmp_path: Path) -> None:
 
 def test_wrong_shape_is_explained(tmp_path: Path) -> None:
     path = tmp_path / "keys.json"
-    path.write_text("[]")
+    _write_private(path, "[]")
 
     with pytest.raises(KeyFileError, match='"active"'):
         Keyring.load(path)

@@ -5,9 +5,16 @@ Steps, each safe to repeat, so a purge killed midway completes on redelivery:
   1. the ledger marks the account `purging` (refused, with the reason, if it was reactivated, is under
      a legal hold, or is not due);
   2. the tenant's database is dropped on its target;
-  3. every object under the tenant's prefix (exports, downloadable backups) is deleted, every version;
-  4. the tenant's data key is destroyed, so any copy of its objects left anywhere is unreadable;
-  5. the account becomes `purged`, with an audit record of what was removed, when, and on which event.
+  3. every unfinished multipart upload under the tenant's prefix, and at its key store object, is
+     aborted: their parts are stored data that no object listing shows;
+  4. every object under the tenant's prefix (exports, downloadable backups) is deleted, every version;
+  5. the tenant's data key is destroyed, so any copy of its objects left anywhere is unreadable: every
+     version of its key store object is deleted and none may remain (a store that refuses, such as one
+     under object lock, fails the purge here, naming why), and a legacy row in the control database goes
+     too. The key lives outside the control database so that restoring a backup of it taken before the
+     purge cannot bring the key back (workers/tenants/keys.py). A redelivery finds it already gone;
+  6. only then the account becomes `purged`, with an audit record of what was removed, when, and on
+     which event.
 The tenant's rows in the target's physical backups age out with those backups (see docs/design.md).
 """
 
@@ -23,7 +30,7 @@ from workers.engines.registry import engine_for
 from workers.errors import PermanentError
 from workers.jobs import run_once
 from workers.ledger.ledger import PurgeRefused
-from workers.tenants.keys import tenant_prefix
+from workers.tenants.keys import abort_tenant_uploads, destroy_tenant_key, tenant_prefix
 from workers.tenants.registry import TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -43,11 +50,13 @@ def handle_purge_due(ctx: WorkerContext, event: PurgeDue) -> str | None:
         started_at = ctx.ledger.now()
         log.info("purge of tenant %s %s: dropping database %s/%s", event.tenant, state, target, database)
         dropped = engine_for(ctx.settings.target(target)).drop_database(database)
+        aborted = abort_tenant_uploads(ctx, event.tenant)
         removed = ctx.repository.store.delete_everything(tenant_prefix(event.tenant))
-        key_destroyed = ctx.ledger.destroy_tenant_key(event.tenant)
+        key_destroyed = destroy_tenant_key(ctx, event.tenant)  # raises, and nothing is marked, if it stays
         detail = {
             "database": f"{target}/{database}",
             "database_dropped": dropped,  # False: it was already gone (an earlier attempt dropped it)
+            "uploads_aborted": aborted,
             "objects_deleted": removed,
             "tenant_key_destroyed": key_destroyed,
             "resumed": state == "resumed",
@@ -63,7 +72,8 @@ def handle_purge_due(ctx: WorkerContext, event: PurgeDue) -> str | None:
         return (
             f"purged tenant {event.tenant}: database {target}/{database} "
             f"{'dropped' if dropped else 'already gone'}, {removed} object version(s) deleted, "
-            f"data key {'destroyed' if key_destroyed else 'already destroyed'}"
+            f"data key {'destroyed' if key_destroyed else 'already destroyed'}, "
+            f"{aborted} unfinished upload(s) aborted"
         )
 
     return run_once(ctx, event, purge)

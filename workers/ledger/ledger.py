@@ -547,33 +547,27 @@ class Ledger:
                     "DELETE FROM dv_schedule WHERE subject = ? AND kind = 'purge'", f"tenant:{tenant}"
                 )
 
-    def tenant_key(self, tenant: str) -> tuple[str, str, str] | None:
-        """(key id, wrapping key id, wrapped key in base64) of a tenant's data key, if it has one."""
+    # Tenant keys live in the repository's key store (workers/tenants/keys.py), where a purge really
+    # destroys them: a restored control-database backup would bring back a key kept here. These read and
+    # delete the keys older versions wrote into dv_tenant_keys, which are moved out on first use.
+    def legacy_tenant_key(self, tenant: str) -> tuple[str, str, str] | None:
+        """(key id, wrapping key id, wrapped key in base64) of a tenant key an older version stored here."""
         with self.transaction() as cur:
             row = cur.execute(
                 "SELECT key_id, kek_id, wrapped_key FROM dv_tenant_keys WHERE tenant = ?", tenant
             ).fetchone()
         return (row[0], row[1], row[2]) if row is not None else None
 
-    def add_tenant_key(self, tenant: str, key_id: str, kek_id: str, wrapped_key: str) -> bool:
-        """Store a tenant's first data key; False if another worker stored one first."""
-        try:
-            with self.transaction() as cur:
-                cur.execute(
-                    "INSERT INTO dv_tenant_keys (tenant, key_id, kek_id, wrapped_key, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    tenant,
-                    key_id,
-                    kek_id,
-                    wrapped_key,
-                    _db(self._clock()),
-                )
-            return True
-        except pyodbc.IntegrityError:
-            return False
+    def legacy_tenant_keys_by_kek(self) -> dict[str, int]:
+        """How many legacy tenant keys each key-encryption key wraps (none before the schema exists)."""
+        if self.schema_version() == 0:
+            return {}
+        with self.transaction() as cur:
+            rows = cur.execute("SELECT kek_id, COUNT(*) FROM dv_tenant_keys GROUP BY kek_id").fetchall()
+        return {str(kek_id): int(n) for kek_id, n in rows}
 
-    def destroy_tenant_key(self, tenant: str) -> bool:
-        """Delete a tenant's data key for good; False if it had none (already destroyed)."""
+    def forget_legacy_tenant_key(self, tenant: str) -> bool:
+        """Delete a tenant's legacy key row (moved to the key store, or purged); False if it had none."""
         with self.transaction() as cur:
             return bool(cur.execute("DELETE FROM dv_tenant_keys WHERE tenant = ?", tenant).rowcount)
 

@@ -111,8 +111,10 @@ MIGRATIONS.append(
     (
         4,
         [
-            # One data key per tenant, wrapped by a key-encryption key; deleting the row is what makes
-            # the tenant's exports unreadable for good (crypto-shredding).
+            # One data key per tenant, wrapped by a key-encryption key. Legacy: tenant keys now live in
+            # the repository's key store (workers/tenants/keys.py), since a restored backup of this
+            # database brought a purged tenant's row back. Rows older versions wrote are moved out on
+            # first use and deleted at purge; the table stays so that those rows can be found.
             """CREATE TABLE dv_tenant_keys (
                 tenant VARCHAR(63) NOT NULL PRIMARY KEY,
                 key_id VARCHAR(64) NOT NULL,

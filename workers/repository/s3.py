@@ -333,6 +333,30 @@ class S3Store:
                 removed += 1
         return removed
 
+    def object_versions(self, key: str) -> list[str]:
+        """The version ids of exactly `key`, versions and delete markers ("null" in an unversioned bucket).
+
+        Listed by prefix, kept only where the key matches, so `a/b` never reaches `a/bc`.
+        """
+        full = self.full_key(key)
+        found = []
+        paginator = self._client.get_paginator("list_object_versions")
+        with self._errors("list versions of", key):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for item in [*page.get("Versions", ()), *page.get("DeleteMarkers", ())]:
+                    if item["Key"] == full:
+                        found.append(str(item["VersionId"]))
+        return found
+
+    def delete_every_version(self, key: str) -> int:
+        """Remove every version and delete marker of exactly `key`; returns how many there were."""
+        full = self.full_key(key)
+        versions = self.object_versions(key)
+        for version in versions:
+            with self._errors(f"delete version {version} of", key):
+                self._client.delete_object(Bucket=self.bucket, Key=full, VersionId=version)
+        return len(versions)
+
     @contextlib.contextmanager
     def _errors(self, action: str, key: str | None, *, conditional: bool = False) -> Iterator[None]:
         try:
