@@ -5,11 +5,14 @@ stage run alone on the same data in the same run (goal >= 0.7). The stages alone
   read      pg_basebackup's tar stream, discarded
   compress  zstd of that tar (from a copy on disk, so the read is not counted twice)
   encrypt   AES-256-GCM of the compressed bytes
-  upload    S3 multipart upload of the encrypted bytes
-Every rate is in plaintext bytes (the size of the tar) per second, so the stages compare directly.
+  upload    S3 multipart upload of the encrypted bytes (raw boto3, the repository's part size and threads)
+Every rate is in plaintext bytes (the size of the tar) per second, so the stages compare directly. The
+stages are `bench/stages.py`'s (shared with bench/vs_pgbackrest.py); each starts with the page cache
+dropped (as root), then holding its input, and the read starts from a dropped cache.
 
 Run: .venv/bin/python bench/backup_pipeline.py [--scale 220] [--zstd-level 3] [--zstd-threads 0] [--keep]
-Needs the services the tests use (RabbitMQ, PostgreSQL on 127.0.0.1:5432, SeaweedFS via .deskvault).
+Needs the services the tests use (RabbitMQ, PostgreSQL on 127.0.0.1:5432) and the venv's `weed`: the
+store is `bench/seaweed.py`'s (the shared SeaweedFS if it serves HTTPS, else one of the run's own).
 """
 
 from __future__ import annotations
@@ -28,18 +31,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import zstandard  # noqa: E402
-
-from bench.common import BenchServices, backup_worker_command, log, publish_full_backup  # noqa: E402
+from bench import seaweed, stages  # noqa: E402
+from bench.common import (  # noqa: E402
+    BenchServices,
+    backup_worker_command,
+    drop_caches,
+    log,
+    publish_full_backup,
+    raw_s3,
+)
 from deskvault.local.demo_data import helpdesk_sql  # noqa: E402
 from workers.context import open_repository  # noqa: E402
 from workers.engines.postgresql.cluster import PgCluster, free_port  # noqa: E402
 from workers.repository import catalog  # noqa: E402
-from workers.repository.crypto import encrypt_stream  # noqa: E402
 from workers.repository.keyring import Keyring  # noqa: E402
 
 MIB = 2**20
-CHUNK = MIB
 
 
 def main() -> int:
@@ -56,7 +63,9 @@ def main() -> int:
     scratch.chmod(0o755)
     cluster = PgCluster(scratch / "pg", free_port(), tcp=True)
     services = BenchServices("bench").__enter__()
+    s3 = None
     try:
+        s3 = seaweed.start(scratch)
         log(f"creating a target cluster with helpdesk data at scale {args.scale} (takes a few minutes)")
         cluster.initdb()
         cluster.start()
@@ -73,12 +82,15 @@ def main() -> int:
             conninfo=cluster.conninfo,
             prefix="run",
             extra=f"zstd_level = {args.zstd_level}\nzstd_threads = {args.zstd_threads}",
+            s3=s3.endpoint,
         )
-        stages = _stages_alone(settings, cluster, scratch)
+        alone = _stages_alone(settings, cluster, scratch)
         pipeline = _pipeline(settings)
-        _report(settings, size, stages, pipeline)
+        _report(settings, size, alone, pipeline)
         return 0
     finally:
+        if s3 is not None:
+            s3.stop()
         if not args.keep:
             cluster.destroy()
             shutil.rmtree(scratch, ignore_errors=True)
@@ -86,7 +98,7 @@ def main() -> int:
 
 
 def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, float]:
-    """Seconds each stage takes on its own, over the same backup."""
+    """Seconds each stage takes on its own, over the same backup (`bench/stages.py`)."""
     tar = scratch / "base.tar"
     cmd = [
         "/usr/lib/postgresql/15/bin/pg_basebackup",
@@ -101,6 +113,7 @@ def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, floa
         "-c",
         "fast",
     ]
+    drop_caches()
     t = time.monotonic()
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     read_s = time.monotonic() - t
@@ -110,34 +123,22 @@ def _stages_alone(settings, cluster: PgCluster, scratch: Path) -> dict[str, floa
     tar_size = tar.stat().st_size
 
     r = settings.repository
-    compressor = zstandard.ZstdCompressor(level=r.zstd_level, threads=r.zstd_threads)
-    compressed_path = scratch / "base.tar.zst"
-    with tar.open("rb") as src, compressed_path.open("wb") as dst:
-        _warm(tar)
-        t = time.monotonic()
-        compressor.copy_stream(src, dst, read_size=CHUNK, write_size=CHUNK)
-        compress_s = time.monotonic() - t
-    compressed_mib = compressed_path.stat().st_size / MIB
+    item = stages.Item("stage-upload/base.tar.dv", tar, tar_size)
+    compress_s = stages.compress([item], r.zstd_level, r.zstd_threads)
+    compressed_mib = item.compressed.stat().st_size / MIB
     log(f"compress alone: {compress_s:.1f}s ({tar_size / MIB:.0f} -> {compressed_mib:.0f} MiB)")
-
-    keyring = Keyring.load(Path(r.key_file))
-    sealed_path = scratch / "base.tar.zst.dv"
-    _warm(compressed_path)
-    with sealed_path.open("wb") as out:
-        t = time.monotonic()
-        for piece in encrypt_stream(keyring, _file_chunks(compressed_path)):
-            out.write(piece)
-        encrypt_s = time.monotonic() - t
+    encrypt_s = stages.encrypt([item], Keyring.load(Path(r.key_file)))
     log(f"encrypt alone: {encrypt_s:.1f}s")
-
-    store = open_repository(settings).store
-    store.put_bytes("stage-upload/warm-up", b"x")  # the first write to a bucket allocates its volume
-    _warm(sealed_path)
-    t = time.monotonic()
-    store.upload_stream("stage-upload/base.tar.dv", _file_chunks(sealed_path))
-    upload_s = time.monotonic() - t
-    store.delete("stage-upload/base.tar.dv")
-    log(f"upload alone: {upload_s:.1f}s ({sealed_path.stat().st_size / MIB:.0f} MiB)")
+    prefix = r.prefix.rstrip("/") + "/" if r.prefix else ""
+    upload_s = stages.upload(
+        [item],
+        raw_s3(settings),
+        r.bucket,
+        prefix,
+        part_size=r.part_size_mib * MIB,
+        upload_threads=r.upload_threads,
+    )
+    log(f"upload alone: {upload_s:.1f}s ({item.sealed.stat().st_size / MIB:.0f} MiB)")
     return {
         "tar_bytes": tar_size,
         "read": read_s,
@@ -186,18 +187,6 @@ def _report(settings, db_bytes: int, stages: dict[str, float], pipeline: dict[st
         "goals": {"pipeline_vs_slowest_stage": ">= 0.7", "worker_peak_rss_mib": "< 256"},
     }
     print(json.dumps(result, indent=2))
-
-
-def _file_chunks(path: Path, size: int = 4 * MIB):
-    with path.open("rb") as f:
-        while chunk := f.read(size):
-            yield chunk
-
-
-def _warm(path: Path) -> None:
-    """Read a file once so the timed stage reads it from the page cache, not the disk."""
-    for _ in _file_chunks(path):
-        pass
 
 
 if __name__ == "__main__":

@@ -34,9 +34,56 @@ def log(message: str) -> None:
 
 def publish_full_backup(settings: Settings, target: str) -> None:
     """A backup-due(kind=full) for now, as the scheduler would publish it."""
+    publish_backup(settings, target, "full")
+
+
+def publish_backup(settings: Settings, target: str, kind: str) -> None:
+    """A backup-due of `kind` (full, diff, log) for the current minute, as the scheduler would publish it."""
     slot = datetime.now(UTC).replace(second=0, microsecond=0)
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
-        publisher.publish(BackupDue.new(target=target, kind="full", slot=slot))
+        publisher.publish(BackupDue.new(target=target, kind=kind, slot=slot))
+
+
+def drop_caches() -> bool:
+    """Before a timed phase: write back everything dirty and, as root, empty the page cache.
+
+    Every tool then reads from disk alike. False if the cache could not be dropped (not root, or a
+    container that forbids it): the phase then starts with whatever the cache holds.
+    """
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def raw_s3(settings: Settings):
+    """A plain boto3 client on the repository's store (sizes, and the stage-alone PUTs and GETs)."""
+    import boto3
+    from botocore.config import Config
+
+    r = settings.repository
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=r.endpoint or None,
+        aws_access_key_id=r.access_key or None,
+        aws_secret_access_key=r.secret_key or None,
+        region_name=r.region,
+        verify=r.ca_bundle or None,
+        config=Config(
+            s3={"addressing_style": "path" if r.endpoint else "auto"},
+            max_pool_connections=32,
+            retries={"mode": "standard", "max_attempts": 5},
+        ),
+    )
+
+
+def deskvault_command(settings: Settings, *args: str, log_level: str = "WARNING") -> list[str]:
+    """`deskvault --config <the benchmark's file> ARGS...`, for a process of its own."""
+    config = ["--config", str(settings.source), "--log-level", log_level]
+    return [sys.executable, "-m", "deskvault.cli", *config, *args]
 
 
 def backup_worker_command(settings: Settings, *, burst: bool = True) -> list[str]:
@@ -94,10 +141,22 @@ class BenchServices:
         system_psql(f"DROP DATABASE IF EXISTS {self.control_db} WITH (FORCE)", check=False)
 
     def settings(
-        self, scratch: Path, *, target: str, conninfo: str, prefix: str, extra: str = ""
+        self,
+        scratch: Path,
+        *,
+        target: str,
+        conninfo: str,
+        prefix: str,
+        extra: str = "",
+        s3: seaweedfs.S3Endpoint | None = None,
+        target_extra: str = "",
     ) -> Settings:
-        """Settings for these services, SeaweedFS, a new key file and one target; ledger and bucket ready."""
-        s3 = seaweedfs.ensure_running(ROOT / ".deskvault")
+        """Settings for these services, SeaweedFS, a new key file and one target; ledger and bucket ready.
+
+        `s3`: the store to use (default: the shared SeaweedFS of .deskvault, started if need be);
+        `extra` goes into [repository] (or opens sections of its own), `target_extra` into the target's.
+        """
+        s3 = s3 or seaweedfs.ensure_running(ROOT / ".deskvault")
         key_file = scratch / "keys.json"
         Keyring.create(key_file)
         config = scratch / "deskvault.toml"
@@ -117,6 +176,7 @@ key_file = "{key_file}"
 [targets.{target}]
 engine = "postgresql"
 conninfo = "{conninfo}"
+{target_extra}
 """)
         settings = load_settings(config, env={})
         open_ledger(settings).migrate()

@@ -108,6 +108,12 @@ class TargetSettings:
     retention_full_max_age_days: int = 35
     # A cap on how fast a full backup reads the server, in MiB/s (pg_basebackup --max-rate); 0: none.
     full_max_rate_mib: int = 0
+    # How a full is taken: "files" reads the data directory under the backup API, in parallel parts
+    # (needs data_directory); "stream" through pg_basebackup; "auto": files when data_directory is set
+    # and the server is a primary, else stream.
+    full_method: str = "auto"
+    # Parts of a file-level backup in flight at once; 0: one per core.
+    backup_parallel: int = 0
     schedule: ScheduleSettings = ScheduleSettings()
 
 
@@ -315,6 +321,16 @@ def _target(name: str, value: Any) -> TargetSettings:
         )
     if isinstance(target.full_max_rate_mib, bool) or not 0 <= target.full_max_rate_mib <= 1024:
         raise ConfigError(f"{where}.full_max_rate_mib: must be a whole number of MiB/s from 1 to 1024, or 0")
+    if target.full_method not in ("auto", "files", "stream"):
+        raise ConfigError(f'{where}.full_method: must be "auto", "files" or "stream"')
+    if target.full_method == "files" and not target.data_directory:
+        raise ConfigError(
+            f'{where}.full_method: "files" reads the data directory; set {where}.data_directory'
+        )
+    if isinstance(target.backup_parallel, bool) or not 0 <= target.backup_parallel <= 64:
+        raise ConfigError(
+            f"{where}.backup_parallel: must be a whole number from 1 to 64, or 0 (one per core)"
+        )
     if target.diff_without_full not in ("refuse", "full"):
         raise ConfigError(f'{where}.diff_without_full: must be "refuse" or "full"')
     if target.engine not in ENGINES:

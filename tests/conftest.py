@@ -125,10 +125,12 @@ def make_settings(tmp_path: Path, key_file: Path, request: pytest.FixtureRequest
         lease_seconds: int = 120,
         target: PgCluster | None = None,
         extra: str = "",
+        target_options: str = "",
         s3: Any = None,
         retries: tuple[int, int, int] = (2, 200, 3_600_000),
     ) -> Settings:
-        """`retries`: (max_retries, min_backoff_ms, max_backoff_ms); `s3`: another S3 endpoint."""
+        """`retries`: (max_retries, min_backoff_ms, max_backoff_ms); `s3`: another S3 endpoint;
+        `target_options`: TOML lines for [targets.main]."""
         return build_settings(
             tmp_path,
             key_file,
@@ -139,6 +141,7 @@ def make_settings(tmp_path: Path, key_file: Path, request: pytest.FixtureRequest
             servers=servers,
             lease_seconds=lease_seconds,
             extra=extra,
+            target_options=target_options,
             retries=retries,
         )
 

@@ -37,9 +37,12 @@ def build_settings(
     servers: dict[str, str] | None = None,
     lease_seconds: int = 120,
     extra: str = "",
+    target_options: str = "",
     retries: tuple[int, int, int] = (2, 200, 3_600_000),
 ) -> Settings:
-    """A config file for the test services (a fresh bucket prefix each time), loaded like deskvault does."""
+    """A config file for the test services (a fresh bucket prefix each time), loaded like deskvault does.
+
+    `target_options`: TOML lines for [targets.main] (such as `full_method = "stream"`)."""
     text = f"""
 [broker]
 url = "{rabbit_url}"
@@ -64,6 +67,7 @@ upload_interval_seconds = 1
 engine = "postgresql"
 conninfo = "{target.conninfo}"
 data_directory = "{target.datadir}"
+{target_options}
 [tenants.acme]
 plan = "company"
 database = "acme"

@@ -8,8 +8,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 say() { printf '==> %s\n' "$*"; }
 
-# prometheus: for promtool, which checks and unit-tests the alert rules (the server is not started).
-packages=(unixodbc unixodbc-dev odbc-postgresql odbc-mariadb tdsodbc postgresql-15 postgresql-client-15 prometheus)
+# prometheus: for promtool, which checks and unit-tests the alert rules (the server is not started);
+# pgbackrest: the peer the benchmarks compare against (bench/vs_pgbackrest.py, bench/many_tenants.py).
+packages=(unixodbc unixodbc-dev odbc-postgresql odbc-mariadb tdsodbc postgresql-15 postgresql-client-15 prometheus pgbackrest)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.integration
 BUSY_CONF = "checkpoint_timeout = 30s\nmax_wal_size = 32MB\nmin_wal_size = 32MB\n"
 BLOB_ROWS = 100_000  # about 200 MiB of incompressible rows
 REPEATS = 5
+# Fulls read the data directory (parts) where the worker runs on the database host, else pg_basebackup.
+METHODS = ("files", "stream")
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +76,11 @@ def _restored_rows(manifest: dict, repo, into: Path) -> int:
         restored.destroy()
 
 
+@pytest.mark.parametrize("method", METHODS)
 def test_fulls_of_a_busy_database_succeed_and_restore_though_their_start_wal_is_recycled(
-    make_settings, busy_cluster: PgCluster, scratch_dir: Path
+    make_settings, busy_cluster: PgCluster, scratch_dir: Path, method: str
 ) -> None:
-    ctx = worker_context(make_settings(target=busy_cluster))
+    ctx = worker_context(make_settings(target=busy_cluster, target_options=f'full_method = "{method}"'))
     engine = engine_for(ctx.settings.target("main"))
     for attempt in range(REPEATS):
         # Given a database whose WAL is switched and checkpointed every half second
@@ -91,16 +94,18 @@ def test_fulls_of_a_busy_database_succeed_and_restore_though_their_start_wal_is_
             )
         # Then it commits (the churn recycled WAL during it) and restores with every row
         assert result.created and rounds[0] >= 2, (attempt, rounds)
+        assert (result.manifest.get("layout") == "parts") == (method == "files")
         # and the slot that held its WAL is gone with its session
         assert busy_cluster.psql("SELECT count(*) FROM pg_replication_slots").strip() == "0"
         into = scratch_dir / f"busy-restore-{uuid.uuid4().hex[:6]}"
         assert _restored_rows(result.manifest, ctx.repository, into) == BLOB_ROWS
 
 
+@pytest.mark.parametrize("method", METHODS)
 def test_two_fulls_of_one_busy_target_at_once_both_succeed(
-    make_settings, busy_cluster: PgCluster, scratch_dir: Path
+    make_settings, busy_cluster: PgCluster, scratch_dir: Path, method: str
 ) -> None:
-    ctx = worker_context(make_settings(target=busy_cluster))
+    ctx = worker_context(make_settings(target=busy_cluster, target_options=f'full_method = "{method}"'))
     engine = engine_for(ctx.settings.target("main"))
     results: dict[str, object] = {}
 

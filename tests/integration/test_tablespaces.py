@@ -30,9 +30,10 @@ pytestmark = pytest.mark.integration
 LOCATION = "SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'outside'"
 
 
-@pytest.fixture(scope="module")
-def source(scratch_dir: Path):
-    """Given a cluster whose table `marks` lives in tablespace `outside`, in a folder beside the cluster."""
+@pytest.fixture(scope="module", params=["files", "stream"])
+def source(scratch_dir: Path, request):
+    """Given a cluster whose table `marks` lives in tablespace `outside`, in a folder beside the cluster;
+    its fulls read from the data directory in parts, or through pg_basebackup (`full_method`)."""
     name = f"ts-{uuid.uuid4().hex[:6]}"
     cluster = PgCluster(scratch_dir / name, free_port(), tcp=True)
     cluster.initdb(extra_conf="track_commit_timestamp = on\n")
@@ -46,7 +47,7 @@ def source(scratch_dir: Path):
     cluster.psql("CREATE TABLE ticks (id int)")  # in the data directory
     cluster.psql("CHECKPOINT")
     time.sleep(2)  # files touched within a second of a full's start always go into the differential
-    yield cluster, location
+    yield cluster, location, request.param
     cluster.destroy()
     shutil.rmtree(location, ignore_errors=True)
 
@@ -70,11 +71,19 @@ def commit_rows(cluster: PgCluster, ids: range) -> None:
 @pytest.fixture(scope="module")
 def history(source, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
     """Given full -> writes -> differential -> writes of that cluster, its WAL streamed to the archive."""
-    cluster, _ = source
+    cluster, _, method = source
     directory = tmp_path_factory.mktemp("tablespaces")
     key_file = directory / "keys.json"
     Keyring.create(key_file)
-    settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, cluster)
+    settings = build_settings(
+        directory,
+        key_file,
+        s3_endpoint,
+        rabbit_url,
+        control_db_odbc,
+        cluster,
+        target_options=f'full_method = "{method}"',
+    )
     ctx = worker_context(settings)
     with wal_streaming(ctx):
         wait_for(
@@ -117,8 +126,13 @@ def test_full_and_differential_carry_the_tablespace(history) -> None:
     full, diff = (m for m in catalog.list_manifests(ctx.repository, "main") if m["kind"] in ("full", "diff"))
     (space,) = full["tablespaces"]
     assert space["name"] == "outside"
-    # the tablespace is an object of its own, which retention keeps and the commit checked
-    assert space["key"] in catalog.referenced_keys(full)
+    if full.get("layout") == "parts":
+        # its databases' files are in parts of their own, which retention keeps and the commit checked
+        inside = [o for o in full["objects"] if o["group"].startswith(f"pg_tblspc/{space['oid']}/")]
+        assert inside and {o["key"] for o in inside} <= catalog.referenced_keys(full)
+    else:
+        # the tablespace is an object of its own, which retention keeps and the commit checked
+        assert space["key"] in catalog.referenced_keys(full)
     assert [t["oid"] for t in diff["tablespaces"]] == [space["oid"]]
 
 
@@ -126,7 +140,7 @@ def test_a_table_in_a_tablespace_survives_full_writes_differential_and_a_latest_
     history, source, scratch_dir
 ) -> None:
     settings, ctx = history
-    _, original = source
+    _, original, _ = source
     into = scratch_dir / f"ts-latest-{uuid.uuid4().hex[:6]}"
     oid = catalog.list_manifests(ctx.repository, "main")[0]["tablespaces"][0]["oid"]
 

@@ -59,8 +59,13 @@ class ObjectRepository:
         chunks: Iterable[bytes],
         *,
         on_progress: Callable[[int], None] | None = None,
+        zstd_threads: int | None = None,
     ) -> StoredObject:
-        """Compress, encrypt and upload `chunks`; on any failure (the source's too) nothing is stored."""
+        """Compress, encrypt and upload `chunks`; on any failure (the source's too) nothing is stored.
+
+        `zstd_threads` overrides the repository's for this object (1: in this thread), for callers that
+        already run one upload per core.
+        """
         validate_key(key)
         fence = fencing.current()
         fence()
@@ -80,7 +85,10 @@ class ObjectRepository:
         key_id = self.keyring.active_id
         # Reading and hashing run a few chunks ahead in their own thread, off the compressing thread.
         sealed = encrypt_stream(
-            self.keyring, self._compressed(prefetched(measured())), self.frame_size, context=key.encode()
+            self.keyring,
+            self._compressed(prefetched(measured()), zstd_threads),
+            self.frame_size,
+            context=key.encode(),
         )
         stored_size = self.store.upload_stream(key, sealed)
         return StoredObject(key, plain_size, stored_size, hasher.hexdigest(), key_id)
@@ -161,13 +169,15 @@ class ObjectRepository:
             self.store.abort_upload(key, upload_id)
         return len(uploads)
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
+    def _compressor(self, threads: int | None = None) -> zstandard.ZstdCompressor:
         # A context per operation: zstandard contexts must not be shared between threads.
-        # The content checksum catches corruption that happened before encryption.
-        return zstandard.ZstdCompressor(level=self.zstd_level, threads=self.zstd_threads, write_checksum=True)
+        # The content checksum catches corruption that happened before encryption. zstd's threads
+        # count 1 as one worker beside the caller; 0 compresses in the calling thread.
+        workers = self.zstd_threads if threads is None else (0 if threads <= 1 else threads)
+        return zstandard.ZstdCompressor(level=self.zstd_level, threads=workers, write_checksum=True)
 
-    def _compressed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
-        compressor = self._compressor().compressobj()
+    def _compressed(self, chunks: Iterable[bytes], threads: int | None = None) -> Iterator[bytes]:
+        compressor = self._compressor(threads).compressobj()
         for chunk in chunks:
             out = compressor.compress(chunk)
             if out:

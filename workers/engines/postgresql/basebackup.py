@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.engines.base import BackupResult, EngineError
+from workers.engines.postgresql import parts
 from workers.engines.postgresql.cluster import hand_over
 from workers.engines.postgresql.server import PgServer
 from workers.engines.postgresql.tablespaces import Tablespace
@@ -204,7 +205,25 @@ def commit(repo: ObjectRepository, manifest_key: str, manifest: dict[str, Any]) 
                 f"{entry['stored_size']} this attempt stored; not committing, a retry takes a new copy"
             )
     committed, created = repo.commit_json(manifest_key, manifest)
+    _sweep_superseded(repo, manifest_key, committed)
     return BackupResult(committed, created=created)
+
+
+def _sweep_superseded(repo: ObjectRepository, manifest_key: str, committed: dict[str, Any]) -> None:
+    """Delete what other attempts at this backup left beside the committed one (finished parts of an
+    attempt that lost its lease; this attempt's own, if another committed first).
+
+    Only once a manifest is committed, and only keys it does not own: a committed manifest never
+    changes, so nothing it needs can go. A straggler written later is an orphan `backups expire` removes.
+    """
+    owned = catalog.referenced_keys(committed) | {manifest_key}
+    prefix = manifest_key.rsplit("/", 1)[0] + "/"
+    leftovers = [key for key in repo.list_keys(prefix) if key not in owned]
+    for key in leftovers:
+        repo.delete(key)
+    if leftovers:
+        backup = committed["backup_id"]
+        log.info("backup %s: deleted %d object(s) left by superseded attempts", backup, len(leftovers))
 
 
 class _BaseBackupRun:
@@ -237,12 +256,14 @@ def restore_full(
     into: Path,
     *,
     spaces: list[Tablespace] | None = None,
+    parallel: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Tablespace]:
     """Download, verify, decrypt and unpack a full backup into an empty folder PostgreSQL can start from.
 
     Each tablespace goes to its folder in `spaces` (default: beside `into`, see `tablespaces.layout`),
-    which must be new or empty too; returns where each went.
+    which must be new or empty too; returns where each went. A full stored as parts is laid out
+    `parallel` parts at once.
     """
     if spaces is None:
         spaces = tablespaces_layout([manifest], into)
@@ -250,6 +271,9 @@ def restore_full(
     for folder in folders:
         if folder.exists() and any(folder.iterdir()):
             raise EngineError(f"{folder} is not empty; restore into a new or empty folder")
+    if manifest.get("layout") == "parts":
+        _restore_parts(repo, manifest, into, spaces, folders, parallel, on_progress)
+        return spaces
     by_oid = {int(t["oid"]): t["key"] for t in manifest.get("tablespaces", ())}
     objects = {o["key"]: o for o in manifest["objects"]}
     (base,) = (o for o in manifest["objects"] if o["name"] == "base.tar")
@@ -280,3 +304,41 @@ def restore_full(
     for folder in folders:
         hand_over(folder)
     return spaces
+
+
+def _restore_parts(
+    repo: ObjectRepository,
+    manifest: dict[str, Any],
+    into: Path,
+    spaces: list[Tablespace],
+    folders: list[Path],
+    parallel: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
+    """A full read from the data directory (see `filebackup`): its parts, then its backup label."""
+    total = sum(o["plain_size"] for o in manifest["objects"])
+    try:
+        for folder in folders:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+        # The tablespaces' links first: their files go through them. Then all of it is the server's
+        # user's, who unpacks the parts.
+        link_tablespaces(into, spaces)
+        for folder in folders:
+            hand_over(folder)
+        parts.restore_all(
+            repo,
+            manifest["objects"],
+            into,
+            manifest["backup_id"],
+            parallel=parallel,
+            on_progress=None if on_progress is None else (lambda done: on_progress(done, total)),
+        )
+        (into / "backup_label").write_text(manifest["backup_label"])
+    except BaseException:
+        # Never leave a half-restored folder that someone might start.
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for folder in folders:
+        hand_over(folder)

@@ -21,7 +21,7 @@ from workers.engines.base import (
     RestoreResult,
     ScratchServer,
 )
-from workers.engines.postgresql import basebackup, diff, logbackup
+from workers.engines.postgresql import basebackup, diff, filebackup, logbackup, parts
 from workers.engines.postgresql import restore as point_in_time
 from workers.engines.postgresql.cluster import PgCluster, free_port
 from workers.engines.postgresql.dump import dump_stream
@@ -37,7 +37,8 @@ USER_DATABASES = "SELECT datname FROM pg_database WHERE datallowconn AND NOT dat
 
 
 class PostgresEngine(Engine):
-    """A PostgreSQL cluster: pg_basebackup fulls, file-level differentials, WAL streamed by
+    """A PostgreSQL cluster: file-level fulls in parallel parts (or pg_basebackup's), file-level
+    differentials, WAL streamed by
     pg_receivewal, point-in-time restore through recovery, pg_dump per database."""
 
     name = "postgresql"
@@ -57,6 +58,16 @@ class PostgresEngine(Engine):
         event_id: str,
         on_progress: Callable[[int], None] | None = None,
     ) -> BackupResult:
+        if self._full_from_files():
+            return filebackup.full_from_files(
+                self.target,
+                repo,
+                backup_id=backup_id,
+                job_key=job_key,
+                event_id=event_id,
+                parallel=self._parallel(),
+                on_progress=on_progress,
+            )
         return basebackup.full_backup(
             self.server,
             repo,
@@ -83,8 +94,22 @@ class PostgresEngine(Engine):
             full=full,
             job_key=job_key,
             event_id=event_id,
+            parallel=self._parallel(),
             on_progress=on_progress,
         )
+
+    def _full_from_files(self) -> bool:
+        """Whether fulls read the data directory (see `full_method`): a standby's goes through
+        pg_basebackup, which knows how to end a backup taken there."""
+        method = self.target.full_method
+        if method == "auto":
+            if not self.target.data_directory:
+                return False
+            return self.server.query("SELECT pg_is_in_recovery()").strip() == "f"
+        return method == "files"
+
+    def _parallel(self) -> int:
+        return self.target.backup_parallel or parts.default_parallel()
 
     def log_backup(
         self, repo: ObjectRepository, *, backup_id: str, fulls: list[Manifest], job_key: str, event_id: str

@@ -39,6 +39,7 @@ from workers.engines.postgresql.cluster import (
 )
 from workers.engines.postgresql.commitindex import Commit
 from workers.engines.postgresql.diff import apply_diff
+from workers.engines.postgresql.parts import default_parallel
 from workers.engines.postgresql.stops import IndexReader, Stop, consistency_stop, file_of
 from workers.engines.postgresql.tablespaces import Tablespace
 from workers.engines.postgresql.tablespaces import layout as tablespace_layout
@@ -67,7 +68,8 @@ local replication all peer map=deskvault
 """
 LSN_RE = re.compile(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}")
 RECOVERY_SETTING_RE = re.compile(
-    r"\s*(restore_command|recovery_target\w*|recovery_end_command|primary_conninfo|primary_slot_name)\s*="
+    r"\s*(restore_command|recovery_target\w*|recovery_end_command|recovery_init_sync_method"
+    r"|primary_conninfo|primary_slot_name)\s*="
 )
 
 
@@ -459,12 +461,15 @@ def _lay_out(
     # PostgreSQL replays what is already there.
     downloads.add(wal[:WAL_BESIDE_BASE])
     on_progress(f"restoring base backup {plan.base['backup_id']}")
-    restore_full(repo, plan.base, into, spaces=spaces, on_progress=ByteProgress("base", on_progress))
+    parallel = default_parallel()
+    restore_full(
+        repo, plan.base, into, spaces=spaces, parallel=parallel, on_progress=ByteProgress("base", on_progress)
+    )
     for space in spaces:
         on_progress(f"{space.describe()} goes to {space.into}")
     if plan.diff is not None:
         on_progress(f"applying differential backup {plan.diff['backup_id']}")
-        apply_diff(repo, plan.diff, into, spaces)
+        apply_diff(repo, plan.diff, into, spaces, parallel=parallel)
     downloads.add(wal[WAL_BESIDE_BASE:])
     _write_recovery_settings(into, downloads.wal_dir, plan.stop, plan.follow_timeline)
     _close_access(into)
@@ -503,6 +508,9 @@ def _write_recovery_settings(into: Path, wal_dir: Path, stop: Stop, timeline: in
             else f"recovery_target_lsn = '{stop.lsn_text}'\nrecovery_target_inclusive = on"
         ),
         "recovery_target_action = 'promote'",
+        # The restore wrote every file without fsync: one syncfs per file system at start, instead of
+        # PostgreSQL's fsync of each file.
+        "recovery_init_sync_method = 'syncfs'",
     ]
     auto_conf = into / "postgresql.auto.conf"
     # A backup of a cluster that was itself restored carries that restore's settings (its target time

@@ -1,0 +1,139 @@
+"""The S3 store a benchmark compares tools on: one SeaweedFS serving plain HTTP and HTTPS side by side.
+
+pgBackRest's S3 driver speaks HTTPS only, so both tools must reach the same SeaweedFS, deskvault over
+HTTP (its default, as deployed next to a local store), pgBackRest over HTTPS (certificate checks off,
+path-style URIs). The shared SeaweedFS of `.deskvault` is used when it already listens on HTTPS too;
+otherwise the benchmark starts one of its own (free ports, state in the scratch folder, a self-signed
+certificate) and stops it at the end, leaving every other SeaweedFS alone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import re
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from bench.common import ROOT, log
+from deskvault.local import seaweedfs
+
+
+@dataclass
+class BenchS3:
+    """Where the benchmark's SeaweedFS serves S3: `endpoint` (HTTP, for deskvault) and `https_port`."""
+
+    endpoint: seaweedfs.S3Endpoint
+    https_port: int
+    state: Path | None  # the state dir of a SeaweedFS this benchmark started (None: the shared one)
+
+    @property
+    def host(self) -> str:
+        return seaweedfs.HOST
+
+    @property
+    def owned(self) -> bool:
+        return self.state is not None
+
+    def describe(self) -> str:
+        who = "started by this benchmark" if self.owned else "the shared one of .deskvault"
+        return (
+            f"SeaweedFS on {self.host} ({who}): deskvault over HTTP {self.endpoint.endpoint_url}, "
+            f"pgBackRest over HTTPS port {self.https_port} (repo1-storage-verify-tls=n, path-style URIs)"
+        )
+
+    def stop(self) -> None:
+        if self.state is not None:
+            seaweedfs.stop(self.state)
+
+
+def start(scratch: Path) -> BenchS3:
+    """The shared SeaweedFS if it serves HTTPS as well, else a new one of the benchmark's own."""
+    shared = _shared_with_https()
+    if shared is not None:
+        log(f"S3: the shared SeaweedFS serves HTTPS on port {shared.https_port}; both tools use it")
+        return shared
+    state = scratch / "seaweed-state"
+    state.mkdir(mode=0o700)
+    cert, key = _self_signed_cert(state)
+    port = _free_base_port()
+    endpoint = seaweedfs.ensure_running(state, s3_port=port, https=(port + 5, cert, key))
+    log(f"S3: started a SeaweedFS of the benchmark's own: HTTP {endpoint.endpoint_url}, HTTPS {port + 5}")
+    return BenchS3(endpoint, port + 5, state)
+
+
+def _shared_with_https() -> BenchS3 | None:
+    home = ROOT / ".deskvault" / "seaweedfs"
+    try:
+        pid = int((home / "weed.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except (OSError, ValueError):
+        return None
+    if f"-dir={home.resolve() / 'data'}" not in cmdline:
+        return None  # a stale pid file; the pid belongs to something else now
+    flags = dict(re.match(r"-([\w.]+)=(.*)", a).groups() for a in cmdline if re.match(r"-[\w.]+=", a))
+    if "s3.port.https" not in flags or "s3.port" not in flags:
+        return None
+    endpoint = seaweedfs.ensure_running(ROOT / ".deskvault", s3_port=int(flags["s3.port"]))
+    return BenchS3(endpoint, int(flags["s3.port.https"]), None)
+
+
+def _free_base_port() -> int:
+    """A port whose neighbours `ensure_running` derives (-3..+1, their gRPC twins, +5 for HTTPS) are free."""
+    for _ in range(100):
+        base = random.randrange(40000, 50000, 10)
+        ports = [*range(base - 3, base + 2), *range(base + 10000 - 3, base + 10000 + 2), base + 5]
+        if all(_port_free(p) for p in ports):
+            return base
+    raise RuntimeError("found no free block of ports for the benchmark's SeaweedFS")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((seaweedfs.HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, seaweedfs.HOST)])
+    now = datetime.now(UTC)
+    address = x509.IPAddress(ipaddress.ip_address(seaweedfs.HOST))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([address]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "tls-cert.pem", directory / "tls-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def stored_bytes(client, bucket: str, prefix: str) -> list[tuple[str, int]]:
+    """(key, size) of every object under `prefix`."""
+    found = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found += [(o["Key"], o["Size"]) for o in page.get("Contents", ())]
+    return found
