@@ -214,6 +214,8 @@ def _create_tenants(source: PgCluster, tenants: list[str], scale: int, large_sca
     t = time.monotonic()
     source.psql(f"CREATE DATABASE {TEMPLATE}")
     source.psql(helpdesk_sql(TEMPLATE, scale=scale), TEMPLATE, timeout=3600)
+    # Vacuumed now (every copy inherits it), not by autovacuum during whichever backup runs first.
+    source.psql("VACUUM (FREEZE, ANALYZE)", TEMPLATE, timeout=3600)
     source.psql("CHECKPOINT")
     template_bytes = int(source.psql(f"SELECT pg_database_size('{TEMPLATE}')").strip())
     log(f"tenants: template of {template_bytes / MIB:.1f} MiB; copying it {len(tenants)} times")
@@ -226,6 +228,7 @@ def _create_tenants(source: PgCluster, tenants: list[str], scale: int, large_sca
     t = time.monotonic()
     source.psql(f"CREATE DATABASE {LARGE}")
     source.psql(helpdesk_sql(LARGE, scale=large_scale), LARGE, timeout=3 * 3600)
+    source.psql("VACUUM (FREEZE, ANALYZE)", LARGE, timeout=3 * 3600)
     source.psql("CHECKPOINT")
     large_bytes = int(source.psql(f"SELECT pg_database_size('{LARGE}')").strip())
     total = int(source.psql("SELECT sum(pg_database_size(datname)) FROM pg_database").strip())

@@ -154,6 +154,9 @@ def main() -> int:
         source.psql("CREATE TABLE bench_marker (note text PRIMARY KEY)")
         t = time.monotonic()
         source.psql(helpdesk_sql(HELPDESK_DB, scale=args.scale), HELPDESK_DB, timeout=3600)
+        # Freshly loaded tables get vacuumed (visibility map, freezing: a full-page image per page) by
+        # autovacuum minutes later; done now, it cannot land in whichever backup happens to run first.
+        source.psql("VACUUM (FREEZE, ANALYZE)", HELPDESK_DB, timeout=3600)
         source.psql("CHECKPOINT")
         db_bytes = _database_bytes(source)
         log(f"source holds {db_bytes / MIB:.0f} MiB (generated in {time.monotonic() - t:.0f}s)")

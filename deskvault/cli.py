@@ -20,6 +20,7 @@ from typing import Any
 
 from deskvault_core.errors import DeskvaultError
 from deskvault_core.logs import setup_logging
+from deskvault_core.memory import keep_heap_small
 from messages.events import EVENT_CLASSES
 
 log = logging.getLogger("deskvault")
@@ -33,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command != "publish":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.log_level)
+    keep_heap_small()
     try:
         return int(args.func(args, extra) or 0)
     except DeskvaultError as e:

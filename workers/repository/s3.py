@@ -147,8 +147,11 @@ class S3Store:
         with self._errors("store", key, conditional=if_none_match):
             self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **extra)
 
-    def upload_stream(self, key: str, chunks: Iterable[bytes]) -> int:
-        """Store what `chunks` yields at `key` and return the byte count; on any failure nothing is stored."""
+    def upload_stream(self, key: str, chunks: Iterable[bytes], *, threads: int | None = None) -> int:
+        """Store what `chunks` yields at `key` and return the byte count; on any failure nothing is stored.
+
+        `threads`: parts in flight for this upload (default `upload_threads`); each holds a part in memory.
+        """
         full = self.full_key(key)
         source = _Parts(chunks)
         # Grown as data arrives rather than allocated whole: most objects are far smaller than a part.
@@ -161,7 +164,8 @@ class S3Store:
         with self._errors("start a multipart upload of", key):
             upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
         try:
-            total, etags = self._upload_parts(key, full, upload_id, first, source)
+            in_flight = threads or self.upload_threads
+            total, etags = self._upload_parts(key, full, upload_id, first, source, in_flight)
             with self._errors("complete the upload of", key):
                 self._client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -176,7 +180,7 @@ class S3Store:
         return total
 
     def _upload_parts(
-        self, key: str, full: str, upload_id: str, first: bytearray, source: _Parts
+        self, key: str, full: str, upload_id: str, first: bytearray, source: _Parts, threads: int
     ) -> tuple[int, list[str]]:
         etags: list[str] = []
         total = 0
@@ -184,7 +188,7 @@ class S3Store:
         part = first
         spare: list[bytearray] = []
         pending: deque[tuple[Future[str], bytearray]] = deque()
-        with ThreadPoolExecutor(self.upload_threads, thread_name_prefix="s3-upload") as pool:
+        with ThreadPoolExecutor(threads, thread_name_prefix="s3-upload") as pool:
             try:
                 while part:
                     if number > MAX_PARTS:
@@ -197,8 +201,8 @@ class S3Store:
                     if len(part) < self._part_size_for(number):
                         break
                     number += 1
-                    # upload_threads parts in flight plus the one being filled bound the memory.
-                    while len(pending) > self.upload_threads:
+                    # `threads` parts in flight plus the one being filled bound the memory.
+                    while len(pending) > threads:
                         future, used = pending.popleft()
                         etags.append(future.result())
                         spare.append(used)

@@ -174,9 +174,11 @@ def store_all(
     progress = _Progress(on_progress, max_rate)
 
     def one(part: Part) -> dict[str, Any]:
-        stored = repo.put_stream(
-            key_of(part), progress.counted(stream(datadir, part)), zstd_threads=1 if parallel > 1 else None
-        )
+        # One upload per core already: each compresses in its own thread with one S3 part in flight
+        # (and one filling), which bounds the memory to a few S3 parts per part in flight.
+        one_each = 1 if parallel > 1 else None
+        plain = progress.counted(stream(datadir, part))
+        stored = repo.put_stream(key_of(part), plain, zstd_threads=one_each, upload_threads=one_each)
         return entry(part, stored)
 
     return _all_at_once(one, parts, parallel, "backup", progress.stop)

@@ -49,7 +49,9 @@ while [ ! -f "$dir/$1" ]; do
     sleep {poll}
     polls=$((polls + 1))
 done
-exec cp "$dir/$1" "$2"
+# A hard link, not a copy: the file is never written again (PostgreSQL only reads it), and this folder
+# goes once recovery ends. A copy where the two folders are on different file systems.
+ln -f "$dir/$1" "$2" 2>/dev/null || exec cp "$dir/$1" "$2"
 """
 
 
