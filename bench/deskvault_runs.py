@@ -187,3 +187,20 @@ def restore_wal_objects(repo, target: str) -> list[dict]:
     plan = plan_restore(repo, target, None)
     entries = [*getattr(plan, "history", ()), *getattr(plan, "wal", ())]
     return [{"key": e.key} for e in entries]
+
+
+def archived_by_postgres(source, segment: str) -> bool:
+    """PostgreSQL's archiver (the peer's archive_command) has archived `segment` or a later one."""
+    last = source.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").strip()
+    return len(last) == len(segment) and last >= segment
+
+
+def in_deskvault_archive(raw, bucket: str, prefix: str, target: str, segment: str) -> bool:
+    """A complete (not partial) object of `segment` in deskvault's WAL archive of `target`."""
+    from bench.seaweed import stored_bytes
+
+    listed = stored_bytes(raw, bucket, f"{prefix}targets/{target}/")
+    return any(
+        "/wal/" in key and key.rsplit("/", 1)[1].startswith(segment) and ".partial" not in key
+        for key, _ in listed
+    )

@@ -54,7 +54,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import BenchServices, deskvault_command, drop_caches, log, raw_s3  # noqa: E402
-from bench.deskvault_runs import BackupWorker, WalStream, cli_restore, wait  # noqa: E402
+from bench.deskvault_runs import (  # noqa: E402
+    BackupWorker,
+    WalStream,
+    archived_by_postgres,
+    cli_restore,
+    in_deskvault_archive,
+    wait,
+)
 from bench.peak_rss import Measured  # noqa: E402
 from bench.pgbackrest import PgBackRest, S3Repo, start_archiving  # noqa: E402
 from bench.seaweed import start as start_s3  # noqa: E402
@@ -161,9 +168,9 @@ def main() -> int:
         expected = _fingerprint(source, checked)
         segment = source.psql("SELECT pg_walfile_name(pg_switch_wal())").strip()
         log(f"waiting until both archives hold segment {segment} (it holds the marker commit)")
-        wait(lambda: _archived_by_postgres(source, segment), timeout=300, what="pgBackRest's archive")
+        wait(lambda: archived_by_postgres(source, segment), timeout=300, what="pgBackRest's archive")
         wait(
-            lambda: _in_deskvault_archive(raw, r.bucket, prefix, segment),
+            lambda: in_deskvault_archive(raw, r.bucket, prefix, TARGET, segment),
             timeout=300,
             what="deskvault's archive",
         )
@@ -300,19 +307,6 @@ def _fingerprint(cluster: PgCluster, databases: list[str]) -> dict[str, str]:
     ).strip()
     found["marker"] = cluster.psql("SELECT string_agg(note, ',') FROM bench_marker").strip()
     return found
-
-
-def _archived_by_postgres(source: PgCluster, segment: str) -> bool:
-    last = source.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").strip()
-    return len(last) == len(segment) and last >= segment
-
-
-def _in_deskvault_archive(raw, bucket: str, prefix: str, segment: str) -> bool:
-    listed = stored_bytes(raw, bucket, f"{prefix}targets/{TARGET}/")
-    return any(
-        "/wal/" in key and key.rsplit("/", 1)[1].startswith(segment) and ".partial" not in key
-        for key, _ in listed
-    )
 
 
 def _checked(tool: str, cluster: PgCluster, result: dict, expected: dict, databases: list[str]) -> dict:

@@ -79,7 +79,9 @@ from bench.common import BenchServices, drop_caches, log, raw_s3  # noqa: E402
 from bench.deskvault_runs import (  # noqa: E402
     BackupWorker,
     WalStream,
+    archived_by_postgres,
     cli_restore,
+    in_deskvault_archive,
     replay_alone,
     restore_wal_objects,
     wait,
@@ -199,9 +201,9 @@ def main() -> int:
         expected = _fingerprint(source)
         segment = source.psql("SELECT pg_walfile_name(pg_switch_wal())").strip()
         log(f"waiting until every archive holds segment {segment} (it holds the marker commit)")
-        wait(lambda: _archived_by_postgres(source, segment), timeout=300, what="pgBackRest's archives")
+        wait(lambda: archived_by_postgres(source, segment), timeout=300, what="pgBackRest's archives")
         wait(
-            lambda: _in_deskvault_archive(raw, r.bucket, prefix, segment),
+            lambda: in_deskvault_archive(raw, r.bucket, prefix, TARGET, segment),
             timeout=300,
             what="deskvault's archive",
         )
@@ -342,20 +344,6 @@ def _fingerprint(cluster: PgCluster) -> dict[str, str]:
     found["pgbench_history"] = cluster.psql("SELECT count(*) FROM pgbench_history", WAL_DB).strip()
     found["marker"] = cluster.psql("SELECT string_agg(note, ',') FROM bench_marker").strip()
     return found
-
-
-def _archived_by_postgres(source: PgCluster, segment: str) -> bool:
-    last = source.psql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").strip()
-    return len(last) == len(segment) and last >= segment
-
-
-def _in_deskvault_archive(raw, bucket: str, prefix: str, segment: str) -> bool:
-    """A complete (not partial) object of `segment` in deskvault's WAL archive."""
-    listed = stored_bytes(raw, bucket, f"{prefix}targets/{TARGET}/")
-    return any(
-        "/wal/" in key and key.rsplit("/", 1)[1].startswith(segment) and ".partial" not in key
-        for key, _ in listed
-    )
 
 
 def _checked(tool: str, cluster: PgCluster, result: dict, expected: dict[str, str]) -> dict:

@@ -986,24 +986,14 @@ def _cmd_keys_list(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_keys_retire(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.repository import key_usage
-    from workers.repository.errors import KeyFileError
-    from workers.repository.keyring import Keyring
+    from workers.repository.keyring import Keyring, check_retirable
 
     settings = _settings(args)
     path = Path(settings.repository.key_file)
     keyring = Keyring.load(path)
     key_id = args.key_id
-    # Checked up front, so an impossible request costs no scan (retire checks both again, under the lock).
-    if key_id not in keyring.key_ids:
-        raise KeyFileError(
-            f"key file {path} holds no key {key_id!r} (it holds {', '.join(keyring.key_ids)}); "
-            "`deskvault keys list` shows them"
-        )
-    if key_id == keyring.active_id:
-        raise KeyFileError(
-            f"key {key_id!r} is the active key of {path}: new objects are wrapped by it. Rotate first "
-            "(`deskvault keys rotate`), and retire it once nothing uses it"
-        )
+    # Checked up front, so an impossible request costs no scan (retire checks again, under the lock).
+    check_retirable(path, keyring.key_ids, keyring.active_id, key_id)
     usage = _key_usage(settings)
     try:
         tenant_keys = _tenant_keys_by_kek(settings).get(key_id, 0)

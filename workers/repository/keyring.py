@@ -12,7 +12,7 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -145,21 +145,27 @@ class Keyring:
         path = Path(path)
         with locked(path):
             doc = _read(path)
-            if key_id not in doc.keys:
-                raise KeyFileError(
-                    f"key file {path} holds no key {key_id!r} (it holds {', '.join(sorted(doc.keys))}); "
-                    "`deskvault keys list` shows them"
-                )
-            if key_id == doc.active:
-                raise KeyFileError(
-                    f"key {key_id!r} is the active key of {path}: new objects are wrapped by it. "
-                    "Rotate first (`deskvault keys rotate`), and retire it once nothing uses it"
-                )
+            check_retirable(path, doc.keys, doc.active, key_id)
             # The chunk-naming key is settled before the key goes: for a file without the field it is
             # derived from the oldest key, which may be the one being removed.
             naming = _naming_key_of(doc)
             del doc.keys[key_id]
             _write(path, _KeyFile(doc.active, doc.keys, naming), replace=True)
+
+
+def check_retirable(path: Path, key_ids: Iterable[str], active_id: str, key_id: str) -> None:
+    """Refuse, with the reason, to retire a key the file does not hold or the active one."""
+    held = sorted(key_ids)
+    if key_id not in held:
+        raise KeyFileError(
+            f"key file {path} holds no key {key_id!r} (it holds {', '.join(held)}); "
+            "`deskvault keys list` shows them"
+        )
+    if key_id == active_id:
+        raise KeyFileError(
+            f"key {key_id!r} is the active key of {path}: new objects are wrapped by it. "
+            "Rotate first (`deskvault keys rotate`), and retire it once nothing uses it"
+        )
 
 
 def legacy_chunk_naming(keys: Mapping[str, bytes]) -> bytes:

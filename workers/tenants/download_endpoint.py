@@ -120,17 +120,33 @@ class DumpResponse(Response):
         self.what = what
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        held = scope["method"] != "HEAD"  # a HEAD takes no download slot
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.endpoint.downloads.release()
+
         try:
             await send(
                 {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
             )
-            if scope["method"] == "HEAD" or self.span[1] < self.span[0] or await self._send_span(send):
+            # The slot is freed as soon as the last byte is out, before the stream is closed and the
+            # response ended: a client that starts its next download as soon as it has every byte of
+            # this one (its Content-Length says when) must find the slot free, not a 503.
+            if (
+                scope["method"] == "HEAD"
+                or self.span[1] < self.span[0]
+                or await self._send_span(send, release)
+            ):
+                release()
                 await send({"type": "http.response.body", "body": b""})
         finally:
-            if scope["method"] != "HEAD":
-                self.endpoint.downloads.release()
+            release()
 
-    async def _send_span(self, send: Send) -> bool:
+    async def _send_span(self, send: Send, sent: Callable[[], None]) -> bool:
+        """Send the span's bytes; True when all went out (`sent()` is called the moment they did)."""
         start, end = self.span
         # Reading on past the span's end only when it is the object's end: that is where the SHA-256
         # over the whole dump is checked.
@@ -146,6 +162,7 @@ class DumpResponse(Response):
                     log.error("download of %s stopped: %s", self.what, e)
                     return False
                 if chunk is None:
+                    sent()
                     return True
                 low, position = position, position + len(chunk)
                 piece = chunk[max(start - low, 0) : max(min(end + 1, position) - low, 0)]
@@ -161,6 +178,7 @@ class DumpResponse(Response):
                         )
                         return False
                 if position > end and not read_to_end:
+                    sent()
                     return True
         finally:
             with anyio.CancelScope(shield=True):

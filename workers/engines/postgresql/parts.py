@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import os
-import pwd
-import subprocess
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.engines.postgresql.cluster import server_user
 from workers.engines.postgresql.datafiles import DataFile
 from workers.engines.postgresql.targuard import TarGuard, checked_path
-from workers.engines.postgresql.untar import UnpackError, unpack_tar
+from workers.engines.postgresql.untar import UnpackError, feed_as_server, unpack_tar
 from workers.repository.objects import ObjectRepository, StoredObject
 
 PART_BYTES = 64 * 2**20
@@ -223,10 +219,6 @@ def _write_slice(chunks: Iterable[bytes], into: Path, where: dict[str, Any], wha
     offset, length = int(where["offset"]), int(where["length"])
     if offset < 0 or length < 0:
         raise UnpackError(f"{what}: slice of {path} has a negative offset or length")
-    as_server: dict[str, Any] = {}
-    if (user := server_user()) is not None:
-        pw = pwd.getpwnam(user)
-        as_server = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
     command = [
         "dd",
         f"of={path}",
@@ -236,33 +228,18 @@ def _write_slice(chunks: Iterable[bytes], into: Path, where: dict[str, Any], wha
         "conv=notrunc",
         "status=none",
     ]
-    with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(
-            command, cwd=into, umask=0o077, stdin=subprocess.PIPE, stderr=errors, **as_server
-        )
-        assert proc.stdin is not None
-        written, dd_open = 0, True
-        try:
-            for chunk in chunks:
-                written += len(chunk)
-                if written > length:
-                    raise UnpackError(f"{what}: slice of {path} holds more than its {length} bytes")
-                if dd_open:
-                    try:
-                        proc.stdin.write(chunk)
-                    except BrokenPipeError:
-                        dd_open = False  # dd ended (its exit status tells why); keep verifying
-            if dd_open:
-                proc.stdin.close()
-            returncode = proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if returncode != 0:
-            errors.seek(0)
-            said = errors.read().decode("utf-8", "replace").strip()[-1000:]
-            raise UnpackError(f"dd could not write {what} into {into / path} (exit {returncode}): {said}")
+    returncode, said = feed_as_server(command, _at_most(chunks, length, f"{what}: slice of {path}"), into)
+    if returncode != 0:
+        raise UnpackError(f"dd could not write {what} into {into / path} (exit {returncode}): {said}")
+
+
+def _at_most(chunks: Iterable[bytes], length: int, what: str) -> Iterator[bytes]:
+    written = 0
+    for chunk in chunks:
+        written += len(chunk)
+        if written > length:
+            raise UnpackError(f"{what} holds more than its {length} bytes")
+        yield chunk
 
 
 class _Stopped(Exception):
