@@ -149,3 +149,41 @@ def test_a_differential_finds_exactly_the_changed_new_and_deleted_files(
     }
     assert {f.path for f in changed} == expected_changed and len(changed) == len(expected_changed)
     assert deleted == sorted(p for p in full if p not in now and not skipped(p))
+
+
+def test_a_folder_the_walk_cannot_list_fails_the_backup_naming_it(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from workers.engines.postgresql.datafiles import UnreadableDataDirectory
+
+    (tmp_path / "base" / "1").mkdir(parents=True)
+    (tmp_path / "base" / "1" / "100").write_bytes(b"x")
+    real = os.scandir
+
+    def scandir(path):  # what a worker without the server's rights meets (root reads anything)
+        if str(path).endswith("base/1"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UnreadableDataDirectory, match=r"base/1.*run it as the server's user"):
+        walk(tmp_path)
+
+
+def test_a_file_the_backup_cannot_read_fails_it_naming_the_file(tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    from workers.engines.postgresql.datafiles import UnreadableDataDirectory
+
+    (tmp_path / "secret").write_bytes(b"x" * 10)
+    real = builtins.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path).endswith("secret"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    part = parts.Part("part-00001", parts.CLUSTER_GROUP, files=[DataFile("secret", 10, 0)])
+    with pytest.raises(UnreadableDataDirectory, match="secret"):
+        b"".join(parts.stream(tmp_path, part))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.errors import PermanentError
 from workers.repository.errors import IntegrityError
 from workers.repository.objects import ObjectRepository
 
@@ -48,6 +49,11 @@ SKIP_ANYWHERE = {"pg_internal.init"}  # relation cache files, rebuilt at start
 FILE_LIST_FORMAT = 2
 
 
+class UnreadableDataDirectory(PermanentError):
+    """Part of the data directory cannot be read by this worker: dead-lettered with the reason, since a
+    retry reads it no better."""
+
+
 @dataclass(frozen=True, slots=True)  # slots: a cluster of many tenants lists hundreds of thousands
 class DataFile:
     """A file to copy, as listed: its path relative to the data directory, size and modification time."""
@@ -74,7 +80,7 @@ def walk(datadir: Path) -> tuple[list[DataFile], list[str]]:
 
 
 def _walk_tree(datadir: Path, top: Path, files: list[DataFile], folders: list[str]) -> None:
-    for root, dirs, names in os.walk(top):
+    for root, dirs, names in os.walk(top, onerror=_unreadable):
         rel_root = os.path.relpath(root, datadir)
         if rel_root != "." and not (root == str(top) and top != datadir):
             folders.append(rel_root)
@@ -94,6 +100,18 @@ def _walk_tree(datadir: Path, top: Path, files: list[DataFile], folders: list[st
                 continue  # dropped while we looked: the WAL replays the drop
             if stat.S_ISREG(st.st_mode):
                 files.append(DataFile(rel, st.st_size, st.st_mtime))
+
+
+def _unreadable(error: OSError) -> None:
+    """os.walk skips a folder it cannot list unless told otherwise: a backup missing it would restore
+    as a broken cluster, so that is an error. A folder dropped while we looked is not (the WAL replays
+    the drop)."""
+    if isinstance(error, FileNotFoundError):
+        return
+    raise UnreadableDataDirectory(
+        f"cannot list {error.filename} in the data directory ({error.strerror}); the backup worker must "
+        'be able to read all of it: run it as the server\'s user (or root), or set full_method = "stream"'
+    )
 
 
 def skipped(path: str) -> bool:

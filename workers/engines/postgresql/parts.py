@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.engines.postgresql.datafiles import DataFile
+from workers.engines.postgresql.datafiles import DataFile, UnreadableDataDirectory
 from workers.engines.postgresql.targuard import TarGuard, checked_path
 from workers.engines.postgresql.untar import UnpackError, feed_as_server, unpack_tar
 from workers.repository.objects import ObjectRepository, StoredObject
@@ -130,6 +130,11 @@ def _read_range(path: Path, offset: int, length: int) -> Iterator[bytes]:
                 yield chunk
     except FileNotFoundError:
         pass  # dropped during the backup: zeros now, the WAL replays the drop
+    except PermissionError as e:
+        raise UnreadableDataDirectory(
+            f"cannot read {path} ({e.strerror}); the backup worker must be able to read the whole data "
+            'directory: run it as the server\'s user (or root), or set full_method = "stream"'
+        ) from None
     while left:
         n = min(READ_SIZE, left)
         left -= n
