@@ -201,9 +201,7 @@ def test_a_crafted_slice_cannot_write_outside_the_data_directory(
     source.mkdir()
     (source / "x").write_bytes(b"owned" * 100)
     part = parts.Part("part-00001", "cluster", slice_of=DataFile("x", 500, 0), offset=0, length=500)
-    (entry,) = parts.store_all(
-        ctx.repository, source, [part], lambda p: f"crafted/{uuid.uuid4().hex}.dv", parallel=1
-    )
+    (entry,) = parts.store_all(ctx.repository, source, [part], f"crafted/{uuid.uuid4().hex}/", parallel=1)
     entry["slice"] = {"path": path, "offset": offset, "length": 500}
     into = scratch_dir / f"into-{uuid.uuid4().hex[:6]}" / "data"
     into.mkdir(parents=True)
@@ -222,9 +220,7 @@ def test_a_slice_longer_than_its_entry_says_is_refused(
     source.mkdir()
     (source / "x").write_bytes(b"y" * 4000)
     part = parts.Part("part-00001", "cluster", slice_of=DataFile("x", 4000, 0), offset=0, length=4000)
-    (entry,) = parts.store_all(
-        ctx.repository, source, [part], lambda p: f"crafted/{uuid.uuid4().hex}.dv", parallel=1
-    )
+    (entry,) = parts.store_all(ctx.repository, source, [part], f"crafted/{uuid.uuid4().hex}/", parallel=1)
     entry["slice"] = {"path": "x", "offset": 0, "length": 100}
     into = scratch_dir / f"into-{uuid.uuid4().hex[:6]}"
     into.mkdir()

@@ -271,31 +271,11 @@ def restore_full(
     for folder in folders:
         if folder.exists() and any(folder.iterdir()):
             raise EngineError(f"{folder} is not empty; restore into a new or empty folder")
-    if manifest.get("layout") == "parts":
-        _restore_parts(repo, manifest, into, spaces, folders, parallel, on_progress)
-        return spaces
-    by_oid = {int(t["oid"]): t["key"] for t in manifest.get("tablespaces", ())}
-    objects = {o["key"]: o for o in manifest["objects"]}
-    (base,) = (o for o in manifest["objects"] if o["name"] == "base.tar")
-    parts = [(base, into)] + [(objects[by_oid[s.oid]], s.into) for s in spaces if s.oid in by_oid]
-    total = sum(entry["plain_size"] for entry, _ in parts)
     try:
-        done = 0
-        for entry, folder in parts:
-            folder.mkdir(parents=True, exist_ok=True)
-            os.chmod(folder, 0o700)
-            size = entry["plain_size"]
-            plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=size)
-            if on_progress is not None:
-                plain = counted(plain, lambda n, before=done: on_progress(before + n, total))
-            # PostgreSQL links a tablespace at pg_tblspc/<oid> in base.tar; no other link belongs anywhere.
-            links = {f"pg_tblspc/{s.oid}" for s in spaces} if folder == into else set()
-            archive = f"{manifest['backup_id']}/{entry['name']}"
-            unpack_tar(plain, folder, TarGuard(archive, links.__contains__))
-            done += size
-        for space in spaces:
-            space.into.mkdir(mode=0o700, parents=True, exist_ok=True)
-        link_tablespaces(into, spaces)
+        if manifest.get("layout") == parts.LAYOUT:
+            _lay_out_parts(repo, manifest, into, spaces, folders, parallel, on_progress)
+        else:
+            _lay_out_tars(repo, manifest, into, spaces, on_progress)
     except BaseException:
         # Never leave a half-restored folder that someone might start.
         for folder in folders:
@@ -306,7 +286,39 @@ def restore_full(
     return spaces
 
 
-def _restore_parts(
+def _lay_out_tars(
+    repo: ObjectRepository,
+    manifest: dict[str, Any],
+    into: Path,
+    spaces: list[Tablespace],
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
+    """A full through pg_basebackup: base.tar into the data directory, each tablespace's tar into its
+    folder."""
+    by_oid = {int(t["oid"]): t["key"] for t in manifest.get("tablespaces", ())}
+    objects = {o["key"]: o for o in manifest["objects"]}
+    (base,) = (o for o in manifest["objects"] if o["name"] == "base.tar")
+    tars = [(base, into)] + [(objects[by_oid[s.oid]], s.into) for s in spaces if s.oid in by_oid]
+    total = sum(entry["plain_size"] for entry, _ in tars)
+    done = 0
+    for entry, folder in tars:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        size = entry["plain_size"]
+        plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=size)
+        if on_progress is not None:
+            plain = counted(plain, lambda n, before=done: on_progress(before + n, total))
+        # PostgreSQL links a tablespace at pg_tblspc/<oid> in base.tar; no other link belongs anywhere.
+        links = {f"pg_tblspc/{s.oid}" for s in spaces} if folder == into else set()
+        archive = f"{manifest['backup_id']}/{entry['name']}"
+        unpack_tar(plain, folder, TarGuard(archive, links.__contains__))
+        done += size
+    for space in spaces:
+        space.into.mkdir(mode=0o700, parents=True, exist_ok=True)
+    link_tablespaces(into, spaces)
+
+
+def _lay_out_parts(
     repo: ObjectRepository,
     manifest: dict[str, Any],
     into: Path,
@@ -317,28 +329,20 @@ def _restore_parts(
 ) -> None:
     """A full read from the data directory (see `filebackup`): its parts, then its backup label."""
     total = sum(o["plain_size"] for o in manifest["objects"])
-    try:
-        for folder in folders:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(folder, 0o700)
-        # The tablespaces' links first: their files go through them. Then all of it is the server's
-        # user's, who unpacks the parts.
-        link_tablespaces(into, spaces)
-        for folder in folders:
-            hand_over(folder)
-        parts.restore_all(
-            repo,
-            manifest["objects"],
-            into,
-            manifest["backup_id"],
-            parallel=parallel,
-            on_progress=None if on_progress is None else (lambda done: on_progress(done, total)),
-        )
-        (into / "backup_label").write_text(manifest["backup_label"])
-    except BaseException:
-        # Never leave a half-restored folder that someone might start.
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
+    for folder in folders:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+    # The tablespaces' links first: their files go through them. Then all of it is the server's
+    # user's, who unpacks the parts.
+    link_tablespaces(into, spaces)
     for folder in folders:
         hand_over(folder)
+    parts.restore_all(
+        repo,
+        manifest["objects"],
+        into,
+        manifest["backup_id"],
+        parallel=parallel,
+        on_progress=None if on_progress is None else (lambda done: on_progress(done, total)),
+    )
+    (into / "backup_label").write_text(manifest["backup_label"])

@@ -19,7 +19,7 @@ from typing import Any
 
 from deskvault_core.config import TargetSettings
 from workers.engines.base import BackupResult
-from workers.engines.postgresql import datafiles, filebackup, parts
+from workers.engines.postgresql import datafiles, parts
 from workers.engines.postgresql.basebackup import commit
 from workers.engines.postgresql.cluster import hand_over
 from workers.engines.postgresql.datafiles import DataFile
@@ -76,41 +76,22 @@ def diff_backup(
         if aborted := repo.abort_uploads(catalog.backup_prefix(target.name, backup_id)):
             log.info("diff %s: aborted %d upload(s) left by an earlier attempt", backup_id, aborted)
         planned = parts.plan(changed, folders)
-        objects = parts.store_all(
-            repo,
-            datadir,
-            planned,
-            lambda part: f"{prefix}{part.name}.dv",
-            parallel=parallel,
-            on_progress=on_progress,
-        )
-        stop_lsn, label, spcmap = session.stop()
-    manifest = {
-        "format": catalog.MANIFEST_FORMAT,
-        "layout": filebackup.LAYOUT,
-        "target": target.name,
-        "engine": "postgresql",
-        "kind": "diff",
-        "backup_id": backup_id,
-        "parent": full["backup_id"],
-        "server_version_num": full.get("server_version_num"),
-        "wal_segment_size": full.get("wal_segment_size"),
-        "timeline": session.timeline,
-        "start_lsn": session.start_lsn,
-        "stop_lsn": stop_lsn,
-        "started_at": catalog.iso(started_at),
-        "finished_at": catalog.iso(datetime.now(UTC)),
-        "job_key": job_key,
-        "event_id": event_id,
-        "backup_label": label,
-        "tablespace_map": spcmap,
-        "tablespaces": session.spaces,
-        "changed_files": len(changed),
-        "deleted_files": deleted,
-        "objects": objects,
-        "plain_size": sum(o["plain_size"] for o in objects),
-        "stored_size": sum(o["stored_size"] for o in objects),
-    }
+        objects = parts.store_all(repo, datadir, planned, prefix, parallel=parallel, on_progress=on_progress)
+        session.stop()
+    manifest = session.manifest(
+        target.name,
+        "diff",
+        backup_id,
+        started_at,
+        objects,
+        parent=full["backup_id"],
+        server_version_num=full.get("server_version_num"),
+        wal_segment_size=full.get("wal_segment_size"),
+        job_key=job_key,
+        event_id=event_id,
+        changed_files=len(changed),
+        deleted_files=deleted,
+    )
     return commit(repo, manifest_key, manifest)
 
 
@@ -157,7 +138,7 @@ def apply_diff(
     spaces = spaces or []
     link_tablespaces(into, spaces)  # a tablespace created after the full has no link yet
     archive = diff["backup_id"]
-    if diff.get("layout") == filebackup.LAYOUT:
+    if diff.get("layout") == parts.LAYOUT:
         for space in spaces:
             space.into.mkdir(mode=0o700, parents=True, exist_ok=True)
             hand_over(space.into)

@@ -36,7 +36,6 @@ from workers.repository.objects import ObjectRepository
 
 log = logging.getLogger(__name__)
 
-LAYOUT = "parts"
 WAL_PART = "wal"
 
 
@@ -48,13 +47,47 @@ class BackupSession:
     start_lsn: str
     timeline: int
     spaces: list[dict[str, Any]]
+    stop_lsn: str = ""
+    backup_label: str = ""
+    tablespace_map: str = ""
 
-    def stop(self) -> tuple[str, str, str]:
-        """End the backup: (stop LSN, backup label, tablespace map)."""
+    def stop(self) -> None:
+        """End the backup: its stop LSN, backup label and tablespace map are kept here."""
         stop_lsn, label, spcmap = self.cursor.execute(
             "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
         ).fetchone()
-        return stop_lsn, label, spcmap or ""
+        self.stop_lsn, self.backup_label, self.tablespace_map = stop_lsn, label, spcmap or ""
+
+    def manifest(
+        self,
+        target: str,
+        kind: str,
+        backup_id: str,
+        started_at: datetime,
+        objects: list[dict[str, Any]],
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """The manifest of a parts backup this session took (`fields`: what its kind adds)."""
+        return {
+            "format": catalog.MANIFEST_FORMAT,
+            "layout": parts.LAYOUT,
+            "target": target,
+            "engine": "postgresql",
+            "kind": kind,
+            "backup_id": backup_id,
+            **fields,
+            "timeline": self.timeline,
+            "start_lsn": self.start_lsn,
+            "stop_lsn": self.stop_lsn,
+            "started_at": catalog.iso(started_at),
+            "finished_at": catalog.iso(datetime.now(UTC)),
+            "backup_label": self.backup_label,
+            "tablespace_map": self.tablespace_map,
+            "tablespaces": self.spaces,
+            "objects": objects,
+            "plain_size": sum(o["plain_size"] for o in objects),
+            "stored_size": sum(o["stored_size"] for o in objects),
+        }
 
 
 @contextlib.contextmanager
@@ -152,45 +185,33 @@ def full_from_files(
                 repo,
                 datadir,
                 planned,
-                lambda part: f"{prefix}{part.name}.dv",
+                prefix,
                 parallel=parallel,
                 max_rate=target.full_max_rate_mib * 2**20,
                 on_progress=on_progress,
             )
-            stop_lsn, label, spcmap = session.stop()
+            session.stop()
         # Still under the slot: the WAL from the checkpoint to the stop cannot have been recycled.
-        wal = _wal_part(datadir, session.timeline, session.start_lsn, stop_lsn, segment_size)
-        objects += parts.store_all(repo, datadir, [wal], lambda p: f"{prefix}{p.name}.dv", parallel=1)
+        wal = _wal_part(datadir, session.timeline, session.start_lsn, session.stop_lsn, segment_size)
+        objects += parts.store_all(repo, datadir, [wal], prefix, parallel=1)
     part_of = {f.path: p.name for p in planned for f in ([p.slice_of] if p.slice_of else p.files)}
     file_list_key = prefix + "files.dv"
     repo.put_stream(file_list_key, datafiles.file_list_lines(files, part_of))
-    manifest = {
-        "format": catalog.MANIFEST_FORMAT,
-        "layout": LAYOUT,
-        "target": target.name,
-        "engine": "postgresql",
-        "kind": "full",
-        "backup_id": backup_id,
-        "parent": None,
-        "server_version_num": int(version),
-        "wal_segment_size": segment_size,
-        "timeline": session.timeline,
-        "start_lsn": session.start_lsn,
-        "stop_lsn": stop_lsn,
-        "started_at": catalog.iso(started_at),
-        "finished_at": catalog.iso(datetime.now(UTC)),
-        "job_key": job_key,
-        "event_id": event_id,
-        "file_list": file_list_key,
-        "file_list_format": datafiles.FILE_LIST_FORMAT,
-        "backup_label": label,
-        "tablespace_map": spcmap,
-        "tablespaces": session.spaces,
-        "files": len(files),
-        "objects": objects,
-        "plain_size": sum(o["plain_size"] for o in objects),
-        "stored_size": sum(o["stored_size"] for o in objects),
-    }
+    manifest = session.manifest(
+        target.name,
+        "full",
+        backup_id,
+        started_at,
+        objects,
+        parent=None,
+        server_version_num=int(version),
+        wal_segment_size=segment_size,
+        job_key=job_key,
+        event_id=event_id,
+        file_list=file_list_key,
+        file_list_format=datafiles.FILE_LIST_FORMAT,
+        files=len(files),
+    )
     return commit(repo, manifest_key, manifest)
 
 

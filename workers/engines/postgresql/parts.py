@@ -31,6 +31,7 @@ from workers.engines.postgresql.targuard import TarGuard, checked_path
 from workers.engines.postgresql.untar import UnpackError, feed_as_server, unpack_tar
 from workers.repository.objects import ObjectRepository, StoredObject
 
+LAYOUT = "parts"  # a manifest's `layout` when its objects are parts
 PART_BYTES = 64 * 2**20
 READ_SIZE = 2**20
 CLUSTER_GROUP = "cluster"
@@ -161,13 +162,14 @@ def store_all(
     repo: ObjectRepository,
     datadir: Path,
     parts: list[Part],
-    key_of: Callable[[Part], str],
+    prefix: str,
     *,
     parallel: int,
     max_rate: int = 0,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Upload every part, `parallel` at once; their manifest entries, in the parts' order. With
+    """Upload every part (as `<prefix><part name>.dv`), `parallel` at once; their manifest entries, in
+    the parts' order. With
     `max_rate` (bytes per second), the data directory is read no faster than that, all parts together.
 
     On the first failure the others are stopped before their uploads complete, and nothing is committed.
@@ -179,7 +181,9 @@ def store_all(
         # (and one filling), which bounds the memory to a few S3 parts per part in flight.
         one_each = 1 if parallel > 1 else None
         plain = progress.counted(stream(datadir, part))
-        stored = repo.put_stream(key_of(part), plain, zstd_threads=one_each, upload_threads=one_each)
+        stored = repo.put_stream(
+            f"{prefix}{part.name}.dv", plain, zstd_threads=one_each, upload_threads=one_each
+        )
         return entry(part, stored)
 
     return _all_at_once(one, parts, parallel, "backup", progress.stop)
