@@ -9,16 +9,15 @@ certificate) and stops it at the end, leaving every other SeaweedFS alone.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 import re
 import socket
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bench.common import ROOT, log
 from deskvault.local import seaweedfs
+from deskvault.local.certs import self_signed_cert
 
 
 @dataclass
@@ -57,7 +56,7 @@ def start(scratch: Path) -> BenchS3:
         return shared
     state = scratch / "seaweed-state"
     state.mkdir(mode=0o700)
-    cert, key = _self_signed_cert(state)
+    cert, key = self_signed_cert(state)
     port = _free_base_port()
     endpoint = seaweedfs.ensure_running(state, s3_port=port, https=(port + 5, cert, key))
     log(f"S3: started a SeaweedFS of the benchmark's own: HTTP {endpoint.endpoint_url}, HTTPS {port + 5}")
@@ -97,38 +96,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, seaweedfs.HOST)])
-    now = datetime.now(UTC)
-    address = x509.IPAddress(ipaddress.ip_address(seaweedfs.HOST))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([address]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "tls-cert.pem", directory / "tls-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
 
 
 def stored_bytes(client, bucket: str, prefix: str) -> list[tuple[str, int]]:
