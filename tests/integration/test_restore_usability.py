@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import stat
 import uuid
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from support import marks_cluster, run_cli, streamed_target, take_backup, wait_for
+from support import free_port, marks_cluster, run_cli, streamed_target, take_backup, wait_for
 
 from messages.events import RestoreDrill
 from workers.context import WorkerContext
@@ -206,3 +207,20 @@ def test_a_failed_drill_keeps_the_server_log_and_reports_it(backed_up) -> None:
     assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700 and kept.parent.stat().st_uid == os.geteuid()
     assert str(kept) in ctx.ledger.drills("main")[-1]["detail"]
     kept.unlink()
+
+
+def test_stopping_a_server_that_ended_on_its_own_is_not_an_error(scratch_dir) -> None:
+    # A restore's server can die replaying (a WAL file that never came) just as the restore's cleanup
+    # stops it: the stop must not fail, or its error hides the one that says why the restore failed.
+    cluster = PgCluster(scratch_dir / f"ended-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
+    cluster.initdb()
+    cluster.start()
+    try:
+        pid = int((cluster.datadir / "postmaster.pid").read_text().splitlines()[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), what="the killed postmaster to go")
+        assert (cluster.datadir / "postmaster.pid").exists()  # stale, as a crash leaves it
+        cluster.stop("immediate")
+    finally:
+        cluster.destroy()
+    assert not cluster.datadir.exists()

@@ -257,12 +257,30 @@ class PgCluster:
         if not (self.datadir / "postmaster.pid").exists():
             return
         socket_dir = self.socket_dir
-        self._run(
-            self._server_cmd(str(self.pg_bin / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"),
-            f"stopping PostgreSQL in {self.datadir}",
-        )
+        pg_ctl = [str(self.pg_bin / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop"]
+        try:
+            self._run(self._server_cmd(*pg_ctl), f"stopping PostgreSQL in {self.datadir}")
+        except ClusterError:
+            # A server can end on its own between the check above and pg_ctl (a FATAL in recovery), or
+            # have died leaving its PID file: either way it is stopped, which is what was asked.
+            if self._postmaster_alive():
+                raise
         if socket_dir is not None and socket_dir.name.startswith(SOCKET_DIR_PREFIX):
             shutil.rmtree(socket_dir, ignore_errors=True)  # the one `start` made
+
+    def _postmaster_alive(self) -> bool:
+        """Whether the process postmaster.pid names still runs (False: no file, or a stale one)."""
+        try:
+            pid = int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # it exists, as someone else's
+        return True
 
     def destroy(self) -> None:
         self.stop("immediate")

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from deskvault_core.config import TargetSettings
+from deskvault_core.errors import DeskvaultError
 from workers.engines.base import (
     BackupResult,
     Engine,
@@ -166,11 +167,16 @@ class PostgresEngine(Engine):
         cluster = PgCluster(scratch / "data", free_port(), self.pg_bin)
         try:
             yield cluster
-        finally:
+        except BaseException:
             try:
                 cluster.destroy()
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+            except DeskvaultError as e:
+                log.warning("%s", e)  # cleanup: the failure that got here is the one to report
+            raise
+        else:
+            cluster.destroy()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def probe(self, server: ScratchServer) -> list[str]:
         return probe(_cluster(server))

@@ -423,7 +423,11 @@ def restore(
         missing = downloads.missing()  # read before the folder goes
         downloads.abandon()
         if cluster is not None:
-            cluster.stop("immediate")
+            try:
+                cluster.stop("immediate")
+            except DeskvaultError as stop_error:
+                # What failed the restore is the error to report; the stop is cleanup.
+                log.warning("%s", stop_error)
         # Never leave a half-restored folder that someone might start.
         for folder in (into, wal_dir, *(s.into for s in spaces)):
             shutil.rmtree(folder, ignore_errors=True)
