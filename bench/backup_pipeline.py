@@ -82,7 +82,8 @@ def main() -> int:
             conninfo=cluster.conninfo,
             prefix="run",
             extra=f"zstd_level = {args.zstd_level}\nzstd_threads = {args.zstd_threads}",
-            s3=s3.endpoint,
+            s3=s3.tls_endpoint,
+            ca_bundle=s3.ca_bundle,
         )
         alone = _stages_alone(settings, cluster, scratch)
         pipeline = _pipeline(settings)

@@ -149,12 +149,14 @@ class BenchServices:
         prefix: str,
         extra: str = "",
         s3: seaweedfs.S3Endpoint | None = None,
+        ca_bundle: Path | None = None,
         target_extra: str = "",
     ) -> Settings:
         """Settings for these services, SeaweedFS, a new key file and one target; ledger and bucket ready.
 
         `s3`: the store to use (default: the shared SeaweedFS of .deskvault, started if need be);
-        `extra` goes into [repository] (or opens sections of its own), `target_extra` into the target's.
+        `ca_bundle`: the certificate an HTTPS `s3` presents; `extra` goes into [repository] (or opens
+        sections of its own), `target_extra` into the target's.
         """
         s3 = s3 or seaweedfs.ensure_running(ROOT / ".deskvault")
         key_file = scratch / "keys.json"
@@ -172,6 +174,7 @@ endpoint = "{s3.endpoint_url}"
 access_key = "{s3.access_key}"
 secret_key = "{s3.secret_key}"
 key_file = "{key_file}"
+{f'ca_bundle = "{ca_bundle}"' if ca_bundle else ""}
 {extra}
 [targets.{target}]
 engine = "postgresql"

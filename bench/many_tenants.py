@@ -24,7 +24,7 @@ and the tree's sampled sum) for each tool alike.
 
 pgBackRest is configured as in bench/vs_pgbackrest.py (`bench/pgbackrest.py`): repository on the same
 SeaweedFS over HTTPS, archive-async=y for push and get, process-max = cores, zstd level 3, AES-256-CBC.
-deskvault uses its defaults, on the same SeaweedFS over HTTP.
+deskvault uses its defaults, on the same SeaweedFS over HTTPS (checking the certificate).
 
 Result (JSON on stdout; progress on stderr): per step each tool's seconds and peak RSS, the ratios
 deskvault / pgBackRest (goal <= 1.0), and stored bytes: each full and differential, the differential
@@ -116,7 +116,8 @@ def main() -> int:
             conninfo=source.conninfo,
             prefix="many-tenants",
             extra=f'[wal]\nspool_dir = "{scratch / "wal-spool"}"',
-            s3=s3.endpoint,
+            s3=s3.tls_endpoint,
+            ca_bundle=s3.ca_bundle,
             target_extra=f'data_directory = "{source.datadir}"',
         )
         repo = open_repository(settings)
@@ -386,7 +387,7 @@ def _report(args, created, changed, checked, steps, stored, peer, settings, s3) 
         "peak_rss": "the largest process of the command's tree (getrusage RUSAGE_CHILDREN of a wrapper); "
         "tree_peak_rss_mib in steps: the sampled sum over the tree",
         "repositories": {
-            "deskvault": f"S3 over HTTP, {s3.describe()}; defaults: zstd level "
+            "deskvault": f"S3 over HTTPS, {s3.describe()}; defaults: zstd level "
             f"{settings.repository.zstd_level}, zstd threads {settings.repository.zstd_threads}, "
             "AES-256-GCM; data_directory set",
             peer.name: "S3 over HTTPS on the same SeaweedFS, archive-async=y, "

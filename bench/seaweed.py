@@ -1,10 +1,11 @@
-"""The S3 store a benchmark compares tools on: one SeaweedFS serving plain HTTP and HTTPS side by side.
+"""The S3 store a benchmark compares tools on: one SeaweedFS serving HTTPS (and plain HTTP beside it).
 
-pgBackRest's S3 driver speaks HTTPS only, so both tools must reach the same SeaweedFS, deskvault over
-HTTP (its default, as deployed next to a local store), pgBackRest over HTTPS (certificate checks off,
-path-style URIs). The shared SeaweedFS of `.deskvault` is used when it already listens on HTTPS too;
-otherwise the benchmark starts one of its own (free ports, state in the scratch folder, a self-signed
-certificate) and stops it at the end, leaving every other SeaweedFS alone.
+Both tools reach it over HTTPS, as the policy's TLS in transit has them deployed: deskvault checking the
+certificate against the benchmark's CA bundle (`tls_endpoint`, `ca_bundle`), pgBackRest with certificate
+checks off (its option for a self-signed store) and path-style URIs. The shared SeaweedFS of
+`.deskvault` is used when it already listens on HTTPS too; otherwise the benchmark starts one of its
+own (free ports, state in the scratch folder, a self-signed certificate) and stops it at the end,
+leaving every other SeaweedFS alone.
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ from deskvault.local.certs import self_signed_cert
 
 @dataclass
 class BenchS3:
-    """Where the benchmark's SeaweedFS serves S3: `endpoint` (HTTP, for deskvault) and `https_port`."""
+    """Where the benchmark's SeaweedFS serves S3: `endpoint` (HTTP), `https_port` and its certificate."""
 
     endpoint: seaweedfs.S3Endpoint
     https_port: int
+    ca_bundle: Path  # the certificate HTTPS presents: a CA of one
     state: Path | None  # the state dir of a SeaweedFS this benchmark started (None: the shared one)
+
+    @property
+    def tls_endpoint(self) -> seaweedfs.S3Endpoint:
+        """The same store and credentials over HTTPS: what deskvault uses in a benchmark."""
+        e = self.endpoint
+        url = f"https://{self.host}:{self.https_port}"
+        return seaweedfs.S3Endpoint(url, e.access_key, e.secret_key, e.region)
 
     @property
     def host(self) -> str:
@@ -39,8 +48,8 @@ class BenchS3:
     def describe(self) -> str:
         who = "started by this benchmark" if self.owned else "the shared one of .deskvault"
         return (
-            f"SeaweedFS on {self.host} ({who}): deskvault over HTTP {self.endpoint.endpoint_url}, "
-            f"pgBackRest over HTTPS port {self.https_port} (repo1-storage-verify-tls=n, path-style URIs)"
+            f"SeaweedFS on {self.host} ({who}), both tools over HTTPS port {self.https_port}: deskvault "
+            "checking its certificate, pgBackRest with repo1-storage-verify-tls=n and path-style URIs"
         )
 
     def stop(self) -> None:
@@ -60,7 +69,7 @@ def start(scratch: Path) -> BenchS3:
     port = _free_base_port()
     endpoint = seaweedfs.ensure_running(state, s3_port=port, https=(port + 5, cert, key))
     log(f"S3: started a SeaweedFS of the benchmark's own: HTTP {endpoint.endpoint_url}, HTTPS {port + 5}")
-    return BenchS3(endpoint, port + 5, state)
+    return BenchS3(endpoint, port + 5, cert, state)
 
 
 def _shared_with_https() -> BenchS3 | None:
@@ -73,10 +82,10 @@ def _shared_with_https() -> BenchS3 | None:
     if f"-dir={home.resolve() / 'data'}" not in cmdline:
         return None  # a stale pid file; the pid belongs to something else now
     flags = dict(re.match(r"-([\w.]+)=(.*)", a).groups() for a in cmdline if re.match(r"-[\w.]+=", a))
-    if "s3.port.https" not in flags or "s3.port" not in flags:
+    if not {"s3.port.https", "s3.port", "s3.cert.file"} <= flags.keys():
         return None
     endpoint = seaweedfs.ensure_running(ROOT / ".deskvault", s3_port=int(flags["s3.port"]))
-    return BenchS3(endpoint, int(flags["s3.port.https"]), None)
+    return BenchS3(endpoint, int(flags["s3.port.https"]), Path(flags["s3.cert.file"]), None)
 
 
 def _free_base_port() -> int:

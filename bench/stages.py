@@ -8,6 +8,10 @@ file pays for memory, not disk -- except `read_files` and `download`, whose inpu
 Each stage writes its output to a file (the page cache, no fsync) where a later stage needs it; only
 `write` syncs.
 
+Each stage's machine CPU seconds (`bench/cpu.py`: every process, SeaweedFS's and PostgreSQL's too) go
+into `CPU_SECONDS`; `machine_limit` turns them into the fastest a pipeline of those stages could run on
+this machine's cores, where the stages share them instead of running side by side on cores of their own.
+
 Backup: read (the source's data files), compress (zstd at the repository's level and threads),
 encrypt (AES-256-GCM, `workers.repository.crypto`), upload (raw S3 PUTs of the encrypted bytes).
 Restore: download (raw S3 GETs of the stored objects), decrypt, decompress, write (plaintext to files,
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import zstandard
 from boto3.s3.transfer import TransferConfig
 
 from bench.common import drop_caches, log
+from bench.cpu import CORES, Busy
 from workers.engines.postgresql import datafiles
 from workers.repository.crypto import decrypt_stream, encrypt_stream
 
@@ -35,6 +39,7 @@ MIB = 2**20
 CHUNK = MIB
 READ_SIZE = 4 * MIB
 THREADS = os.cpu_count() or 1
+CPU_SECONDS: dict[str, float] = {}  # stage -> the machine's busy CPU seconds while it ran alone
 
 
 @dataclass
@@ -84,10 +89,10 @@ def read_files(paths: list[Path], threads: int = THREADS) -> tuple[int, float]:
             return 0
 
     drop_caches()
-    t = time.monotonic()
-    with ThreadPoolExecutor(threads) as pool:
+    with Busy() as busy, ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(read, paths))
-    return total, time.monotonic() - t
+    CPU_SECONDS["read"] = busy.cpu_seconds
+    return total, busy.wall_seconds
 
 
 def compress(items: list[Item], level: int, zstd_threads: int, threads: int = THREADS) -> float:
@@ -143,10 +148,9 @@ def download(client, bucket: str, keys: list[str], threads: int = THREADS) -> tu
         return sum(len(chunk) for chunk in body.iter_chunks(8 * MIB))
 
     drop_caches()
-    t = time.monotonic()
-    with ThreadPoolExecutor(threads) as pool:
+    with Busy() as busy, ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(one, keys))
-    seconds = time.monotonic() - t
+    CPU_SECONDS["download"], seconds = busy.cpu_seconds, busy.wall_seconds
     log(f"stage alone: download: {seconds:.2f}s for {total / MIB:.1f} MiB over {len(keys)} object(s)")
     return total, seconds
 
@@ -188,12 +192,31 @@ def write(items: list[Item], folder: Path, threads: int = THREADS) -> float:
 
 
 def rates(seconds: dict[str, float], nbytes: dict[str, int] | int) -> dict[str, dict[str, float]]:
-    """Per stage: its seconds and MiB/s (of `nbytes`, one figure for all or one per stage)."""
+    """Per stage: its seconds, MiB/s (of `nbytes`, one figure for all or one per stage) and the machine's
+    CPU seconds meanwhile (where measured)."""
     out = {}
     for name, s in seconds.items():
         n = nbytes if isinstance(nbytes, int) else nbytes[name]
         out[name] = {"seconds": round(s, 2), "mib_per_s": round(n / s / MIB, 1) if s > 0 else None}
+        if name in CPU_SECONDS:
+            out[name]["cpu_seconds"] = round(CPU_SECONDS[name], 2)
     return out
+
+
+def machine_limit(stage_rates: dict[str, dict[str, float]], nbytes: int, after: tuple[str, ...] = ()) -> dict:
+    """The fastest a pipeline of these stages could go here: the stages overlapping, it takes at least
+    the slowest one's seconds and at least their CPU seconds spread over every core; the stages in
+    `after` (replay: PostgreSQL starts once the base is in) follow the rest, adding their own seconds."""
+    overlapping = {k: v for k, v in stage_rates.items() if k not in after}
+    cpu = sum(v.get("cpu_seconds", 0.0) for v in overlapping.values())
+    seconds = max(max(v["seconds"] for v in overlapping.values()), cpu / CORES)
+    seconds += sum(stage_rates[k]["seconds"] for k in after)
+    return {
+        "seconds": round(seconds, 2),
+        "mib_per_s": round(nbytes / seconds / MIB, 1),
+        "overlapping_cpu_seconds": round(cpu, 2),
+        "cores": CORES,
+    }
 
 
 def slowest(stage_rates: dict[str, dict[str, float]]) -> str:
@@ -219,12 +242,13 @@ def _timed(
 ) -> float:  # fmt: skip
     drop_caches()
     warm(inputs)
-    t = time.monotonic()
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for _ in pool.map(one, items):
-            pass
-    if then is not None:
-        then()
-    seconds = time.monotonic() - t
-    log(f"stage alone: {one.__qualname__.split('.')[0]}: {seconds:.2f}s over {len(items)} item(s)")
-    return seconds
+    stage = one.__qualname__.split(".")[0]
+    with Busy() as busy:
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for _ in pool.map(one, items):
+                pass
+        if then is not None:
+            then()
+    CPU_SECONDS[stage] = busy.cpu_seconds
+    log(f"stage alone: {stage}: {busy.wall_seconds:.2f}s, {len(items)} item(s), {busy.share:.0%} of the CPU")
+    return busy.wall_seconds

@@ -1,9 +1,10 @@
 """Benchmark: deskvault against pgBackRest, backing up and restoring the same cluster in the same run.
 
 Storage. Every tool stores on the same SeaweedFS (`bench/seaweed.py`: the shared one if it serves HTTPS,
-else one this run starts with an HTTP and an HTTPS listener): deskvault over HTTP with its default
-settings (zstd level 3 on every core, AES-256-GCM), and pgBackRest twice, as two configurations archiving
-the same source (their archive-push commands chained in `archive_command`):
+else one this run starts with an HTTP and an HTTPS listener): deskvault over HTTPS, checking the
+certificate (as the policy's TLS in transit deploys it), with its default settings (zstd level 3 on
+every core, AES-256-GCM), and pgBackRest twice, as two configurations archiving the same source (their
+archive-push commands chained in `archive_command`):
   pgbackrest_s3_async     repository on that SeaweedFS over HTTPS (repo1-storage-verify-tls=n, path-style
                           URIs, a prefix of its own in deskvault's bucket, the same credentials)
   pgbackrest_posix_async  repository in a folder on the local disk (no HTTP, no object store)
@@ -45,6 +46,11 @@ Figures (result JSON on stdout, progress on stderr):
                         the slowest is named
   throughput_vs_slowest_stage   pipeline MiB/s / slowest stage MiB/s (goals >= 0.8 backup, >= 0.7
                         restore); the restore's pipeline is the whole `deskvault restore --start`
+  throughput_vs_machine_limit   pipeline MiB/s / the fastest its stages allow on this machine
+                        (`stages.machine_limit`: overlapping stages share the cores, so a pipeline takes
+                        at least their machine CPU seconds over the cores; replay follows the base), and
+                        the share of every core's time the machine was busy during deskvault's backup
+                        and restore
   stored                bytes each tool's repository holds (backups, WAL)
 The worker runs on the database host, so the target's `data_directory` is set (as a deployment beside
 the database would set it; `--without-data-directory` leaves it unset); everything else is default.
@@ -76,6 +82,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import stages  # noqa: E402
 from bench.common import BenchServices, drop_caches, log, raw_s3  # noqa: E402
+from bench.cpu import Busy  # noqa: E402
 from bench.deskvault_runs import (  # noqa: E402
     BackupWorker,
     WalStream,
@@ -135,7 +142,8 @@ def main() -> int:
             conninfo=source.conninfo,
             prefix="vs-pgbackrest",
             extra=f'[wal]\nspool_dir = "{scratch / "wal-spool"}"',
-            s3=s3.endpoint,
+            s3=s3.tls_endpoint,
+            ca_bundle=s3.ca_bundle,
             target_extra="" if args.without_data_directory else f'data_directory = "{source.datadir}"',
         )
         repo = open_repository(settings)
@@ -175,10 +183,12 @@ def main() -> int:
         loads["backup"] = _load()
         worker = BackupWorker(settings, repo, TARGET, scratch / "worker-rss.json")
         try:
-            dv_backup = worker.take("full", before_publish=drop_caches)
+            with Busy() as busy:
+                dv_backup = worker.take("full", before_publish=drop_caches)
         finally:
             peaks = worker.stop()
         dv_backup |= {
+            "machine_cpu_share": busy.share,
             "peak_rss_mib": peaks["peak_rss_mib"],
             "tree_peak_rss_mib": peaks["tree_peak_rss_mib"],
             "worker_startup_seconds": peaks["startup_seconds"],
@@ -227,9 +237,12 @@ def main() -> int:
             peer.stop()
         drop_caches()
         into, rss = scratch / "restored-deskvault", scratch / "restore-rss.json"
-        cluster, result = cli_restore(settings, TARGET, into, rss)
+        with Busy() as busy:
+            cluster, result = cli_restore(settings, TARGET, into, rss)
         restored.append(cluster)
-        restores["deskvault"] = _checked("deskvault", cluster, result, expected)
+        restores["deskvault"] = _checked("deskvault", cluster, result, expected) | {
+            "machine_cpu_share": busy.share
+        }
         loads["end"] = _load()
 
         log("stages alone: restore (download, decrypt, decompress, write, replay)")
@@ -276,6 +289,7 @@ def _backup_stages(settings, repo, raw, prefix: str, manifest: dict, source: PgC
         "objects": len(items),
         "stages": rates,
         "slowest": stages.slowest(rates),
+        "machine_limit": stages.machine_limit(rates, plain),
     }, items
 
 
@@ -313,6 +327,7 @@ def _restore_stages(settings, repo, raw, prefix: str, items, scratch: Path, expe
         "objects": len(every),
         "stages": rates,
         "slowest": stages.slowest(rates),
+        "machine_limit": stages.machine_limit(rates, plain, after=("replay",)),
     }
 
 
@@ -460,10 +475,18 @@ def _report(
             "restore_pipeline_mib_per_s": round(restore_pipe, 1),
             "goals": {"backup": ">= 0.8", "restore": ">= 0.7"},
         },
+        "throughput_vs_machine_limit": {
+            "backup": round(backup_pipe / backup_alone["machine_limit"]["mib_per_s"], 2),
+            "restore": round(restore_pipe / restore_alone["machine_limit"]["mib_per_s"], 2),
+            "machine_cpu_share": {
+                "backup": round(dv_backup["machine_cpu_share"], 2),
+                "restore": round(restores["deskvault"]["machine_cpu_share"], 2),
+            },
+        },
         "stored": rounded(stored),
         "throughput_bytes": "backup: database size; restore: database size + WAL generated (same for all)",
         "repositories": {
-            "deskvault": f"S3 over HTTP, {s3.describe()}; zstd level {settings.repository.zstd_level}, "
+            "deskvault": f"S3 over HTTPS, {s3.describe()}; zstd level {settings.repository.zstd_level}, "
             f"zstd threads {settings.repository.zstd_threads}, AES-256-GCM",
             **{
                 peer.name: ("S3 over HTTPS on the same SeaweedFS" if peer.storage == "s3" else "posix folder")
