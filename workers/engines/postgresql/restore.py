@@ -51,6 +51,7 @@ from workers.engines.postgresql.walfetch import (
     restore_command,
 )
 from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, format_lsn, parse_lsn
+from workers.engines.postgresql.writeback import written_back_meanwhile
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
 
@@ -411,7 +412,8 @@ def restore(
     downloads = WalDownloads(repo, wal_dir, on_progress, planned=len(plan.wal), patience=wal_patience)
     cluster = None
     try:
-        _lay_out(repo, plan, into, spaces, downloads, on_progress)
+        with written_back_meanwhile():
+            _lay_out(repo, plan, into, spaces, downloads, on_progress)
         if start:
             cluster = PgCluster(into, port, pg_bin)
             on_progress("starting PostgreSQL: it replays the WAL as the files arrive")
