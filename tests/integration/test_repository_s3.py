@@ -91,6 +91,18 @@ def test_upload_stream_sizes_around_the_part_size(s3_store: S3Store, size: int) 
     assert not open_uploads(s3_store)
 
 
+def test_an_upload_with_parts_of_its_own_size_stores_them_so_and_reads_back_whole(s3_store: S3Store) -> None:
+    data = random.Random(7).randbytes(17 * MIB + 3)
+    stored = s3_store.upload_stream("blob-small-parts", [data[i : i + MIB] for i in range(0, len(data), MIB)],
+                                    part_size=6 * MIB, threads=1)  # fmt: skip
+    assert stored == len(data)
+    head = s3_store.client.head_object(Bucket=s3_store.bucket, Key=s3_store.full_key("blob-small-parts"),
+                                       PartNumber=1)  # fmt: skip
+    assert head["ContentLength"] == 6 * MIB and head["PartsCount"] == 3
+    assert s3_store.get_bytes("blob-small-parts") == data
+    assert not open_uploads(s3_store)
+
+
 def test_failing_source_leaves_no_object_and_no_upload(repo: ObjectRepository, s3_store: S3Store) -> None:
     def source() -> Iterator[bytes]:
         yield from random_ish(24 * MIB)

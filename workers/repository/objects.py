@@ -61,11 +61,13 @@ class ObjectRepository:
         on_progress: Callable[[int], None] | None = None,
         zstd_threads: int | None = None,
         upload_threads: int | None = None,
+        part_size: int | None = None,
     ) -> StoredObject:
         """Compress, encrypt and upload `chunks`; on any failure (the source's too) nothing is stored.
 
-        `zstd_threads` and `upload_threads` override the repository's for this object (1: in this
-        thread; one part in flight), for callers that already run one upload per core.
+        `zstd_threads`, `upload_threads` and `part_size` (of the S3 upload) override the repository's for
+        this object (1: in this thread; one part in flight), for callers that already run one upload per
+        core and so hold several objects' parts in memory at once.
         """
         validate_key(key)
         fence = fencing.current()
@@ -91,7 +93,7 @@ class ObjectRepository:
             self.frame_size,
             context=key.encode(),
         )
-        stored_size = self.store.upload_stream(key, sealed, threads=upload_threads)
+        stored_size = self.store.upload_stream(key, sealed, threads=upload_threads, part_size=part_size)
         return StoredObject(key, plain_size, stored_size, hasher.hexdigest(), key_id)
 
     def get_stream(

@@ -147,17 +147,21 @@ class S3Store:
         with self._errors("store", key, conditional=if_none_match):
             self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **extra)
 
-    def upload_stream(self, key: str, chunks: Iterable[bytes], *, threads: int | None = None) -> int:
+    def upload_stream(
+        self, key: str, chunks: Iterable[bytes], *, threads: int | None = None, part_size: int | None = None
+    ) -> int:
         """Store what `chunks` yields at `key` and return the byte count; on any failure nothing is stored.
 
         `threads`: parts in flight for this upload (default `upload_threads`); each holds a part in memory.
+        `part_size`: this upload's first part size (default the store's; at least S3's minimum).
         """
         full = self.full_key(key)
+        part_size = max(MIN_PART_SIZE, part_size or self.part_size)
         source = _Parts(chunks)
         # Grown as data arrives rather than allocated whole: most objects are far smaller than a part.
-        first = source.take(self.part_size)
+        first = source.take(part_size)
         filled = len(first)
-        if filled < self.part_size:
+        if filled < part_size:
             with self._errors("store", key):
                 self._client.put_object(Bucket=self.bucket, Key=full, Body=first)
             return filled
@@ -165,7 +169,7 @@ class S3Store:
             upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
         try:
             in_flight = threads or self.upload_threads
-            total, etags = self._upload_parts(key, full, upload_id, first, source, in_flight)
+            total, etags = self._upload_parts(key, full, upload_id, first, source, in_flight, part_size)
             with self._errors("complete the upload of", key):
                 self._client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -180,8 +184,9 @@ class S3Store:
         return total
 
     def _upload_parts(
-        self, key: str, full: str, upload_id: str, first: bytearray, source: _Parts, threads: int
-    ) -> tuple[int, list[str]]:
+        self, key: str, full: str, upload_id: str, first: bytearray, source: _Parts, threads: int,
+        part_size: int,
+    ) -> tuple[int, list[str]]:  # fmt: skip
         etags: list[str] = []
         total = 0
         number = 1
@@ -198,7 +203,7 @@ class S3Store:
                         )
                     total += len(part)
                     pending.append((pool.submit(self._upload_part, key, full, upload_id, number, part), part))
-                    if len(part) < self._part_size_for(number):
+                    if len(part) < _part_size_for(part_size, number):
                         break
                     number += 1
                     # `threads` parts in flight plus the one being filled bound the memory.
@@ -206,7 +211,7 @@ class S3Store:
                         future, used = pending.popleft()
                         etags.append(future.result())
                         spare.append(used)
-                    size = self._part_size_for(number)
+                    size = _part_size_for(part_size, number)
                     part = spare.pop() if spare and len(spare[-1]) == size else bytearray(size)
                     filled = source.fill(part)
                     if filled < size:
@@ -221,9 +226,6 @@ class S3Store:
                     future.cancel()
                 raise
         return total, etags
-
-    def _part_size_for(self, number: int) -> int:
-        return self.part_size * (1 + (number - 1) // _PARTS_PER_STEP)
 
     def _upload_part(self, key: str, full: str, upload_id: str, number: int, data: bytearray) -> str:
         with self._errors(f"upload part {number} of", key):
@@ -406,6 +408,11 @@ class S3Store:
         raise RepositoryError(
             f"could not {action} {where} at {endpoint}: {exc}; check the endpoint and the network"
         ) from exc
+
+
+def _part_size_for(base: int, number: int) -> int:
+    """Part `number`'s size: `base`, growing every _PARTS_PER_STEP parts so big objects fit S3's limit."""
+    return base * (1 + (number - 1) // _PARTS_PER_STEP)
 
 
 class _Parts:

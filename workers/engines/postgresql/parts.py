@@ -34,6 +34,7 @@ from workers.repository.objects import ObjectRepository, StoredObject
 LAYOUT = "parts"  # a manifest's `layout` when its objects are parts
 PART_BYTES = 64 * 2**20
 READ_SIZE = 2**20
+UPLOAD_PART_BYTES = 8 * 2**20  # S3 parts of a part's object: a compressed part is a few of them
 CLUSTER_GROUP = "cluster"
 FOLDERS_PART = "folders"
 
@@ -178,11 +179,17 @@ def store_all(
 
     def one(part: Part) -> dict[str, Any]:
         # One upload per core already: each compresses in its own thread with one S3 part in flight
-        # (and one filling), which bounds the memory to a few S3 parts per part in flight.
+        # (and one filling) of the smallest size S3 takes, which bounds the memory to two S3 parts per
+        # part in flight.
         one_each = 1 if parallel > 1 else None
+        part_size = UPLOAD_PART_BYTES if parallel > 1 else None
         plain = progress.counted(stream(datadir, part))
         stored = repo.put_stream(
-            f"{prefix}{part.name}.dv", plain, zstd_threads=one_each, upload_threads=one_each
+            f"{prefix}{part.name}.dv",
+            plain,
+            zstd_threads=one_each,
+            upload_threads=one_each,
+            part_size=part_size,
         )
         return entry(part, stored)
 
