@@ -153,7 +153,7 @@ class S3Store:
         """Store what `chunks` yields at `key` and return the byte count; on any failure nothing is stored.
 
         `threads`: parts in flight for this upload (default `upload_threads`); each holds a part in memory.
-        `part_size`: this upload's first part size (default the store's; at least S3's minimum).
+        `part_size`: this upload's S3 part size (default the store's; at least S3's minimum).
         """
         full = self.full_key(key)
         part_size = max(MIN_PART_SIZE, part_size or self.part_size)
