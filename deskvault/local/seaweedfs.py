@@ -23,6 +23,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from deskvault_core.errors import DeskvaultError
+from deskvault_core.processes import process_exists
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -303,13 +304,7 @@ def _alive(pid: int) -> bool:
             return True
         del _CHILDREN[pid]
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_exists(pid)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deskvault_core.errors import DeskvaultError
+from deskvault_core.processes import process_exists
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 LOG_TAIL_LINES = 20
@@ -274,13 +275,7 @@ class PgCluster:
             pid = int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
         except (OSError, ValueError, IndexError):
             return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # it exists, as someone else's
-        return True
+        return process_exists(pid)
 
     def destroy(self) -> None:
         self.stop("immediate")
