@@ -298,11 +298,14 @@ class Engine(ABC):
         port: int = 0,
         relocate: Mapping[str, Path] | None = None,
         on_progress: Callable[[str], None] | None = None,
+        database: str | None = None,
     ) -> RestoreResult:
         """Lay the plan out in `into` (which must be new or empty); with `start`, recover on `port` (0: a
         free one, given in the result; a busy one is refused before anything is written) and report the
         moment reached. Nothing half-restored is left behind on failure. `relocate` moves
-        parts the backup kept outside its folder (PostgreSQL: tablespaces, by oid, name or old path)."""
+        parts the backup kept outside its folder (PostgreSQL: tablespaces, by oid, name or old path).
+        With `database` (and `start`), a copy for that one database: the engine may leave out the
+        others' files, so that the restore costs what the database does."""
 
     @abstractmethod
     def scratch_server(self, label: str) -> AbstractContextManager[ScratchServer]:
@@ -327,3 +330,28 @@ class Engine(ABC):
     @abstractmethod
     def drop_database(self, database: str) -> bool:
         """Drop a database of the target (disconnecting its sessions); False if it did not exist."""
+
+    def database_note(self, database: str) -> str | None:
+        """The note (comment) on a database of the target, '' if none; None if there is no such database."""
+        raise self._lacks("tenant restores")
+
+    def sessions(self, database: str) -> int:
+        """How many sessions use a database of the target."""
+        raise self._lacks("tenant restores")
+
+    def copy_in(
+        self,
+        server: ScratchServer,
+        database: str,
+        new_name: str,
+        request: str,
+        on_progress: Callable[[int], None],
+    ) -> int:
+        """Copy `database` of a restored scratch server into a new database `new_name` of the target,
+        noted as `request`'s (see `database_note`); its bytes. Nothing is left of it if this fails."""
+        raise self._lacks("tenant restores")
+
+    def swap_in(self, database: str, restored: str, aside: str, *, force: bool) -> None:
+        """Rename `database` to `aside` and `restored` to `database` at once; refused while sessions use
+        `database` unless `force`, which ends them."""
+        raise self._lacks("tenant restores")

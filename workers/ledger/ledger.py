@@ -73,6 +73,23 @@ class Job:
     last_error: str | None
 
 
+TENANT_RESTORE_COLUMNS = (
+    "request_id",
+    "tenant",
+    "target",
+    "mode",
+    "requested_by",
+    "asked_at",
+    "reached_at",
+    "reached_xid",
+    "restored_as",
+    "put_aside_as",
+    "started_at",
+    "finished_at",
+    "detail",
+)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -663,6 +680,29 @@ class Ledger:
             }
             for r in rows
         ]
+
+    # -- tenant restores -----------------------------------------------------------------------------
+    def record_tenant_restore(self, record: dict[str, Any]) -> None:
+        """Record a finished tenant restore (the keys of `TENANT_RESTORE_COLUMNS`); once per request."""
+        columns = ", ".join(TENANT_RESTORE_COLUMNS)
+        marks = ", ".join("?" for _ in TENANT_RESTORE_COLUMNS)
+        values = [_db(v) if isinstance(v, datetime) else v for v in map(record.get, TENANT_RESTORE_COLUMNS)]
+        try:
+            with self.transaction() as cur:
+                cur.execute(f"INSERT INTO dv_tenant_restores ({columns}) VALUES ({marks})", *values)
+        except pyodbc.IntegrityError:
+            pass  # recorded by an earlier attempt of the same request
+
+    def tenant_restores(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's finished restores, oldest first."""
+        with self.transaction() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(TENANT_RESTORE_COLUMNS)} FROM dv_tenant_restores WHERE tenant = ?"
+                " ORDER BY finished_at",
+                tenant,
+            ).fetchall()
+        found = [dict(zip(TENANT_RESTORE_COLUMNS, r, strict=True)) for r in rows]
+        return [{c: _py(v) if isinstance(v, datetime) else v for c, v in f.items()} for f in found]
 
     # -- scheduler -----------------------------------------------------------------------------------
     def was_emitted(self, subject: str, kind: str, slot: datetime) -> bool:

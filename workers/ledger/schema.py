@@ -154,6 +154,32 @@ MIGRATIONS.append(
     )
 )
 
+MIGRATIONS.append(
+    (
+        6,
+        [
+            # One row per tenant restore that finished (CLI or tenant-restore-requested): who asked,
+            # the moment asked and the one reached, and where the data went on the live target.
+            """CREATE TABLE dv_tenant_restores (
+                request_id VARCHAR(200) NOT NULL PRIMARY KEY,
+                tenant VARCHAR(63) NOT NULL,
+                target VARCHAR(63) NOT NULL,
+                mode VARCHAR(16) NOT NULL,
+                requested_by VARCHAR(200) NOT NULL,
+                asked_at {ts} NOT NULL,
+                reached_at {ts},
+                reached_xid BIGINT,
+                restored_as VARCHAR(63) NOT NULL,
+                put_aside_as VARCHAR(63),
+                started_at {ts} NOT NULL,
+                finished_at {ts} NOT NULL,
+                detail {text}
+            )""",
+            "CREATE INDEX dv_tenant_restores_tenant ON dv_tenant_restores (tenant, finished_at)",
+        ],
+    )
+)
+
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

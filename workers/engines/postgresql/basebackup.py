@@ -258,12 +258,13 @@ def restore_full(
     spaces: list[Tablespace] | None = None,
     parallel: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
+    keeps: Callable[[str], bool] | None = None,
 ) -> list[Tablespace]:
     """Download, verify, decrypt and unpack a full backup into an empty folder PostgreSQL can start from.
 
     Each tablespace goes to its folder in `spaces` (default: beside `into`, see `tablespaces.layout`),
     which must be new or empty too; returns where each went. A full stored as parts is laid out
-    `parallel` parts at once.
+    `parallel` parts at once; with `keeps`, only the parts of the groups it keeps (see `subset`).
     """
     if spaces is None:
         spaces = tablespaces_layout([manifest], into)
@@ -273,8 +274,8 @@ def restore_full(
             raise EngineError(f"{folder} is not empty; restore into a new or empty folder")
     try:
         if manifest.get("layout") == parts.LAYOUT:
-            _lay_out_parts(repo, manifest, into, spaces, folders, parallel, on_progress)
-        else:
+            _lay_out_parts(repo, manifest, into, spaces, folders, parallel, on_progress, keeps)
+        else:  # one archive: `subset_for` never splits it
             _lay_out_tars(repo, manifest, into, spaces, on_progress)
     except BaseException:
         # Never leave a half-restored folder that someone might start.
@@ -326,9 +327,12 @@ def _lay_out_parts(
     folders: list[Path],
     parallel: int,
     on_progress: Callable[[int, int], None] | None,
+    keeps: Callable[[str], bool] | None,
 ) -> None:
-    """A full read from the data directory (see `filebackup`): its parts, then its backup label."""
-    total = sum(o["plain_size"] for o in manifest["objects"])
+    """A full read from the data directory (see `filebackup`): its parts (those `keeps` keeps), then its
+    backup label."""
+    objects = [o for o in manifest["objects"] if keeps is None or keeps(o.get("group", parts.CLUSTER_GROUP))]
+    total = sum(o["plain_size"] for o in objects)
     for folder in folders:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(folder, 0o700)
@@ -339,7 +343,7 @@ def _lay_out_parts(
         hand_over(folder)
     parts.restore_all(
         repo,
-        manifest["objects"],
+        objects,
         into,
         manifest["backup_id"],
         parallel=parallel,

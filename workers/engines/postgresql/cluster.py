@@ -168,8 +168,9 @@ class PgCluster:
             raise ClusterError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
         return proc.stdout
 
-    def initdb(self, *, extra_conf: str = "") -> None:
-        """Create the cluster with settings a physical backup needs (replication, WAL senders)."""
+    def initdb(self, *, extra_conf: str = "", checksums: bool = True) -> None:
+        """Create the cluster with settings a physical backup needs (replication, WAL senders); without
+        `checksums`, as initdb makes one by default (hint bits then write no WAL)."""
         self.datadir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.datadir, 0o700)
         hand_over(self.datadir)
@@ -183,7 +184,7 @@ class PgCluster:
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--locale=C.UTF-8",
-                "--data-checksums",
+                *(["--data-checksums"] if checksums else []),
             ),
             "initdb",
         )

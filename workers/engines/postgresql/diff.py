@@ -129,8 +129,10 @@ def apply_diff(
     spaces: list[Tablespace] | None = None,
     *,
     parallel: int = 1,
+    keeps: Callable[[str], bool] | None = None,
 ) -> None:
-    """Lay a differential over a restored full: changed files, deletions, and the diff's backup label.
+    """Lay a differential over a restored full: changed files, deletions, and the diff's backup label;
+    with `keeps`, only the changed files of the groups it keeps (see `subset`).
 
     Files under `pg_tblspc/<oid>/` land in the tablespace's restored folder through the link the full's
     restore made; `spaces` must name every tablespace of the full and of the differential.
@@ -143,8 +145,8 @@ def apply_diff(
             space.into.mkdir(mode=0o700, parents=True, exist_ok=True)
             hand_over(space.into)
         hand_over(into)  # the links and folders above are root's until now
-        parts.restore_all(repo, diff["objects"], into, archive, parallel=parallel)
-    else:
+        parts.restore_all(repo, diff["objects"], into, archive, parallel=parallel, keeps=keeps)
+    else:  # one archive: `subset_for` never splits it
         (entry,) = diff["objects"]
         plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=entry["plain_size"])
         # A differential holds files only: no link, and nothing but the tablespaces' links on the way.

@@ -22,7 +22,7 @@ from workers.engines.base import (
     RestoreResult,
     ScratchServer,
 )
-from workers.engines.postgresql import basebackup, diff, filebackup, logbackup, parts
+from workers.engines.postgresql import basebackup, copyin, diff, filebackup, logbackup, parts
 from workers.engines.postgresql import restore as point_in_time
 from workers.engines.postgresql.cluster import PgCluster, free_port
 from workers.engines.postgresql.dump import dump_stream
@@ -146,6 +146,7 @@ class PostgresEngine(Engine):
         port: int = 0,
         relocate: Mapping[str, Path] | None = None,
         on_progress: Callable[[str], None] | None = None,
+        database: str | None = None,
     ) -> RestoreResult:
         if not isinstance(plan, point_in_time.RestorePlan):
             raise TypeError(f"a PostgreSQL restore takes its own plan, not {type(plan).__name__}")
@@ -158,6 +159,7 @@ class PostgresEngine(Engine):
             pg_bin=self.pg_bin,
             tablespaces=relocate,
             on_progress=on_progress or log.info,
+            database=database,
         )
 
     @contextmanager
@@ -193,8 +195,27 @@ class PostgresEngine(Engine):
     def drop_database(self, database: str) -> bool:
         return self.server.drop_database(database)
 
+    def database_note(self, database: str) -> str | None:
+        return copyin.database_note(self.server, database)
+
+    def sessions(self, database: str) -> int:
+        return copyin.sessions(self.server, database)
+
+    def copy_in(
+        self,
+        server: ScratchServer,
+        database: str,
+        new_name: str,
+        request: str,
+        on_progress: Callable[[int], None],
+    ) -> int:
+        return copyin.copy_in(self.server, _cluster(server), database, new_name, request, on_progress)
+
+    def swap_in(self, database: str, restored: str, aside: str, *, force: bool) -> None:
+        copyin.swap_in(self.server, database, restored, aside, force=force)
+
 
 def _cluster(server: ScratchServer) -> PgCluster:
     if not isinstance(server, PgCluster):
-        raise TypeError(f"a PostgreSQL probe needs a PostgreSQL scratch server, not {type(server).__name__}")
+        raise TypeError(f"the PostgreSQL engine needs its own scratch server, not {type(server).__name__}")
     return server

@@ -37,6 +37,8 @@ from workers.repository.objects import ObjectRepository
 log = logging.getLogger(__name__)
 
 WAL_PART = "wal"
+# Each database's folder: a restore of one tenant lays out only its database's parts (see `subset`).
+DATABASES = "SELECT oid, datname, dattablespace FROM pg_database ORDER BY oid"
 
 
 @dataclass
@@ -47,6 +49,7 @@ class BackupSession:
     start_lsn: str
     timeline: int
     spaces: list[dict[str, Any]]
+    databases: list[dict[str, Any]]
     stop_lsn: str = ""
     backup_label: str = ""
     tablespace_map: str = ""
@@ -84,6 +87,7 @@ class BackupSession:
             "backup_label": self.backup_label,
             "tablespace_map": self.tablespace_map,
             "tablespaces": self.spaces,
+            "databases": self.databases,
             "objects": objects,
             "plain_size": sum(o["plain_size"] for o in objects),
             "stored_size": sum(o["stored_size"] for o in objects),
@@ -112,7 +116,11 @@ def backup_session(target: TargetSettings, backup_id: str) -> Iterator[BackupSes
             {"oid": int(oid), "name": name, "location": location}
             for oid, name, location in cur.execute(TABLESPACES).fetchall()
         ]
-        yield BackupSession(cur, start_lsn, timeline, spaces)
+        databases = [
+            {"oid": int(oid), "name": name, "tablespace": int(space)}
+            for oid, name, space in cur.execute(DATABASES).fetchall()
+        ]
+        yield BackupSession(cur, start_lsn, timeline, spaces, databases)
     finally:
         session.close()
 

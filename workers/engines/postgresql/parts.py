@@ -204,9 +204,13 @@ def restore_all(
     *,
     parallel: int,
     on_progress: Callable[[int], None] | None = None,
+    keeps: Callable[[str], bool] | None = None,
 ) -> None:
-    """Lay out the parts listed in a manifest under `into`: the folders part, then the rest at once."""
+    """Lay out the parts listed in a manifest under `into`: the folders part, then the rest at once;
+    with `keeps`, only the parts of the groups it keeps (see `subset`)."""
     progress = _Progress(on_progress)
+    if keeps is not None:
+        parts = [p for p in parts if keeps(p.get("group", CLUSTER_GROUP))]
 
     def one(listed: dict[str, Any]) -> None:
         plain = progress.counted(

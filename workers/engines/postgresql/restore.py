@@ -41,6 +41,13 @@ from workers.engines.postgresql.commitindex import Commit
 from workers.engines.postgresql.diff import apply_diff
 from workers.engines.postgresql.parts import default_parallel
 from workers.engines.postgresql.stops import IndexReader, Stop, consistency_stop, file_of
+from workers.engines.postgresql.subset import (
+    ALONE_SETTINGS,
+    DatabaseSubset,
+    check_replayed,
+    skipped_bytes,
+    subset_for,
+)
 from workers.engines.postgresql.tablespaces import Tablespace
 from workers.engines.postgresql.tablespaces import layout as tablespace_layout
 from workers.engines.postgresql.walarchive import WalArchive, WalEntry, list_wal, read_histories
@@ -51,7 +58,7 @@ from workers.engines.postgresql.walfetch import (
     restore_command,
 )
 from workers.engines.postgresql.walnames import DEFAULT_SEGMENT_SIZE, Segment, format_lsn, parse_lsn
-from workers.engines.postgresql.writeback import written_back_meanwhile
+from workers.engines.postgresql.writeback import settle, written_back_meanwhile
 from workers.repository import catalog
 from workers.repository.objects import ObjectRepository
 
@@ -388,6 +395,7 @@ def restore(
     tablespaces: Mapping[str, Path] | None = None,
     on_progress: Callable[[str], None] = log.info,
     wal_patience: float = WAIT_FOR_FILE_SECONDS,
+    database: str | None = None,
 ) -> RestoreResult:
     """Lay out the base, the WAL and the recovery settings; with `start`, recover, check that recovery
     reached the plan's stop, and report the last transaction replayed.
@@ -395,7 +403,12 @@ def restore(
     With `start`, PostgreSQL starts as soon as the base is in place and replays the WAL while the rest
     of it downloads; without, every file is in place before this returns. `tablespaces` maps a
     tablespace (by oid, name or original location) to its new folder; the rest go beside `into`.
+    With `database`, only that database's files (and those the server needs) are laid out where the
+    backup allows it (see `subset`): a copy to dump that one database from, and nothing else; it needs
+    `start`, since what replay met is checked once it has.
     """
+    if database is not None and not start:
+        raise ValueError("a restore of one database is started here: its replay is checked once recovered")
     into = into.absolute()  # restore_command and the tablespace links must not depend on our cwd
     if start:
         # Port 0: a free one. Checked before anything is written or downloaded, since a busy port would
@@ -412,8 +425,11 @@ def restore(
     downloads = WalDownloads(repo, wal_dir, on_progress, planned=len(plan.wal), patience=wal_patience)
     cluster = None
     try:
-        with written_back_meanwhile():
-            _lay_out(repo, plan, into, spaces, downloads, on_progress)
+        laid_out = [into, *(space.into for space in spaces)]
+        with written_back_meanwhile(laid_out):
+            subset = _lay_out(repo, plan, into, spaces, downloads, on_progress, database)
+        # Durable before anything says restored, and out of the page cache before replay (see settle).
+        settle(laid_out)
         if start:
             cluster = PgCluster(into, port, pg_bin)
             on_progress("starting PostgreSQL: it replays the WAL as the files arrive")
@@ -441,6 +457,9 @@ def restore(
     if cluster is not None:
         reached = _recovered(cluster, downloads.missing)
         _check_reached(cluster, plan.stop)
+        if subset is not None:
+            ignored = check_replayed(cluster.log_file, subset)
+            on_progress(f"replay passed over {ignored} reference(s) to pages of the databases left out")
         if plan.stop.commit is not None:
             # PostgreSQL does not note the time of a commit it stops after by LSN; replay ended at it.
             reached = plan.stop.commit.at
@@ -459,28 +478,56 @@ def _lay_out(
     spaces: list[Tablespace],
     downloads: WalDownloads,
     on_progress: Callable[[str], None],
-) -> None:
-    """Base, differential and recovery settings, WAL downloading meanwhile."""
+    database: str | None,
+) -> DatabaseSubset | None:
+    """Base, differential and recovery settings, WAL downloading meanwhile; with `database`, that
+    database alone where the backup allows it (the subset laid out)."""
     downloads.add(plan.history)  # PostgreSQL reads them first, to choose its timelines
     wal = list(plan.wal)
     # Only the first files download beside the base, which needs both cores; the rest follow it, while
     # PostgreSQL replays what is already there.
     downloads.add(wal[:WAL_BESIDE_BASE])
+    subset = _subset(plan, database, on_progress)
+    keeps = subset.keeps if subset is not None else None
     on_progress(f"restoring base backup {plan.base['backup_id']}")
     parallel = default_parallel()
     restore_full(
-        repo, plan.base, into, spaces=spaces, parallel=parallel, on_progress=ByteProgress("base", on_progress)
+        repo,
+        plan.base,
+        into,
+        spaces=spaces,
+        parallel=parallel,
+        on_progress=ByteProgress("base", on_progress),
+        keeps=keeps,
     )
     for space in spaces:
         on_progress(f"{space.describe()} goes to {space.into}")
     if plan.diff is not None:
         on_progress(f"applying differential backup {plan.diff['backup_id']}")
-        apply_diff(repo, plan.diff, into, spaces, parallel=parallel)
+        apply_diff(repo, plan.diff, into, spaces, parallel=parallel, keeps=keeps)
     downloads.add(wal[WAL_BESIDE_BASE:])
-    _write_recovery_settings(into, downloads.wal_dir, plan.stop, plan.follow_timeline)
+    extra = list(ALONE_SETTINGS) if subset is not None else []
+    _write_recovery_settings(into, downloads.wal_dir, plan.stop, plan.follow_timeline, extra)
     _close_access(into)
     hand_over(downloads.wal_dir)
     hand_over(into)
+    return subset
+
+
+def _subset(
+    plan: RestorePlan, database: str | None, on_progress: Callable[[str], None]
+) -> DatabaseSubset | None:
+    if database is None:
+        return None
+    found = subset_for([plan.base, plan.diff], database)
+    if isinstance(found, str):
+        on_progress(f"laying out the whole cluster to restore database {database}: {found}")
+        return None
+    skipped = sum(skipped_bytes(b, found) for b in (plan.base, plan.diff) if b is not None)
+    on_progress(
+        f"restoring database {database} alone: {skipped / 2**20:.0f} MiB of other databases' parts skipped"
+    )
+    return found
 
 
 def _close_access(into: Path) -> None:
@@ -498,8 +545,11 @@ def _close_access(into: Path) -> None:
     )
 
 
-def _write_recovery_settings(into: Path, wal_dir: Path, stop: Stop, timeline: int | None) -> None:
-    """`timeline`: the one to follow the backup's timeline onto; None stays on the backup's own.
+def _write_recovery_settings(
+    into: Path, wal_dir: Path, stop: Stop, timeline: int | None, extra: list[str] | None = None
+) -> None:
+    """`timeline`: the one to follow the backup's timeline onto; None stays on the backup's own; `extra`:
+    further settings of this copy's.
 
     PostgreSQL refuses to promote when it runs out of WAL before the stop: a missing file is a failed
     restore, never a quietly shorter one.
@@ -517,6 +567,7 @@ def _write_recovery_settings(into: Path, wal_dir: Path, stop: Stop, timeline: in
         # The restore wrote every file without fsync: one syncfs per file system at start, instead of
         # PostgreSQL's fsync of each file.
         "recovery_init_sync_method = 'syncfs'",
+        *(extra or []),
     ]
     auto_conf = into / "postgresql.auto.conf"
     # A backup of a cluster that was itself restored carries that restore's settings (its target time

@@ -1,0 +1,241 @@
+"""One tenant restored to a moment on its live target, side by side and in its place, while the other
+tenants' databases stay exactly as they were; and every request that cannot be served refused before
+anything is downloaded or created.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from support import build_settings, take_backup, wait_for, wal_streaming, worker_context
+
+from deskvault.local.demo_data import TABLES, helpdesk_sql, table_fingerprint_sql
+from workers.context import WorkerContext
+from workers.engines.postgresql.cluster import PgCluster, free_port
+from workers.engines.postgresql.restore import plan_restore
+from workers.errors import PermanentError
+from workers.handlers.tenant_restore import REPLACE, TenantRestoreRequest, derived_name, restore_tenant
+from workers.repository.keyring import Keyring
+from workers.tenants.registry import UnknownTenant
+
+pytestmark = pytest.mark.integration
+
+TENANTS = ("tr_alpha", "tr_beta", "tr_gamma")
+# tr_gone: a tenant purged (in the ledger), its config entry not yet removed
+CONFIG = "".join(
+    f'[tenants.{t}]\nplan = "company"\ndatabase = "{t}"\ntarget = "main"\n' for t in (*TENANTS, "tr_gone")
+)
+
+
+@pytest.fixture(scope="module")
+def cluster(scratch_dir: Path) -> Iterator[PgCluster]:
+    source = PgCluster(scratch_dir / f"tenant-restore-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
+    source.initdb()
+    source.start()
+    for tenant in TENANTS:
+        source.psql(f"CREATE DATABASE {tenant}")
+        source.psql(helpdesk_sql(tenant), tenant)
+    source.psql("CHECKPOINT")
+    time.sleep(2)  # files older than the full's start (see support.marks_cluster)
+    yield source
+    source.destroy()
+
+
+def _fingerprint(cluster: PgCluster, database: str) -> dict[str, str]:
+    return {t: cluster.psql(table_fingerprint_sql(t), database).strip() for t in TABLES}
+
+
+def _databases(cluster: PgCluster) -> set[str]:
+    return set(cluster.psql("SELECT datname FROM pg_database").split())
+
+
+@pytest.fixture(scope="module")
+def history(cluster: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc) -> Iterator[dict]:
+    """Full, changes to every tenant, moment T, then half of tr_beta's tickets deleted and more changes."""
+    directory = tmp_path_factory.mktemp("tenant-restore")
+    key_file = directory / "keys.json"
+    Keyring.create(key_file)
+    settings = build_settings(
+        directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, cluster, extra=CONFIG
+    )
+    ctx = worker_context(settings)
+    with wal_streaming(ctx):
+        wait_for(
+            lambda: cluster.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
+            what="the WAL streamer to connect",
+        )
+        take_backup(ctx, "full")
+        for tenant in TENANTS:
+            cluster.psql("UPDATE tickets SET subject = subject || ' (seen)' WHERE id % 4 = 0", tenant)
+        expected = _fingerprint(cluster, "tr_beta")
+        time.sleep(1.1)
+        moment = datetime.now(UTC)
+        time.sleep(1.1)
+        cluster.psql("DELETE FROM replies WHERE ticket_id % 2 = 0", "tr_beta")
+        cluster.psql("DELETE FROM attachments WHERE ticket_id % 2 = 0", "tr_beta")
+        cluster.psql("DELETE FROM tickets WHERE id % 2 = 0", "tr_beta")
+        cluster.psql("UPDATE tickets SET status = 'closed'", "tr_alpha")
+        last = int(cluster.psql("SELECT txid_current()").strip())
+        cluster.psql("SELECT pg_switch_wal()")
+
+        def archived() -> bool:
+            commit = plan_restore(ctx.repository, "main", None).stop.commit
+            return commit is not None and commit.xid == last
+
+        wait_for(archived, timeout=60, what="the last commit to reach the archive")
+    yield {"ctx": ctx, "at": moment, "expected": expected, "after": _fingerprint(cluster, "tr_beta")}
+
+
+def _others(cluster: PgCluster) -> dict[str, dict[str, str]]:
+    return {t: _fingerprint(cluster, t) for t in TENANTS if t != "tr_beta"}
+
+
+def _request(**fields) -> TenantRestoreRequest:
+    return TenantRestoreRequest(request_id=f"req-{uuid.uuid4().hex[:8]}", requested_by="test", **fields)
+
+
+def test_side_by_side_gives_the_tenants_rows_as_of_the_moment_and_touches_nothing_else(
+    cluster: PgCluster, history: dict
+) -> None:
+    ctx: WorkerContext = history["ctx"]
+    others, databases = _others(cluster), _databases(cluster)
+    said: list[str] = []
+    request = _request(tenant="tr_beta", at=history["at"])
+
+    result = restore_tenant(ctx, request, said.append)
+
+    name = derived_name("tr_beta", "restored", history["at"])
+    assert result.restored_as == name and result.put_aside_as is None
+    assert _fingerprint(cluster, name) == history["expected"]
+    assert _fingerprint(cluster, "tr_beta") == history["after"]  # the original untouched
+    assert _others(cluster) == others and _databases(cluster) == databases | {name}
+    assert result.reached_at is not None and result.reached_at <= history["at"]
+    assert result.reached_xid is not None and str(result.reached_xid) in result.stop
+    assert any("database tr_beta alone" in line for line in said), said
+    assert any(line.startswith("copied: ") for line in said), said
+    (recorded,) = [r for r in ctx.ledger.tenant_restores("tr_beta") if r["request_id"] == request.request_id]
+    assert recorded["restored_as"] == name and recorded["requested_by"] == "test"
+    note = cluster.psql(
+        f"SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = '{name}'"
+    )
+    assert request.request_id in note and note.strip().endswith("complete")
+
+    # The same request again (a redelivery): nothing is made twice
+    again = restore_tenant(ctx, request)
+    assert again.restored_as == name and again.dump_bytes == 0
+    assert _databases(cluster) == databases | {name}
+    cluster.psql(f'DROP DATABASE "{name}"')
+
+
+def test_replace_puts_the_restored_copy_in_place_and_keeps_the_current_aside(
+    cluster: PgCluster, history: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx: WorkerContext = history["ctx"]
+    others, databases = _others(cluster), _databases(cluster)
+    asked = datetime.now(UTC)
+    request = _request(tenant="tr_beta", at=history["at"], mode=REPLACE, requested_at=asked)
+
+    # A session on the database refuses the replace before anything is downloaded
+    holder = subprocess.Popen(
+        ["psql", "-X", "-d", f"{cluster.conninfo} dbname=tr_beta", "-c", "SELECT pg_sleep(60)"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _sessions(cluster, "tr_beta"), what="psql's session on tr_beta")
+        fetched = _data_downloads(ctx, monkeypatch)
+        with pytest.raises(PermanentError, match="mode: database tr_beta has 1 session"):
+            restore_tenant(ctx, request)
+        assert fetched() == 0 and _databases(cluster) == databases
+
+        # --force ends it
+        result = restore_tenant(ctx, TenantRestoreRequest(**{**request.__dict__, "force": True}))
+    finally:
+        holder.kill()
+        holder.wait()
+    aside = derived_name("tr_beta", "before_restore", asked)
+    assert result.restored_as == "tr_beta" and result.put_aside_as == aside
+    assert _fingerprint(cluster, "tr_beta") == history["expected"]
+    assert _fingerprint(cluster, aside) == history["after"]
+    assert _others(cluster) == others and _databases(cluster) == databases | {aside}
+
+    # A redelivery after the swap: done already, nothing renamed again
+    again = restore_tenant(ctx, TenantRestoreRequest(**{**request.__dict__, "force": True}))
+    assert again.put_aside_as == aside and _databases(cluster) == databases | {aside}
+    assert _fingerprint(cluster, "tr_beta") == history["expected"]
+
+
+def _sessions(cluster: PgCluster, database: str) -> bool:
+    return cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}'").strip() == "1"
+
+
+def _data_downloads(ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch):
+    """Counts the downloads of backed-up data from here on: parts of backups and WAL segments (the
+    catalog's manifests and commit indexes, which plans read, are not data)."""
+    calls = []
+    get_stream = ctx.repository.get_stream
+
+    def counted(key: str, **kwargs):
+        segment = key.startswith("targets/main/wal/") and not key.endswith(".history.dv")
+        if segment or "/part-" in key or key.endswith(("/folders.dv", "/wal.dv")):
+            calls.append(key)
+        return get_stream(key, **kwargs)
+
+    monkeypatch.setattr(ctx.repository, "get_stream", counted)
+    return lambda: len(calls)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "match"),
+    [
+        ({"tenant": "nobody"}, UnknownTenant, "tenant: 'nobody' is not a known tenant"),
+        ({"at": datetime(2020, 1, 1, tzinfo=UTC)}, PermanentError, "at: .* is before the oldest full backup"),
+        ({"at_offset": timedelta(days=1)}, PermanentError, "at: .* is after the newest archived WAL"),
+        ({"as_name": "tr_gamma"}, PermanentError, "as: 'tr_gamma' is the database of tenant tr_gamma"),
+        ({"as_name": "postgres"}, PermanentError, "as: 'postgres' is the server's own"),
+        ({"as_name": "taken"}, PermanentError, "as: database taken already exists"),
+        ({"as_name": "x" * 64}, PermanentError, "as: .* is not a database name"),
+        ({"mode": "sideways"}, PermanentError, "mode: 'sideways' is not one of"),
+        ({"tenant": "tr_gone"}, PermanentError, "tenant: tr_gone was purged"),
+    ],
+)
+def test_what_cannot_be_served_is_refused_before_anything_is_downloaded_or_made(
+    cluster: PgCluster,
+    history: dict,
+    monkeypatch: pytest.MonkeyPatch,
+    fields: dict,
+    error: type,
+    match: str,
+) -> None:
+    ctx: WorkerContext = history["ctx"]
+    ctx.ledger.record_account_event(
+        tenant="tr_gone",
+        event_type="account-expired",
+        event_id=str(uuid.uuid4()),
+        occurred_at=datetime.now(UTC),
+        plan="company",
+        status="purged",
+        expired_at=datetime.now(UTC),
+        trial_started_at=None,
+        purge_after=datetime.now(UTC),
+        allowed_from=("purged",),
+        detail="test",
+    )
+    if fields.get("as_name") == "taken":
+        cluster.psql("CREATE DATABASE taken")
+    at = history["at"] + fields.pop("at_offset", timedelta(0))
+    fields = {"tenant": "tr_beta", "at": at, **fields}
+    databases = _databases(cluster)
+    fetched = _data_downloads(ctx, monkeypatch)
+    try:
+        with pytest.raises(error, match=match):
+            restore_tenant(ctx, _request(**fields))
+        assert fetched() == 0 and _databases(cluster) == databases
+    finally:
+        cluster.psql("DROP DATABASE IF EXISTS taken")
