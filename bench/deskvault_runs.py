@@ -130,11 +130,12 @@ def pipeline_seconds(manifest: dict) -> float:
     return (finished - started).total_seconds()
 
 
-def cli_restore(settings, target: str, into: Path, rss_file: Path) -> tuple[PgCluster, dict]:
-    """`deskvault restore --target T --into INTO --start --port P` (latest), timed and measured."""
+def cli_restore(settings, target: str, into: Path, rss_file: Path, *goal: str) -> tuple[PgCluster, dict]:
+    """`deskvault restore --target T --into INTO --start --port P [goal...]` (default: latest), timed
+    and measured."""
     port = free_port()
     command = deskvault_command(
-        settings, "restore", "--target", target, "--into", str(into), "--start", "--port", str(port)
+        settings, "restore", "--target", target, "--into", str(into), "--start", "--port", str(port), *goal
     )
     log("restore: deskvault restore --start (CLI): PostgreSQL replays as the WAL arrives")
     lines: list[tuple[float, str]] = []

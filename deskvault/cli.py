@@ -187,6 +187,35 @@ def _parser() -> argparse.ArgumentParser:
         th.add_argument("--tenant", required=True)
         th.set_defaults(func=_cmd_tenants_hold, held=held)
 
+    tr = tsub.add_parser(
+        "restore",
+        help="restore one tenant's database to a moment on its live target, touching no other tenant",
+        description="Restore one tenant's database to exactly the last commit at or before --at: by "
+        "default beside the current one, under a new name; with --replace in its place (the current one "
+        "is renamed aside and kept); with --download as a downloadable export (published for the export "
+        "pool). Refused before anything is downloaded when the moment is outside the restorable window "
+        "(see `deskvault backups list`), the tenant is unknown or purged, or the new name is taken.",
+    )
+    tr.add_argument("--tenant", required=True, help="the tenant's id (see `deskvault tenants list`)")
+    tr.add_argument("--at", required=True, help="the moment, RFC 3339 with an offset: 2026-11-27T10:14:00Z")
+    how = tr.add_mutually_exclusive_group()
+    how.add_argument(
+        "--as", dest="as_name", metavar="NAME", help="the new database's name (default <db>_restored_<at>)"
+    )
+    how.add_argument(
+        "--replace",
+        action="store_true",
+        help="put the restored database in place of the current one, which is renamed aside and kept",
+    )
+    how.add_argument(
+        "--download", action="store_true", help="an export as of the moment (made by the export pool)"
+    )
+    tr.add_argument(
+        "--force", action="store_true", help="with --replace: terminate the sessions using the database"
+    )
+    tr.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
+    tr.set_defaults(func=_cmd_tenants_restore)
+
     tt = tsub.add_parser("token", help="the bearer token the admin panel uses for a tenant's downloads")
     tt.add_argument("--tenant", required=True)
     tt.set_defaults(func=_cmd_tenants_token)
@@ -487,6 +516,64 @@ def _cmd_tenants_hold(args: argparse.Namespace, _extra: list[str]) -> int:
     ledger.set_legal_hold(args.tenant, args.held)
     print(f"tenant {args.tenant}: legal hold {'placed' if args.held else 'released'}")
     return 0
+
+
+def _cmd_tenants_restore(args: argparse.Namespace, _extra: list[str]) -> int:
+    from workers.context import build
+    from workers.handlers.tenant_restore import REPLACE, SIDE_BY_SIDE, TenantRestoreRequest, restore_tenant
+
+    at = _parse_at(args.at)
+    if args.force and not args.replace:
+        raise _usage("--force: only with --replace (it terminates the sessions using the database)")
+    settings = _settings(args)
+    if args.download:
+        return _publish_download(settings, args.tenant, at, args.json)
+    request = TenantRestoreRequest.from_cli(
+        tenant=args.tenant,
+        at=at,
+        mode=REPLACE if args.replace else SIDE_BY_SIDE,
+        as_name=args.as_name,
+        force=args.force,
+    )
+    out = sys.stderr if args.json else sys.stdout
+    result = restore_tenant(build(settings), request, lambda line: print(f"  {line}", file=out, flush=True))
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        print(result.summary())
+    return 0
+
+
+def _publish_download(settings: Any, tenant: str, at: datetime | None, as_json: bool) -> int:
+    import getpass
+    import socket
+    import uuid
+
+    from messages.events import ExportRequested
+    from producers.publisher import Publisher
+    from workers.tenants.registry import TenantRegistry
+
+    TenantRegistry(settings).get(tenant)  # a typo is told here, not in a dead letter
+    event = ExportRequested.new(
+        tenant=tenant,
+        request_id=f"cli-{uuid.uuid4().hex[:12]}",
+        requested_by=f"{getpass.getuser()}@{socket.gethostname()}",
+        as_of=at,
+    )
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher.publish(event)
+    if as_json:
+        print(json.dumps(event.to_dict()))
+    else:
+        print(
+            f"export of tenant {tenant} as of {_shown_at(at)} requested ({event.request_id}); the export "
+            f"pool makes it: see `deskvault exports list --tenant {tenant}`"
+        )
+    return 0
+
+
+def _shown_at(moment: datetime | None) -> str:
+    return f"{moment:%Y-%m-%dT%H:%M:%SZ}" if moment else "the latest moment"
 
 
 def _download_service(settings: Any) -> Any:

@@ -77,7 +77,8 @@ def format_timestamp(moment: datetime) -> str:
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """How a field travels: `kind` is text, timestamp (RFC 3339 text) or integer; `optional` allows null."""
+    """How a field travels: `kind` is text, timestamp (RFC 3339 text), integer or boolean; `optional`
+    allows null."""
 
     kind: str
     check: Callable[[Any], Any]
@@ -85,7 +86,7 @@ class FieldSpec:
 
     @property
     def json_type(self) -> str:
-        return "integer" if self.kind == "integer" else "string"
+        return self.kind if self.kind in ("integer", "boolean") else "string"
 
     def parse(self, name: str, value: object) -> Any:
         """The Python value for a decoded JSON value; InvalidEvent names `name` if it breaks the rules."""
@@ -140,6 +141,14 @@ _KIND = _rule("text", _one_of("full", "diff", "log"))
 _PLAN = _rule("text", _one_of("trial", "paid"))
 _EXPORT_KIND = _rule("text", _one_of("on-request", "scheduled"), optional=True)
 _REQUEST_ID = _rule("text", _matching("[!-~]{1,128}", "1-128 printable ASCII characters without whitespace"))
+_RESTORE_MODE = _rule("text", _one_of("side-by-side", "replace"), optional=True)
+# A name PostgreSQL takes without quoting surprises: letters, digits, _ and $ (and -, as tenants use).
+_DATABASE = _rule(
+    "text",
+    _matching("[A-Za-z_][A-Za-z0-9_$-]{0,62}", "1-63 of A-Z a-z 0-9 _ $ -, starting with a letter or _"),
+    optional=True,
+)
+_FLAG = _rule("boolean", lambda value: value, optional=True)
 # Printable: no control characters or line breaks; lone surrogates are refused as they cannot be UTF-8.
 _PERSON = _rule(
     "text", _matching("[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,256}", "1-256 printable characters")
@@ -378,6 +387,57 @@ class ExportRequested(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TenantRestoreRequested(Event):
+    """Someone asked for a tenant's database as of a moment, on its live target: beside the current one
+    (under a new name) or in its place."""
+
+    type: ClassVar[str] = "tenant-restore-requested"
+
+    tenant: str = field(metadata=_NAME)
+    at: datetime = field(metadata=_AT)
+    request_id: str = field(metadata=_REQUEST_ID)
+    requested_by: str = field(metadata=_PERSON)
+    # side-by-side (absent or null) or replace
+    mode: str | None = field(default=None, metadata=_RESTORE_MODE)
+    # side by side: the new database's name; absent: <database>_restored_<YYYYMMDDTHHMMSSZ>
+    as_name: str | None = field(default=None, metadata=_DATABASE)
+    # replace: terminate the sessions connected to the tenant's database
+    force: bool | None = field(default=None, metadata=_FLAG)
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        tenant: str,
+        at: datetime,
+        request_id: str,
+        requested_by: str,
+        mode: str | None = None,
+        as_name: str | None = None,
+        force: bool | None = None,
+        idempotency_key: str | None = None,
+        occurred_at: datetime | None = None,
+        event_id: str | None = None,
+    ) -> TenantRestoreRequested:
+        """A valid tenant-restore-requested event; by default one idempotency key per tenant and request."""
+        own: dict[str, Any] = {"tenant": tenant, "at": at, "request_id": request_id}
+        own["requested_by"] = requested_by
+        for name, value in (("mode", mode), ("as_name", as_name), ("force", force)):
+            if value is not None:
+                own[name] = value
+        return cls._create(own, idempotency_key, occurred_at, event_id)
+
+    def default_idempotency_key(self) -> str:
+        return f"tenant-restore-requested:{self.tenant}:{self.request_id}"
+
+    def _check_together(self) -> None:
+        if self.mode == "replace" and self.as_name is not None:
+            raise InvalidEvent("as_name", "must be absent or null when mode is replace (it keeps its name)")
+        if self.force and self.mode != "replace":
+            raise InvalidEvent("force", "only applies when mode is replace")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RestoreDrill(Event):
     """A database is due for a restore drill (restore a moment of it, check the copy) for a schedule slot."""
 
@@ -438,6 +498,7 @@ EVENT_CLASSES: dict[str, type[Event]] = {
         AccountExpired,
         AccountReactivated,
         ExportRequested,
+        TenantRestoreRequested,
         RestoreDrill,
         PurgeDue,
     )
@@ -539,6 +600,15 @@ def decode_event(data: bytes | str | dict[str, Any]) -> Event:
     return event
 
 
+def _from_text(spec: FieldSpec, name: str, text: str) -> object:
+    """A command-line value as it would travel: true/false for a boolean field, text otherwise."""
+    if spec.kind != "boolean":
+        return text
+    if text.lower() not in ("true", "false"):
+        raise InvalidEvent(name, f"expected true or false; got {shown(text)}")
+    return text.lower() == "true"
+
+
 def build_event(event_type: str, values: Mapping[str, str]) -> Event:
     """An event from command-line text (`as-of` or `as_of`; timestamps in RFC 3339), defaults as in `new`."""
     cls = _event_class(event_type)
@@ -549,6 +619,6 @@ def build_event(event_type: str, values: Mapping[str, str]) -> Event:
         name = given.replace("-", "_")
         if name not in specs or name == "version":
             raise InvalidEvent(name, f"unknown field for {cls.type}")
-        value = specs[name].parse(name, text)
+        value = specs[name].parse(name, _from_text(specs[name], name, text))
         (common if name in COMMON_FIELDS else own)[name] = value
     return cls._create(own, **common)

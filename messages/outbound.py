@@ -2,6 +2,7 @@
 
   export-ready     an export can be downloaded (on request or scheduled)
   purge-upcoming   a tenant's data will be purged in `lifecycle.purge_notice_days` (7) days
+  tenant-restored  a tenant's database was restored to a moment on its live target
 
 Each is JSON, routed by its type. `event_id` is derived from the fact it reports, so a consumer that
 sees the same id twice (deskvault publishes at least once) drops the second. Schemas:
@@ -54,4 +55,28 @@ def purge_upcoming(tenant: str, purge_after: datetime, now: datetime) -> dict[st
         **_base("purge-upcoming", f"{tenant}:{_iso(purge_after)}", now),
         "tenant": tenant,
         "purge_after": _iso(purge_after),
+    }
+
+
+def tenant_restored(restored: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """tenant-restored for a finished tenant restore (`TenantRestored.as_json()`): where the data as of
+    the moment now is, and exactly which commit replay stopped after."""
+    return {
+        **_base("tenant-restored", f"{restored['tenant']}:{restored['request_id']}", now),
+        **{
+            name: restored[name]
+            for name in (
+                "tenant",
+                "request_id",
+                "requested_by",
+                "mode",
+                "database",
+                "restored_as",
+                "put_aside_as",
+                "asked_at",
+                "reached_at",
+                "reached_xid",
+                "stop",
+            )
+        },
     }

@@ -16,6 +16,8 @@ EVENT_POOL: dict[str, str] = {
     "account-reactivated": "lifecycle",
     "purge-due": "lifecycle",
     "export-requested": "export",
+    # Tenant data in and out share a pool: both restore a scratch server and move one database.
+    "tenant-restore-requested": "export",
     "restore-drill": "verify",
 }
 

@@ -21,6 +21,7 @@ from workers.handlers.export import handle_export_requested
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
 from workers.handlers.purge import handle_purge_due
 from workers.handlers.snapshot import handle_snapshot_due
+from workers.handlers.tenant_restore import handle_tenant_restore_requested
 from workers.jobs import JobBusy
 from workers.metrics import PoolMetrics
 
@@ -30,6 +31,7 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     "account-expired": handle_account_expired,
     "account-reactivated": handle_account_reactivated,
     "export-requested": handle_export_requested,
+    "tenant-restore-requested": handle_tenant_restore_requested,
     "restore-drill": handle_restore_drill,
     "purge-due": handle_purge_due,
 }

@@ -5,6 +5,7 @@ anything is downloaded or created.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -12,10 +13,29 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import jsonschema
+import pika
 import pytest
-from support import build_settings, take_backup, wait_for, wal_streaming, worker_context
+from dramatiq import Worker
+from support import (
+    OutboundListener,
+    build_settings,
+    run_cli,
+    take_backup,
+    wait_for,
+    wal_streaming,
+    worker_context,
+)
 
 from deskvault.local.demo_data import TABLES, helpdesk_sql, table_fingerprint_sql
+from messages.envelope import wrap
+from messages.events import TenantRestoreRequested
+from messages.schema_files import SCHEMA_DIR
+from messages.topology import dead_letter_queue
+from producers.publisher import Publisher
+from workers import context
+from workers.actors import build_broker
+from workers.broker import REASON_HEADER
 from workers.context import WorkerContext
 from workers.engines.postgresql.cluster import PgCluster, free_port
 from workers.engines.postgresql.restore import plan_restore
@@ -239,3 +259,146 @@ def test_what_cannot_be_served_is_refused_before_anything_is_downloaded_or_made(
         assert fetched() == 0 and _databases(cluster) == databases
     finally:
         cluster.psql("DROP DATABASE IF EXISTS taken")
+
+
+@pytest.fixture
+def export_pool(history: dict) -> Iterator[WorkerContext]:
+    """The export pool (which handles tenant restores) running in-process against RabbitMQ."""
+    ctx: WorkerContext = history["ctx"]
+    settings = ctx.settings
+    context.configure(ctx)
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        publisher._open()  # declares the topology
+    connection = pika.BlockingConnection(pika.URLParameters(settings.broker.url))
+    for queue in ("export", dead_letter_queue("export")):
+        connection.channel().queue_purge(queue)
+    connection.close()
+    broker, _ = build_broker(settings)
+    worker = Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    yield ctx
+    worker.stop(timeout=10_000)
+    broker.close()
+
+
+def _publish(ctx: WorkerContext, body: bytes) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(ctx.settings.broker.url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.basic_publish("", "export", body, pika.BasicProperties(delivery_mode=2), mandatory=True)
+    connection.close()
+
+
+def _dead_letter(ctx: WorkerContext) -> tuple[bytes, dict]:
+    connection = pika.BlockingConnection(pika.URLParameters(ctx.settings.broker.url))
+    channel = connection.channel()
+
+    def get():
+        method, properties, body = channel.basic_get(dead_letter_queue("export"), auto_ack=True)
+        return (body, properties.headers or {}) if method else None
+
+    try:
+        return wait_for(get, timeout=60, what="a dead letter in export.XQ")
+    finally:
+        connection.close()
+
+
+def test_the_event_restores_once_and_answers_with_tenant_restored(
+    cluster: PgCluster, history: dict, export_pool: WorkerContext
+) -> None:
+    ctx = export_pool
+    others, databases = _others(cluster), _databases(cluster)
+    event = TenantRestoreRequested.new(
+        tenant="tr_beta", at=history["at"], request_id=f"RST-{uuid.uuid4().hex[:8]}", requested_by="Zoë"
+    )
+    listener = OutboundListener(ctx.settings.broker.url, "tenant-restored")
+    try:
+        _publish(ctx, wrap(event))
+        _publish(ctx, wrap(event))  # published twice (at least once delivery): restored once
+        told = wait_for(listener.messages, timeout=300, what="tenant-restored")
+        job = wait_for(lambda: (j := ctx.ledger.job(event.idempotency_key)) and j.state == "done" and j)
+        time.sleep(2)  # the second copy, handled as a duplicate, tells nothing new
+        told += listener.messages()
+    finally:
+        listener.close()
+    name = derived_name("tr_beta", "restored", history["at"])
+    assert [m["restored_as"] for m in told] == [name] and job.outcome.startswith("tenant tr_beta restored")
+    schema = json_schema("tenant-restored")
+    jsonschema.validate(told[0], schema)
+    assert told[0]["request_id"] == event.request_id and told[0]["reached_xid"] is not None
+    assert _fingerprint(cluster, name) == history["expected"]
+    assert _others(cluster) == others and _databases(cluster) == databases | {name}
+    cluster.psql(f'DROP DATABASE "{name}"')
+
+
+def json_schema(outbound: str) -> dict:
+    return json.loads((SCHEMA_DIR / "outbound" / f"{outbound}.v1.schema.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"mode": "sideways"}, "mode: must be one of side-by-side, replace"),
+        ({"force": True}, "force: only applies when mode is replace"),
+        ({"mode": "replace", "as_name": "x"}, "as_name: must be absent or null when mode is replace"),
+        ({"as_name": "drop table"}, "as_name: must be 1-63 of"),
+        ({"at": "2020-01-01T00:00:00Z"}, "at: 2020-01-01"),
+        ({"tenant": "nobody"}, "tenant: 'nobody' is not a known tenant"),
+        ({"at": None}, "at: expected string, got null"),
+    ],
+    ids=["mode", "force-side-by-side", "as-with-replace", "as-not-a-name", "outside", "unknown", "no-at"],
+)
+def test_a_request_that_cannot_be_served_is_dead_lettered_with_the_reason_and_makes_nothing(
+    cluster: PgCluster, history: dict, export_pool: WorkerContext, change: dict, reason: str
+) -> None:
+    ctx = export_pool
+    databases = _databases(cluster)
+    event = TenantRestoreRequested.new(
+        tenant="tr_beta", at=history["at"], request_id=f"RST-{uuid.uuid4().hex[:8]}", requested_by="ann"
+    )
+    envelope = json.loads(wrap(event))
+    envelope["args"][0].update(change)
+    body = json.dumps(envelope).encode()
+    _publish(ctx, body)
+    dead_body, headers = _dead_letter(ctx)
+    assert dead_body == body
+    assert reason in headers[REASON_HEADER], headers[REASON_HEADER]
+    assert ctx.ledger.job(event.idempotency_key) is None  # refused before any work was claimed
+    assert _databases(cluster) == databases
+
+
+def test_the_command_restores_under_the_name_given_and_prints_where_it_stopped(
+    cluster: PgCluster, history: dict
+) -> None:
+    ctx: WorkerContext = history["ctx"]
+    others = _others(cluster)
+    at = f"{history['at']:%Y-%m-%dT%H:%M:%S.%fZ}"
+    done = run_cli(ctx.settings, "tenants", "restore", "--tenant", "tr_beta", "--at", at, "--as", "beta_then")
+    assert done.returncode == 0, done.stderr
+    assert "database tr_beta alone" in done.stdout and "copied: " in done.stdout
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("tenant tr_beta restored to the commit of transaction "), last
+    assert _fingerprint(cluster, "beta_then") == history["expected"] and _others(cluster) == others
+
+    # The name taken now: refused, naming the option and what to do, with nothing made
+    databases = _databases(cluster)
+    again = run_cli(
+        ctx.settings, "tenants", "restore", "--tenant", "tr_beta", "--at", at, "--as", "beta_then", "--json"
+    )
+    assert again.returncode != 0 and again.stdout == ""
+    assert "as: database beta_then already exists on target main; choose another name" in again.stderr
+    assert _databases(cluster) == databases
+    cluster.psql("DROP DATABASE beta_then")
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("--at", "yesterday"), "--at: expected an RFC 3339 timestamp"),
+        (("--at", "2026-11-27T10:14:00"), "--at: timestamp '2026-11-27T10:14:00' has no UTC offset"),
+        (("--at", "2026-11-27T10:14:00Z", "--force"), "--force: only with --replace"),
+    ],
+)
+def test_the_command_refuses_bad_options_naming_them(history: dict, args: tuple, error: str) -> None:
+    done = run_cli(history["ctx"].settings, "tenants", "restore", "--tenant", "tr_beta", *args)
+    assert done.returncode == 2 and error in done.stderr, done.stderr

@@ -23,6 +23,7 @@ from messages import (
     PurgeDue,
     RestoreDrill,
     SnapshotDue,
+    TenantRestoreRequested,
     check_envelope,
     decode_event,
     wrap,
@@ -105,6 +106,9 @@ SAMPLES: dict[str, Event] = {
     "account-expired": AccountExpired.new(tenant="acme", plan="paid", expired_at=SLOT),
     "account-reactivated": AccountReactivated.new(tenant="acme"),
     "export-requested": ExportRequested.new(tenant="acme", request_id="r1", requested_by="ann"),
+    "tenant-restore-requested": TenantRestoreRequested.new(
+        tenant="acme", at=datetime(2026, 11, 27, 10, 14, tzinfo=UTC), request_id="r2", requested_by="ann"
+    ),
     "restore-drill": RestoreDrill.new(target="helpdesk_main", slot=SLOT),
     "purge-due": PurgeDue.new(tenant="acme", purge_after=SLOT),
 }

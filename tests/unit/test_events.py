@@ -22,6 +22,7 @@ from messages import (
     PurgeDue,
     RestoreDrill,
     SnapshotDue,
+    TenantRestoreRequested,
     build_event,
     decode_event,
     event_fields,
@@ -51,6 +52,10 @@ def sample(event_type: str) -> Event:
         return RestoreDrill.new(target="helpdesk_main", slot=SLOT, **fixed)
     if event_type == "purge-due":
         return PurgeDue.new(tenant="acme", purge_after=SLOT, **fixed)
+    if event_type == "tenant-restore-requested":  # as_name only side by side, force only replacing
+        return TenantRestoreRequested.new(
+            tenant="acme", at=SLOT, request_id="R-7", requested_by="ann", mode="replace", force=True, **fixed
+        )
     return ExportRequested.new(
         tenant="acme", request_id="EXP-42", requested_by="Zoë <z@acme.example>", as_of=SLOT, **fixed
     )

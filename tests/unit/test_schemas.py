@@ -23,6 +23,7 @@ from messages import (
     InvalidEvent,
     RestoreDrill,
     SnapshotDue,
+    TenantRestoreRequested,
     check_envelope,
     decode_event,
     wrap,
@@ -56,6 +57,13 @@ def samples() -> list[Event]:
         ExportRequested.new(tenant="acme", request_id="EXP-1", requested_by="Zoë <z@acme.example>"),
         ExportRequested.new(tenant="acme", request_id="EXP-2", requested_by="ann", as_of=SLOT),
         RestoreDrill.new(target="helpdesk_main", slot=SLOT),
+        TenantRestoreRequested.new(tenant="acme", at=SLOT, request_id="RST-1", requested_by="ann"),
+        TenantRestoreRequested.new(
+            tenant="acme", at=SLOT, request_id="RST-2", requested_by="ann", as_name="acme_yesterday"
+        ),
+        TenantRestoreRequested.new(
+            tenant="acme", at=SLOT, request_id="RST-3", requested_by="ann", mode="replace", force=True
+        ),
     ]
 
 
@@ -157,6 +165,13 @@ def test_wrapped_events_meet_the_envelope_schema(event: Event) -> None:
         pytest.param("restore-drill", {"target": 7}, id="drill-target-not-string"),
         pytest.param("restore-drill", {"slot": "2026-11-29T02:00:00"}, id="drill-naive-slot"),
         pytest.param("restore-drill", {"type": "backup-due"}, id="drill-as-other-type"),
+        pytest.param("tenant-restore-requested", {"at": ...}, id="restore-without-moment"),
+        pytest.param("tenant-restore-requested", {"mode": "sideways"}, id="restore-bad-mode"),
+        pytest.param("tenant-restore-requested", {"force": True}, id="force-side-by-side"),
+        pytest.param("tenant-restore-requested", {"force": "yes"}, id="force-not-boolean"),
+        pytest.param("tenant-restore-requested", {"mode": "replace", "as_name": "x"}, id="replace-as"),
+        pytest.param("tenant-restore-requested", {"as_name": "a; DROP"}, id="as-not-a-name"),
+        pytest.param("tenant-restore-requested", {"as_name": "a" * 64}, id="as-too-long"),
     ],
 )
 def test_payloads_the_decoder_rejects_the_schema_rejects_too(

@@ -18,15 +18,21 @@ def test_it_syncs_the_folders_while_the_block_runs_and_stops_with_it(monkeypatch
     monkeypatch.setattr(writeback, "_sync_file_system", lambda f: (calls.append(f), real(f)))
     later = tmp_path / "made-during-the-block"
     with writeback.written_back_meanwhile([tmp_path, later], pause=0.01) as thread:
-        time.sleep(0.1)
+        # Waits for the syncs, not for a time: a sync on a busy host takes as long as its writes
+        _until(lambda: calls.count(tmp_path) >= 3)
         later.mkdir()
-        time.sleep(0.1)
-    assert calls.count(tmp_path) >= 5
-    assert later in calls  # synced once it exists; missing before that was no error
+        _until(lambda: later in calls)  # synced once it exists; missing before that was no error
     assert not thread.is_alive()
     settled = len(calls)
     time.sleep(0.05)
     assert len(calls) == settled  # no sync after the block
+
+
+def _until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the writeback thread did not sync"
+        time.sleep(0.01)
 
 
 def test_a_failing_block_stops_it_too_and_its_error_comes_through(tmp_path) -> None:

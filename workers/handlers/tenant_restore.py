@@ -1,7 +1,8 @@
 """tenant-restore-requested: a tenant's database restored to a moment on its live target, beside the
 current one or in its place (or, `download`, as an export as of that moment).
 
-`deskvault tenants restore` and the handler both run `restore_tenant`:
+`deskvault tenants restore` and the handler of the event both run `restore_tenant`; the handler runs it
+once per request (`run_once`) and ends with the outbound `tenant-restored`:
 1. Refuse, before anything is downloaded: an unknown or purged tenant, a moment outside the restorable
    window, a name for the copy that is taken (by anything but this request's own copy), a replace while
    sessions use the database (unless `force`).
@@ -27,10 +28,14 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from messages import outbound
+from messages.events import TenantRestoreRequested
+from producers.publisher import Publisher
 from workers.context import WorkerContext
 from workers.engines.base import Engine, RestorePlan, Unreachable
 from workers.engines.registry import engine_for
 from workers.errors import PermanentError
+from workers.jobs import run_once
 from workers.tenants.registry import Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,13 @@ class TenantRestored:
     request_id: str
     requested_by: str
 
+    def summary(self) -> str:
+        aside = f"; the previous database kept as {self.put_aside_as}" if self.put_aside_as else ""
+        return (
+            f"tenant {self.tenant} restored to {self.stop} as database {self.restored_as} on target "
+            f"{self.target}{aside} ({self.seconds:.1f} s)"
+        )
+
     def as_json(self) -> dict[str, Any]:
         found = asdict(self)
         for key in ("asked_at", "reached_at"):
@@ -85,17 +97,65 @@ class TenantRestored:
         return found
 
 
-def restore_tenant(
-    ctx: WorkerContext, request: TenantRestoreRequest, on_progress: Callable[[str], None] = log.info
-) -> TenantRestored:
-    started, started_at = time.monotonic(), ctx.ledger.now()
+def handle_tenant_restore_requested(ctx: WorkerContext, event: TenantRestoreRequested) -> str | None:
+    request = TenantRestoreRequest(
+        tenant=event.tenant,
+        at=event.at,
+        mode=event.mode or SIDE_BY_SIDE,
+        as_name=event.as_name,
+        force=bool(event.force),
+        request_id=event.request_id,
+        requested_by=event.requested_by,
+        # The database put aside is named after the request, so a redelivery finds the same name
+        requested_at=event.occurred_at,
+    )
+    # Refused (and so dead-lettered) before a job is claimed: nothing was tried
+    prepared = prepare(ctx, request)
+    return run_once(ctx, event, lambda: _restore_and_tell(ctx, request, prepared))
+
+
+def _restore_and_tell(ctx: WorkerContext, request: TenantRestoreRequest, prepared: Prepared) -> str:
+    result = restore_tenant(ctx, request, prepared=prepared)
+    settings = ctx.settings
+    with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
+        heard = publisher.publish_outbound(outbound.tenant_restored(result.as_json(), ctx.ledger.now()))
+    return result.summary() + ("" if heard else " (tenant-restored reached no queue)")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request found servable: its tenant, engine, names and plan."""
+
+    tenant: Tenant
+    engine: Engine
+    at: datetime
+    new_name: str
+    aside: str
+    plan: RestorePlan
+
+
+def prepare(ctx: WorkerContext, request: TenantRestoreRequest) -> Prepared:
+    """The request checked against the config, the ledger and the catalog, before anything is
+    downloaded or made; PermanentError names the field that cannot be served."""
     tenant = _servable(ctx, request)
     engine = engine_for(ctx.settings.target(tenant.target))
     at = request.at.astimezone(UTC)
     new_name = request.as_name or derived_name(tenant.database, "restored", at)
     aside = derived_name(tenant.database, "before_restore", request.requested_at or datetime.now(UTC))
     _check_name(ctx, new_name, tenant)
-    plan = _plan(ctx, engine, at)
+    return Prepared(tenant, engine, at, new_name, aside, _plan(ctx, engine, at))
+
+
+def restore_tenant(
+    ctx: WorkerContext,
+    request: TenantRestoreRequest,
+    on_progress: Callable[[str], None] = log.info,
+    prepared: Prepared | None = None,
+) -> TenantRestored:
+    started, started_at = time.monotonic(), ctx.ledger.now()
+    prepared = prepared or prepare(ctx, request)
+    tenant, engine, at, plan = prepared.tenant, prepared.engine, prepared.at, prepared.plan
+    new_name, aside = prepared.new_name, prepared.aside
     done = _already_done(engine, request, tenant, new_name, aside)
     copied = 0
     if done is None:
