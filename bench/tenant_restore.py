@@ -1,9 +1,9 @@
 """Benchmark: one small tenant restored to a moment, against a whole-cluster restore to the same moment.
 
-The source cluster holds `--tenants` helpdesk databases of about 20 MiB each (`--tenant-scale` 2, copies
-of one populated template) and one large tenant (`--large-scale` 200: about 1 GiB). deskvault streams its
-WAL, takes a full (in parts, read from `data_directory`), then one small tenant gets changes, the moment T
-is noted, and the tenant loses half its tickets after T.
+The source cluster holds `--tenants` helpdesk databases of about 17 MiB each (`--tenant-scale` 2, copies
+of one populated template) and one large tenant (`--large-scale` 220: just over 1 GiB). deskvault
+streams its WAL, takes a full (in parts, read from `data_directory`), then one small tenant gets
+changes, the moment T is noted, and the tenant loses half its tickets after T.
 
 Then, the page cache dropped (as root) before each:
   tenant   `deskvault tenants restore --tenant ID --at T --json`: that database alone laid out in a scratch
@@ -15,7 +15,7 @@ and in the restored cluster; the other tenants' databases on the live target unc
 Result (JSON on stdout; progress on stderr): each one's wall seconds and peak RSS, and
 `ratios.tenant_over_cluster_seconds` (goal <= 0.2).
 
-Run: .venv/bin/python bench/tenant_restore.py [--tenants 50] [--tenant-scale 2] [--large-scale 200] [--keep]
+Run: .venv/bin/python bench/tenant_restore.py [--tenants 50] [--tenant-scale 2] [--large-scale 220] [--keep]
 Needs RabbitMQ, PostgreSQL on 127.0.0.1:5432 (control database) and the `weed` binary in the venv.
 """
 
@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,7 +56,7 @@ def main() -> int:
     )
     parser.add_argument("--tenants", type=int, default=50, help="small tenant databases (default 50)")
     parser.add_argument("--tenant-scale", type=int, default=2, help="helpdesk scale of each small tenant")
-    parser.add_argument("--large-scale", type=int, default=200, help="helpdesk scale of the large tenant")
+    parser.add_argument("--large-scale", type=int, default=220, help="helpdesk scale of the large tenant")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (clusters are stopped)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -186,16 +187,36 @@ def _tenant_restore(settings, tenant: str, at: str, rss_file: Path) -> dict:
     log(f"tenant: deskvault tenants restore --tenant {tenant} --at {at}")
     t = time.monotonic()
     run = Measured(command, rss_file, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    output, errors = run.proc.communicate(timeout=6 * 3600)
-    code = run.wait()
+    lines: list[tuple[float, str]] = []
+
+    def read() -> None:  # progress, each line stamped with the seconds since the command started
+        for raw in run.proc.stderr:
+            lines.append((time.monotonic() - t, line := raw.decode(errors="replace").strip()))
+            log(f"tenant: deskvault ({lines[-1][0]:.2f}s): {line}")
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    output = run.proc.stdout.read()
+    code = run.wait(timeout=6 * 3600)
     seconds = time.monotonic() - t
-    for line in errors.decode(errors="replace").splitlines():
-        log(f"tenant: deskvault: {line.strip()}")
+    reader.join(timeout=10)
     if code != 0:
         raise RuntimeError(f"deskvault tenants restore failed (exit {code})")
     result = json.loads(output)
     log(f"tenant: restored as {result['restored_as']} in {seconds:.1f}s")
-    return {"seconds": seconds, **run.peaks_mib(), "result": result}
+
+    def at(start: str) -> float | None:
+        return next((when for when, line in lines if line.startswith(start)), None)
+
+    phases = {  # when each phase began, in seconds since the command started
+        "first_output": lines[0][0] if lines else None,
+        "base": at("restoring base backup"),
+        "postgresql_start": at("starting PostgreSQL"),
+        "recovered": at("replay passed over"),
+        "copy": at("copying "),
+        "copied": at("copied: "),
+    }
+    return {"seconds": seconds, **run.peaks_mib(), "phases_began_at": phases, "result": result}
 
 
 def _fingerprint(cluster: PgCluster, database: str) -> dict[str, str]:

@@ -20,9 +20,10 @@ FULL = {
 }
 
 
-def test_it_keeps_the_database_the_systems_and_the_cluster_and_nothing_else() -> None:
+def test_it_keeps_the_database_postgres_and_the_cluster_and_nothing_else() -> None:
     subset = subset_for([FULL, None], "acme")
-    assert isinstance(subset, DatabaseSubset) and subset.oids == {1, 4, 5, 16384}
+    assert isinstance(subset, DatabaseSubset) and subset.oids == {5, 16384}
+    assert not subset.keeps("base/1") and not subset.keeps("base/4")  # the templates: nothing reads them
     assert subset.keeps("cluster") and subset.keeps("pg_wal") and subset.keeps("base/16384")
     assert subset.keeps("pg_tblspc/16390/PG_15_202209061/16384")
     assert not subset.keeps("base/16385") and not subset.keeps("pg_tblspc/16390/PG_15_202209061/16385")

@@ -299,13 +299,15 @@ class Engine(ABC):
         relocate: Mapping[str, Path] | None = None,
         on_progress: Callable[[str], None] | None = None,
         database: str | None = None,
+        throwaway: bool = False,
     ) -> RestoreResult:
         """Lay the plan out in `into` (which must be new or empty); with `start`, recover on `port` (0: a
         free one, given in the result; a busy one is refused before anything is written) and report the
         moment reached. Nothing half-restored is left behind on failure. `relocate` moves
         parts the backup kept outside its folder (PostgreSQL: tablespaces, by oid, name or old path).
         With `database` (and `start`), a copy for that one database: the engine may leave out the
-        others' files, so that the restore costs what the database does."""
+        others' files, so that the restore costs what the database does. `throwaway`: a copy removed
+        once read (a scratch server), which need not survive a crash of the host, so nothing is synced."""
 
     @abstractmethod
     def scratch_server(self, label: str) -> AbstractContextManager[ScratchServer]:

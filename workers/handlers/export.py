@@ -106,7 +106,7 @@ def _dump_source(
         return
     with engine.scratch_server("export") as server:
         log.info("export: restoring %s to %s for the dump", engine.target.name, plan.at)
-        engine.restore(ctx.repository, plan, server.datadir, start=True, port=server.port)
+        engine.restore(ctx.repository, plan, server.datadir, start=True, port=server.port, throwaway=True)
         yield server
 
 

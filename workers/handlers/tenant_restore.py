@@ -274,6 +274,7 @@ def _restore_copy(
             port=server.port,
             on_progress=on_progress,
             database=tenant.database,
+            throwaway=True,
         )
         on_progress(f"copying {tenant.database} as of that moment into {new_name} on target {tenant.target}")
         progress = _Throttled(on_progress)

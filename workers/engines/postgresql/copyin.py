@@ -115,7 +115,7 @@ def _dump_into(
         copied = 0
         try:
             try:
-                for chunk in dump_stream(scratch.pg_bin, scratch.conninfo, database):
+                for chunk in dump_stream(scratch.pg_bin, scratch.conninfo, database, compress=False):
                     restore.stdin.write(chunk)
                     copied += len(chunk)
                     on_progress(copied)

@@ -14,12 +14,15 @@ from workers.engines.postgresql.conninfo import libpq_env, split_password, with_
 from workers.engines.procstream import ProcessStream
 
 
-def dump_stream(pg_bin: Path, conninfo: str, database: str) -> Iterator[bytes]:
-    """The custom-format dump of `database`; EngineError (after the last chunk) if pg_dump fails."""
+def dump_stream(pg_bin: Path, conninfo: str, database: str, *, compress: bool = True) -> Iterator[bytes]:
+    """The custom-format dump of `database`; EngineError (after the last chunk) if pg_dump fails.
+    Without `compress`, for a dump read at once by pg_restore on the same host: compressing it would
+    only cost CPU the restore needs."""
     plain, password = split_password(conninfo)
     command = [
         str(pg_bin / "pg_dump"),
         "--format=custom",
+        *([] if compress else ["--compress=0"]),
         "--no-password",
         f"--dbname={with_dbname(plain, database)}",
     ]

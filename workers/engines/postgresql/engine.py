@@ -147,6 +147,7 @@ class PostgresEngine(Engine):
         relocate: Mapping[str, Path] | None = None,
         on_progress: Callable[[str], None] | None = None,
         database: str | None = None,
+        throwaway: bool = False,
     ) -> RestoreResult:
         if not isinstance(plan, point_in_time.RestorePlan):
             raise TypeError(f"a PostgreSQL restore takes its own plan, not {type(plan).__name__}")
@@ -160,6 +161,7 @@ class PostgresEngine(Engine):
             tablespaces=relocate,
             on_progress=on_progress or log.info,
             database=database,
+            throwaway=throwaway,
         )
 
     @contextmanager

@@ -226,7 +226,9 @@ def restore_all(
     folders = [p for p in parts if p["name"] == FOLDERS_PART]
     for listed in folders:
         one(listed)
-    _all_at_once(one, [p for p in parts if p["name"] != FOLDERS_PART], parallel, "restore", progress.stop)
+    # Largest first: a large part started last would run on alone, one core idle
+    rest = sorted((p for p in parts if p["name"] != FOLDERS_PART), key=lambda p: -p["plain_size"])
+    _all_at_once(one, rest, parallel, "restore", progress.stop)
 
 
 def _write_slice(chunks: Iterable[bytes], into: Path, where: dict[str, Any], what: str) -> None:

@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -396,6 +397,7 @@ def restore(
     on_progress: Callable[[str], None] = log.info,
     wal_patience: float = WAIT_FOR_FILE_SECONDS,
     database: str | None = None,
+    throwaway: bool = False,
 ) -> RestoreResult:
     """Lay out the base, the WAL and the recovery settings; with `start`, recover, check that recovery
     reached the plan's stop, and report the last transaction replayed.
@@ -405,7 +407,9 @@ def restore(
     tablespace (by oid, name or original location) to its new folder; the rest go beside `into`.
     With `database`, only that database's files (and those the server needs) are laid out where the
     backup allows it (see `subset`): a copy to dump that one database from, and nothing else; it needs
-    `start`, since what replay met is checked once it has.
+    `start`, since what replay met is checked once it has. With `throwaway` (a scratch copy, removed
+    once read), nothing is written back or synced, and the server runs with fsync off: a crash of the
+    host loses only a copy that would be made again.
     """
     if database is not None and not start:
         raise ValueError("a restore of one database is started here: its replay is checked once recovered")
@@ -426,10 +430,11 @@ def restore(
     cluster = None
     try:
         laid_out = [into, *(space.into for space in spaces)]
-        with written_back_meanwhile(laid_out):
-            subset = _lay_out(repo, plan, into, spaces, downloads, on_progress, database)
-        # Durable before anything says restored, and out of the page cache before replay (see settle).
-        settle(laid_out)
+        with nullcontext() if throwaway else written_back_meanwhile(laid_out):
+            subset = _lay_out(repo, plan, into, spaces, downloads, on_progress, database, throwaway)
+        if not throwaway:
+            # Durable before anything says restored, and out of the page cache before replay (see settle).
+            settle(laid_out)
         if start:
             cluster = PgCluster(into, port, pg_bin)
             on_progress("starting PostgreSQL: it replays the WAL as the files arrive")
@@ -479,6 +484,7 @@ def _lay_out(
     downloads: WalDownloads,
     on_progress: Callable[[str], None],
     database: str | None,
+    throwaway: bool,
 ) -> DatabaseSubset | None:
     """Base, differential and recovery settings, WAL downloading meanwhile; with `database`, that
     database alone where the backup allows it (the subset laid out)."""
@@ -507,6 +513,8 @@ def _lay_out(
         apply_diff(repo, plan.diff, into, spaces, parallel=parallel, keeps=keeps)
     downloads.add(wal[WAL_BESIDE_BASE:])
     extra = list(ALONE_SETTINGS) if subset is not None else []
+    if throwaway:
+        extra.append("fsync = off")  # no start-up sync of the data directory, no fsync at checkpoints
     _write_recovery_settings(into, downloads.wal_dir, plan.stop, plan.follow_timeline, extra)
     _close_access(into)
     hand_over(downloads.wal_dir)
@@ -596,13 +604,16 @@ def _recovered(cluster: PgCluster, missing: Callable[[], str] = lambda: "") -> d
 
 def _wait_recovered(cluster: PgCluster, timeout: float = 6 * 3600) -> datetime | None:
     deadline = time.monotonic() + timeout
+    pause = 0.05
     while cluster.psql("SELECT pg_is_in_recovery()").strip() == "t":
         if time.monotonic() > deadline:
             raise DeskvaultError(
                 f"recovery did not finish within {timeout:.0f}s; the cluster is left running in "
                 f"{cluster.datadir}, see its server log"
             )
-        time.sleep(0.5)
+        # Often only a moment of WAL to replay: look again soon, then every half second.
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
     return _last_replayed_commit(cluster)
 
 

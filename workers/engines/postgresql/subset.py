@@ -1,8 +1,9 @@
 """One database of a backup restored alone: its own parts, the cluster's, and nothing of the others.
 
 A backup in parts groups files by database folder (see `parts.group_of`), so a tenant's restore can
-download only its database's parts, the cluster's (shared catalogs, pg_wal) and those of the databases
-a server needs to start and be dumped from (template0, template1, postgres).
+download only its database's parts, the cluster's (shared catalogs, pg_wal) and those of `postgres`,
+where deskvault's own sessions connect (to follow recovery, read the database's properties). The
+server starts without the template databases (only CREATE DATABASE reads them), and the copy makes none.
 
 Replay then meets WAL records for the other databases' files, which are missing. A record carrying a
 full-page image recreates its page, but some name a page without one (a vacuum marking pages
@@ -29,7 +30,7 @@ from typing import Any
 from deskvault_core.errors import DeskvaultError
 from workers.engines.postgresql import parts
 
-SYSTEM_DATABASES = ("template0", "template1", "postgres")  # what a server needs to start and be dumped
+KEPT_ALONGSIDE = ("postgres",)  # where deskvault's sessions on the copy connect
 ALONE_SETTINGS = (
     "ignore_invalid_pages = on",  # see above: each reference is a WARNING, checked by `check_replayed`
     "autovacuum = off",  # it would visit the databases left out
@@ -64,7 +65,7 @@ def subset_for(backups: Iterable[dict[str, Any] | None], database: str) -> Datab
             return f"backup {backup['backup_id']} is one archive (pg_basebackup's), not parts"
         if "databases" not in backup:
             return f"backup {backup['backup_id']} does not list its databases"
-        oids |= {d["oid"] for d in backup["databases"] if d["name"] in (*SYSTEM_DATABASES, database)}
+        oids |= {d["oid"] for d in backup["databases"] if d["name"] in (*KEPT_ALONGSIDE, database)}
     return DatabaseSubset(frozenset(oids))
 
 
