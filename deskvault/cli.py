@@ -528,7 +528,10 @@ def _cmd_tenants_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     settings = _settings(args)
     if args.download:
         return _publish_download(settings, args.tenant, at, args.json)
-    request = TenantRestoreRequest.from_cli(
+    request_id, requested_by = _typed_here()
+    request = TenantRestoreRequest(
+        request_id=request_id,
+        requested_by=requested_by,
         tenant=args.tenant,
         at=at,
         mode=REPLACE if args.replace else SIDE_BY_SIDE,
@@ -544,22 +547,23 @@ def _cmd_tenants_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     return 0
 
 
-def _publish_download(settings: Any, tenant: str, at: datetime | None, as_json: bool) -> int:
+def _typed_here() -> tuple[str, str]:
+    """A request typed at this terminal: its own id, and the user and host who typed it."""
     import getpass
     import socket
     import uuid
 
+    return f"cli-{uuid.uuid4().hex[:12]}", f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _publish_download(settings: Any, tenant: str, at: datetime | None, as_json: bool) -> int:
     from messages.events import ExportRequested
     from producers.publisher import Publisher
     from workers.tenants.registry import TenantRegistry
 
     TenantRegistry(settings).get(tenant)  # a typo is told here, not in a dead letter
-    event = ExportRequested.new(
-        tenant=tenant,
-        request_id=f"cli-{uuid.uuid4().hex[:12]}",
-        requested_by=f"{getpass.getuser()}@{socket.gethostname()}",
-        as_of=at,
-    )
+    request_id, requested_by = _typed_here()
+    event = ExportRequested.new(tenant=tenant, request_id=request_id, requested_by=requested_by, as_of=at)
     with Publisher(settings.broker.url, delivery_limit=settings.broker.delivery_limit) as publisher:
         publisher.publish(event)
     if as_json:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ from workers import context
 from workers.actors import build_broker
 from workers.broker import REASON_HEADER
 from workers.context import WorkerContext
+from workers.engines.base import EngineError
+from workers.engines.postgresql import copyin
 from workers.engines.postgresql.cluster import PgCluster, free_port
 from workers.engines.postgresql.restore import plan_restore
 from workers.errors import PermanentError
@@ -402,3 +405,51 @@ def test_the_command_restores_under_the_name_given_and_prints_where_it_stopped(
 def test_the_command_refuses_bad_options_naming_them(history: dict, args: tuple, error: str) -> None:
     done = run_cli(history["ctx"].settings, "tenants", "restore", "--tenant", "tr_beta", *args)
     assert done.returncode == 2 and error in done.stderr, done.stderr
+
+
+def _scratch_folders() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("deskvault-tenant-tr_beta-*")}
+
+
+def test_a_copy_that_fails_midway_leaves_the_live_target_as_it_was(
+    cluster: PgCluster, history: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx: WorkerContext = history["ctx"]
+    databases, scratches = _databases(cluster), _scratch_folders()
+    before = _fingerprint(cluster, "tr_beta")
+    real = copyin.dump_stream
+
+    def dies_midway(*args, **kwargs):
+        chunks = real(*args, **kwargs)
+        yield next(chunks)
+        raise EngineError("pg_dump of database tr_beta failed (exit 1): the server closed the connection")
+
+    monkeypatch.setattr(copyin, "dump_stream", dies_midway)
+    request = _request(tenant="tr_beta", at=history["at"])
+    with pytest.raises(EngineError, match="the server closed the connection"):
+        restore_tenant(ctx, request)
+    assert _databases(cluster) == databases and _fingerprint(cluster, "tr_beta") == before
+    assert _scratch_folders() == scratches  # the scratch copy is gone too
+    assert not [r for r in ctx.ledger.tenant_restores("tr_beta") if r["request_id"] == request.request_id]
+
+
+def test_a_session_that_slips_in_before_the_swap_renames_nothing(
+    cluster: PgCluster, history: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx: WorkerContext = history["ctx"]
+    databases, before = _databases(cluster), _fingerprint(cluster, "tr_beta")
+    holder = subprocess.Popen(
+        ["psql", "-X", "-d", f"{cluster.conninfo} dbname=tr_beta", "-c", "SELECT pg_sleep(60)"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _sessions(cluster, "tr_beta"), what="psql's session on tr_beta")
+        # The refusal up front does not see it (it connected just after), the rename does
+        monkeypatch.setattr(copyin, "sessions", lambda server, database: 0)
+        with pytest.raises(EngineError, match="nothing was renamed"):
+            restore_tenant(ctx, _request(tenant="tr_beta", at=history["at"], mode=REPLACE))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _databases(cluster) == databases and _fingerprint(cluster, "tr_beta") == before

@@ -18,11 +18,8 @@ engine leaves on it: a finished copy is not made again, a half one is made again
 
 from __future__ import annotations
 
-import getpass
 import logging
-import socket
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -57,12 +54,6 @@ class TenantRestoreRequest:
     request_id: str = ""
     requested_by: str = ""
     requested_at: datetime | None = None  # names the database put aside; default: now
-
-    @classmethod
-    def from_cli(cls, **fields: Any) -> TenantRestoreRequest:
-        """A request typed at a terminal: its own id, and the user and host who typed it."""
-        who = f"{getpass.getuser()}@{socket.gethostname()}"
-        return cls(request_id=f"cli-{uuid.uuid4().hex[:12]}", requested_by=who, **fields)
 
 
 @dataclass(frozen=True)

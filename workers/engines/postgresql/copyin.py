@@ -166,6 +166,6 @@ def swap_in(server: PgServer, database: str, restored: str, aside: str, *, force
                 raise
         time.sleep(0.25)
     raise EngineError(
-        f"database {database} kept being reconnected to while it was put aside; nothing was renamed, "
-        f"the restored copy is {restored}"
+        f"database {database} kept being reconnected to while it was put aside; nothing was renamed: "
+        "try again once the application has let go of it, or with --force (force: true)"
     )
