@@ -11,6 +11,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -165,13 +166,7 @@ def test_replace_puts_the_restored_copy_in_place_and_keeps_the_current_aside(
     request = _request(tenant="tr_beta", at=history["at"], mode=REPLACE, requested_at=asked)
 
     # A session on the database refuses the replace before anything is downloaded
-    holder = subprocess.Popen(
-        ["psql", "-X", "-d", f"{cluster.conninfo} dbname=tr_beta", "-c", "SELECT pg_sleep(60)"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: _sessions(cluster, "tr_beta"), what="psql's session on tr_beta")
+    with _session_on(cluster, "tr_beta"):
         fetched = _data_downloads(ctx, monkeypatch)
         with pytest.raises(PermanentError, match="mode: database tr_beta has 1 session"):
             restore_tenant(ctx, request)
@@ -179,9 +174,6 @@ def test_replace_puts_the_restored_copy_in_place_and_keeps_the_current_aside(
 
         # --force ends it
         result = restore_tenant(ctx, TenantRestoreRequest(**{**request.__dict__, "force": True}))
-    finally:
-        holder.kill()
-        holder.wait()
     aside = derived_name("tr_beta", "before_restore", asked)
     assert result.restored_as == "tr_beta" and result.put_aside_as == aside
     assert _fingerprint(cluster, "tr_beta") == history["expected"]
@@ -192,6 +184,22 @@ def test_replace_puts_the_restored_copy_in_place_and_keeps_the_current_aside(
     again = restore_tenant(ctx, TenantRestoreRequest(**{**request.__dict__, "force": True}))
     assert again.put_aside_as == aside and _databases(cluster) == databases | {aside}
     assert _fingerprint(cluster, "tr_beta") == history["expected"]
+
+
+@contextmanager
+def _session_on(cluster: PgCluster, database: str) -> Iterator[None]:
+    """An application's session on `database` (psql sleeping) while the block runs."""
+    holder = subprocess.Popen(
+        ["psql", "-X", "-d", f"{cluster.conninfo} dbname={database}", "-c", "SELECT pg_sleep(60)"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _sessions(cluster, database), what=f"psql's session on {database}")
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _sessions(cluster: PgCluster, database: str) -> bool:
@@ -438,18 +446,9 @@ def test_a_session_that_slips_in_before_the_swap_renames_nothing(
 ) -> None:
     ctx: WorkerContext = history["ctx"]
     databases, before = _databases(cluster), _fingerprint(cluster, "tr_beta")
-    holder = subprocess.Popen(
-        ["psql", "-X", "-d", f"{cluster.conninfo} dbname=tr_beta", "-c", "SELECT pg_sleep(60)"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: _sessions(cluster, "tr_beta"), what="psql's session on tr_beta")
+    with _session_on(cluster, "tr_beta"):
         # The refusal up front does not see it (it connected just after), the rename does
         monkeypatch.setattr(copyin, "sessions", lambda server, database: 0)
         with pytest.raises(EngineError, match="nothing was renamed"):
             restore_tenant(ctx, _request(tenant="tr_beta", at=history["at"], mode=REPLACE))
-    finally:
-        holder.kill()
-        holder.wait()
     assert _databases(cluster) == databases and _fingerprint(cluster, "tr_beta") == before
