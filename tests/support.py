@@ -107,8 +107,9 @@ def take_backup(ctx: WorkerContext, kind: str, target: str = "main") -> str:
 
 
 @contextlib.contextmanager
-def wal_streaming(ctx: WorkerContext, target: str = "main") -> Iterator[None]:
-    """The target's WAL streamed into the repository by a streamer in this process, for the block."""
+def wal_streaming(ctx: WorkerContext, target: str = "main", *, connected: Any = None) -> Iterator[None]:
+    """The target's WAL streamed into the repository by a streamer in this process, for the block;
+    with `connected` (the target's PgCluster), the block starts once the streamer is connected to it."""
     import threading
 
     from workers.engines.postgresql.walstream import WalStreamer
@@ -120,10 +121,30 @@ def wal_streaming(ctx: WorkerContext, target: str = "main") -> Iterator[None]:
     thread = threading.Thread(target=streamer.run, args=(stop,), daemon=True)
     thread.start()
     try:
+        if connected is not None:
+            wait_for(
+                lambda: connected.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
+                timeout=60,
+                what="the WAL streamer to connect",
+            )
         yield
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def tenants_cluster(scratch_dir: Path, name: str, tenants: tuple[str, ...], **initdb: Any) -> Any:
+    """A new PostgreSQL cluster on TCP, started, with one helpdesk database per tenant."""
+    from deskvault.local.demo_data import helpdesk_sql
+    from workers.engines.postgresql.cluster import PgCluster
+
+    source = PgCluster(scratch_dir / f"{name}-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
+    source.initdb(**initdb)
+    source.start()
+    for tenant in tenants:
+        source.psql(f"CREATE DATABASE {tenant}")
+        source.psql(helpdesk_sql(tenant), tenant)
+    return source
 
 
 @contextlib.contextmanager
@@ -168,11 +189,7 @@ def streamed_target(
     Keyring.create(key_file)
     settings = build_settings(directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, source)
     ctx = worker_context(settings)
-    with wal_streaming(ctx):
-        wait_for(
-            lambda: source.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
-            what="the WAL streamer to connect",
-        )
+    with wal_streaming(ctx, connected=source):
         yield settings, ctx
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import take_backup, wait_for, wal_streaming, worker_context
+from support import take_backup, tenants_cluster, wait_for, wal_streaming, worker_context
 
 from deskvault.local.demo_data import TABLES, helpdesk_sql, table_fingerprint_sql
 from workers.engines.postgresql import parts
@@ -38,12 +38,9 @@ CHURN = (
 
 @pytest.fixture(scope="module")
 def cluster(scratch_dir: Path) -> Iterator[PgCluster]:
-    source = PgCluster(scratch_dir / f"subset-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
-    source.initdb(checksums=False)  # initdb's default, and the harder case for replay (see CHURN)
-    source.start()
+    # Without checksums: initdb's default, and the harder case for replay (see CHURN)
+    source = tenants_cluster(scratch_dir, "subset", TENANTS, checksums=False)
     for tenant in TENANTS:
-        source.psql(f"CREATE DATABASE {tenant}")
-        source.psql(helpdesk_sql(tenant), tenant)
         source.psql(
             "CREATE TABLE big AS SELECT g, md5(g::text) || md5((g * 7)::text) AS v"
             " FROM generate_series(1, 40000) g",
@@ -78,11 +75,7 @@ def test_one_database_restores_alone_while_the_wal_changes_every_database(
     make_settings, cluster: PgCluster, scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctx = worker_context(make_settings(target=cluster))
-    with wal_streaming(ctx):
-        wait_for(
-            lambda: cluster.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
-            what="the WAL streamer to connect",
-        )
+    with wal_streaming(ctx, connected=cluster):
         take_backup(ctx, "full")
         for tenant in TENANTS:
             cluster.psql(CHURN[1], tenant)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import take_backup, wait_for, wal_streaming, worker_context
+from support import take_backup, tenants_cluster, wait_for, wal_streaming, worker_context
 
 from deskvault.local.demo_data import TABLES, helpdesk_sql, table_fingerprint_sql
 from workers.engines.postgresql import parts
@@ -37,12 +37,7 @@ TENANTS = ("t_alpha", "t_beta", "t_gamma")
 
 @pytest.fixture(scope="module")
 def cluster(scratch_dir: Path) -> Iterator[PgCluster]:
-    source = PgCluster(scratch_dir / f"files-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
-    source.initdb()
-    source.start()
-    for tenant in TENANTS:
-        source.psql(f"CREATE DATABASE {tenant}")
-        source.psql(helpdesk_sql(tenant), tenant)
+    source = tenants_cluster(scratch_dir, "files", TENANTS)
     # About 6 MiB in one relation: cut into slices of 1 MiB below.
     source.psql(
         "CREATE TABLE big AS SELECT g, md5(g::text) || md5((g * 7)::text) AS v"
@@ -117,11 +112,7 @@ def test_a_differential_in_parts_over_a_full_in_parts_restores_the_latest_rows(
     make_settings, cluster: PgCluster, scratch_dir: Path
 ) -> None:
     ctx = worker_context(make_settings(target=cluster))
-    with wal_streaming(ctx):
-        wait_for(
-            lambda: cluster.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
-            what="the WAL streamer to connect",
-        )
+    with wal_streaming(ctx, connected=cluster):
         take_backup(ctx, "full")
         # Given changes in one tenant and a new database after the full
         cluster.psql("DELETE FROM replies WHERE id % 3 = 0", "t_beta")

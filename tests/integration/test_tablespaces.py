@@ -85,11 +85,7 @@ def history(source, tmp_path_factory, s3_endpoint, rabbit_url, control_db_odbc):
         target_options=f'full_method = "{method}"',
     )
     ctx = worker_context(settings)
-    with wal_streaming(ctx):
-        wait_for(
-            lambda: cluster.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
-            what="the WAL streamer to connect",
-        )
+    with wal_streaming(ctx, connected=cluster):
         assert backup(ctx, "full").startswith("full backup ")
         commit_rows(cluster, range(101, 104))
         assert backup(ctx, "diff").startswith("diff backup ")

@@ -24,12 +24,13 @@ from support import (
     build_settings,
     run_cli,
     take_backup,
+    tenants_cluster,
     wait_for,
     wal_streaming,
     worker_context,
 )
 
-from deskvault.local.demo_data import TABLES, helpdesk_sql, table_fingerprint_sql
+from deskvault.local.demo_data import TABLES, table_fingerprint_sql
 from messages.envelope import wrap
 from messages.events import TenantRestoreRequested
 from messages.schema_files import SCHEMA_DIR
@@ -41,7 +42,7 @@ from workers.broker import REASON_HEADER
 from workers.context import WorkerContext
 from workers.engines.base import EngineError
 from workers.engines.postgresql import copyin
-from workers.engines.postgresql.cluster import PgCluster, free_port
+from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.restore import plan_restore
 from workers.errors import PermanentError
 from workers.handlers.tenant_restore import REPLACE, TenantRestoreRequest, derived_name, restore_tenant
@@ -59,12 +60,7 @@ CONFIG = "".join(
 
 @pytest.fixture(scope="module")
 def cluster(scratch_dir: Path) -> Iterator[PgCluster]:
-    source = PgCluster(scratch_dir / f"tenant-restore-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
-    source.initdb()
-    source.start()
-    for tenant in TENANTS:
-        source.psql(f"CREATE DATABASE {tenant}")
-        source.psql(helpdesk_sql(tenant), tenant)
+    source = tenants_cluster(scratch_dir, "tenant-restore", TENANTS)
     source.psql("CHECKPOINT")
     time.sleep(2)  # files older than the full's start (see support.marks_cluster)
     yield source
@@ -89,11 +85,7 @@ def history(cluster: PgCluster, tmp_path_factory, s3_endpoint, rabbit_url, contr
         directory, key_file, s3_endpoint, rabbit_url, control_db_odbc, cluster, extra=CONFIG
     )
     ctx = worker_context(settings)
-    with wal_streaming(ctx):
-        wait_for(
-            lambda: cluster.psql("SELECT count(*) FROM pg_stat_replication").strip() == "1",
-            what="the WAL streamer to connect",
-        )
+    with wal_streaming(ctx, connected=cluster):
         take_backup(ctx, "full")
         for tenant in TENANTS:
             cluster.psql("UPDATE tickets SET subject = subject || ' (seen)' WHERE id % 4 = 0", tenant)

@@ -331,7 +331,7 @@ def _lay_out_parts(
 ) -> None:
     """A full read from the data directory (see `filebackup`): its parts (those `keeps` keeps), then its
     backup label."""
-    objects = [o for o in manifest["objects"] if keeps is None or keeps(o.get("group", parts.CLUSTER_GROUP))]
+    objects = parts.kept(manifest["objects"], keeps)
     total = sum(o["plain_size"] for o in objects)
     for folder in folders:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)

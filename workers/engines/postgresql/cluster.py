@@ -121,6 +121,12 @@ def _make_private(path: str, ids: tuple[int, int] | None) -> None:
         os.close(fd)
 
 
+def _remove_own_socket_dir(socket_dir: Path | None) -> None:
+    """A stopped server's socket folder, if it is one `start` made."""
+    if socket_dir is not None and socket_dir.name.startswith(SOCKET_DIR_PREFIX):
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
 @dataclass
 class PgCluster:
     """A server in `datadir`. It listens only on a Unix socket in a folder of its own (0700, the server
@@ -268,35 +274,34 @@ class PgCluster:
             # have died leaving its PID file: either way it is stopped, which is what was asked.
             if self._postmaster_alive():
                 raise
-        if socket_dir is not None and socket_dir.name.startswith(SOCKET_DIR_PREFIX):
-            shutil.rmtree(socket_dir, ignore_errors=True)  # the one `start` made
+        _remove_own_socket_dir(socket_dir)
+
+    def _postmaster_pid(self) -> int | None:
+        """The PID postmaster.pid names (None: no file, or none in it)."""
+        try:
+            return int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def _postmaster_alive(self) -> bool:
         """Whether the process postmaster.pid names still runs (False: no file, or a stale one)."""
-        try:
-            pid = int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            return False
-        return process_exists(pid)
+        pid = self._postmaster_pid()
+        return pid is not None and process_exists(pid)
 
     def destroy(self, timeout: float = 60) -> None:
         """Stop the server at once and remove its folder. An immediate stop is SIGQUIT to the
         postmaster; it is sent here and its end watched closely, since pg_ctl looks only every tenth of
         a second, a wait every scratch copy (a tenant restore, an export) would pay. Its end is its PID
         file gone, as pg_ctl judges it: the process itself may linger as a zombie until init reaps it."""
-        try:
-            pid = int((self.datadir / "postmaster.pid").read_text().splitlines()[0])
-        except (OSError, ValueError, IndexError):
-            pid = 0
-        if pid > 0 and process_exists(pid):
+        pid = self._postmaster_pid()
+        if pid is not None and pid > 0 and process_exists(pid):
             socket_dir = self.socket_dir
             os.kill(pid, signal.SIGQUIT)
             deadline = time.monotonic() + timeout
             pid_file = self.datadir / "postmaster.pid"
             while pid_file.exists() and process_exists(pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            if socket_dir is not None and socket_dir.name.startswith(SOCKET_DIR_PREFIX):
-                shutil.rmtree(socket_dir, ignore_errors=True)  # the one `start` made
+            _remove_own_socket_dir(socket_dir)
         self.stop("immediate")  # what is left, if anything: pg_ctl says why it could not
         shutil.rmtree(self.datadir, ignore_errors=True)
 

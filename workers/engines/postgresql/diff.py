@@ -145,7 +145,7 @@ def apply_diff(
             space.into.mkdir(mode=0o700, parents=True, exist_ok=True)
             hand_over(space.into)
         hand_over(into)  # the links and folders above are root's until now
-        parts.restore_all(repo, diff["objects"], into, archive, parallel=parallel, keeps=keeps)
+        parts.restore_all(repo, parts.kept(diff["objects"], keeps), into, archive, parallel=parallel)
     else:  # one archive: `subset_for` never splits it
         (entry,) = diff["objects"]
         plain = repo.get_stream(entry["key"], expect_sha256=entry["sha256"], expect_size=entry["plain_size"])

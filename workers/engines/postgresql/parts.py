@@ -204,13 +204,9 @@ def restore_all(
     *,
     parallel: int,
     on_progress: Callable[[int], None] | None = None,
-    keeps: Callable[[str], bool] | None = None,
 ) -> None:
-    """Lay out the parts listed in a manifest under `into`: the folders part, then the rest at once;
-    with `keeps`, only the parts of the groups it keeps (see `subset`)."""
+    """Lay out the parts listed in a manifest under `into`: the folders part, then the rest at once."""
     progress = _Progress(on_progress)
-    if keeps is not None:
-        parts = [p for p in parts if keeps(p.get("group", CLUSTER_GROUP))]
 
     def one(listed: dict[str, Any]) -> None:
         plain = progress.counted(
@@ -229,6 +225,11 @@ def restore_all(
     # Largest first: a large part started last would run on alone, one core idle
     rest = sorted((p for p in parts if p["name"] != FOLDERS_PART), key=lambda p: -p["plain_size"])
     _all_at_once(one, rest, parallel, "restore", progress.stop)
+
+
+def kept(listed: list[dict[str, Any]], keeps: Callable[[str], bool] | None) -> list[dict[str, Any]]:
+    """The parts of a manifest's list whose group `keeps` keeps (all of them without `keeps`)."""
+    return [p for p in listed if keeps is None or keeps(p.get("group", CLUSTER_GROUP))]
 
 
 def _write_slice(chunks: Iterable[bytes], into: Path, where: dict[str, Any], what: str) -> None:

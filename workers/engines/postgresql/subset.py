@@ -71,7 +71,8 @@ def subset_for(backups: Iterable[dict[str, Any] | None], database: str) -> Datab
 
 def skipped_bytes(backup: dict[str, Any], subset: DatabaseSubset) -> int:
     """Plain bytes of the parts `subset` leaves out of `backup`."""
-    return sum(o["plain_size"] for o in backup["objects"] if not subset.keeps(o.get("group", "cluster")))
+    laid_out = parts.kept(backup["objects"], subset.keeps)
+    return sum(o["plain_size"] for o in backup["objects"]) - sum(o["plain_size"] for o in laid_out)
 
 
 def check_replayed(log_file: Path, subset: DatabaseSubset) -> int:
