@@ -520,7 +520,7 @@ def _cmd_tenants_hold(args: argparse.Namespace, _extra: list[str]) -> int:
 
 def _cmd_tenants_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     from workers.context import build
-    from workers.handlers.tenant_restore import REPLACE, SIDE_BY_SIDE, TenantRestoreRequest, restore_tenant
+    from workers.tenants.restore import REPLACE, SIDE_BY_SIDE, TenantRestoreRequest, restore_tenant
 
     at = _parse_at(args.at)
     if args.force and not args.replace:

@@ -45,9 +45,9 @@ from workers.engines.postgresql import copyin
 from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.restore import plan_restore
 from workers.errors import PermanentError
-from workers.handlers.tenant_restore import REPLACE, TenantRestoreRequest, derived_name, restore_tenant
 from workers.repository.keyring import Keyring
 from workers.tenants.registry import UnknownTenant
+from workers.tenants.restore import REPLACE, TenantRestoreRequest, derived_name, restore_tenant
 
 pytestmark = pytest.mark.integration
 

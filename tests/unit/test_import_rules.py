@@ -26,7 +26,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "workers.engines": (CORE, "workers.repository", "workers.errors", "workers.metrics"),
     "workers.backups": (CORE, "workers.repository", "workers.ledger", *ENGINE_FACE),
     "workers.servers": (CORE, "workers.repository", "workers.errors"),
-    "workers.tenants": (CORE, "workers.repository", "workers.context", "workers.errors"),
+    "workers.tenants": (CORE, "workers.repository", "workers.context", "workers.errors", *ENGINE_FACE),
     "workers.handlers": (
         CORE,
         "messages",

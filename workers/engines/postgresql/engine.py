@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deskvault_core.config import TargetSettings
 from deskvault_core.errors import DeskvaultError
@@ -29,8 +30,10 @@ from workers.engines.postgresql.dump import dump_stream
 from workers.engines.postgresql.probe import probe
 from workers.engines.postgresql.server import PgServer
 from workers.engines.postgresql.walarchive import WalArchive, wal_archive
-from workers.engines.postgresql.walstream import WalStreamer
 from workers.repository.objects import ObjectRepository
+
+if TYPE_CHECKING:
+    from workers.engines.postgresql.walstream import WalStreamer
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,10 @@ class PostgresEngine(Engine):
         )
 
     def log_streamer(self, repo: ObjectRepository, spool: Path, upload_interval: float) -> WalStreamer:
+        # Imported here: the streamer brings the pools' metrics (prometheus, dramatiq), a fifth of a
+        # second of every restore command's start from a cold disk
+        from workers.engines.postgresql.walstream import WalStreamer
+
         return WalStreamer(self.target, repo, spool, upload_interval)
 
     def log_archive(self, repo: ObjectRepository, manifests: list[Manifest]) -> WalArchive:
