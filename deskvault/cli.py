@@ -1,7 +1,8 @@
 """The `deskvault` command: one sub-command per job, each with --help.
 
 Configuration comes from --config, else $DESKVAULT_CONFIG, else ./.deskvault/deskvault.toml (written by
-`deskvault up`), else built-in defaults; any key can be overridden with DESKVAULT_<SECTION>__<KEY>.
+`deskvault up`), else /etc/deskvault/deskvault.toml; with none of them a command that needs one fails
+saying where it looked. Any key can be overridden with DESKVAULT_<SECTION>__<KEY>.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from deskvault_core.errors import DeskvaultError
 from deskvault_core.logs import setup_logging
 from deskvault_core.memory import keep_heap_small
 from messages.events import EVENT_CLASSES
+from messages.topology import POOLS
 
 log = logging.getLogger("deskvault")
 
 LOCAL_CONFIG = Path(".deskvault/deskvault.toml")
+SYSTEM_CONFIG = Path("/etc/deskvault/deskvault.toml")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deskvault", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", help="TOML config file (env: DESKVAULT_CONFIG)")
+    p.add_argument("--version", action="version", version=f"deskvault {_version()}")
+    p.add_argument(
+        "--config",
+        help=f"TOML config file (env: DESKVAULT_CONFIG; else ./{LOCAL_CONFIG}, else {SYSTEM_CONFIG})",
+    )
     p.add_argument(
         "--log-level",
         default=os.environ.get("DESKVAULT_LOG_LEVEL", "INFO"),
@@ -115,28 +122,37 @@ def _parser() -> argparse.ArgumentParser:
         description="Publish one event with publisher confirms. Fields are given as --name value "
         "(dashes or underscores); event_id, occurred_at and idempotency_key are filled in "
         f"when not given. Event types: {', '.join(EVENT_CLASSES)}.",
+        add_help=False,  # `publish EVENT --help` lists that event's fields
     )
-    pub.add_argument("event_type", metavar="EVENT")
-    pub.set_defaults(func=_cmd_publish)
+    pub.add_argument(
+        "-h",
+        "--help",
+        action="store_true",
+        help="show this help, or with EVENT that event's fields, and exit",
+    )
+    pub.add_argument(
+        "event_type", metavar="EVENT", nargs="?", help=f"one of: {', '.join(sorted(EVENT_CLASSES))}"
+    )
+    pub.set_defaults(func=_cmd_publish, parser=pub)
 
     b = sub.add_parser("backups", help="inspect backups in the repository")
     bsub = b.add_subparsers(dest="backups_command", required=True, metavar="ACTION")
     bl = bsub.add_parser("list", help="list a target's committed backups")
-    bl.add_argument("--target", required=True)
+    bl.add_argument("--target", required=True, help="a [targets.NAME] of the config")
     bl.add_argument("--json", action="store_true", help="machine-readable output")
     bl.set_defaults(func=_cmd_backups_list)
 
     bv = bsub.add_parser("verify", help="read back and check every object of a target, and the WAL chain")
-    bv.add_argument("--target", required=True)
+    bv.add_argument("--target", required=True, help="a [targets.NAME] of the config")
     bv.set_defaults(func=_cmd_backups_verify)
 
     be = bsub.add_parser("expire", help="delete what the retention policy no longer keeps")
-    be.add_argument("--target", required=True)
+    be.add_argument("--target", required=True, help="a [targets.NAME] of the config")
     be.add_argument("--dry-run", action="store_true", help="show what would be deleted; delete nothing")
     be.set_defaults(func=_cmd_backups_expire)
 
     r = sub.add_parser("restore", help="restore a target to a point in time (default: latest) into a folder")
-    r.add_argument("--target", required=True)
+    r.add_argument("--target", required=True, help="a [targets.NAME] of the config")
     r.add_argument("--into", required=True, type=Path, help="new or empty folder for the data directory")
     goal = r.add_mutually_exclusive_group()
     goal.add_argument(
@@ -167,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
         "mark",
         help="create a named restore point on a target, to restore to later with restore --name",
     )
-    mk.add_argument("--target", required=True)
+    mk.add_argument("--target", required=True, help="a [targets.NAME] of the config")
     mk.add_argument("name", metavar="NAME", help="the restore point's name (up to 63 bytes)")
     mk.add_argument(
         "--wait", type=float, default=60, metavar="SECONDS", help="wait this long for it to be archived"
@@ -184,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         ("release", False, "lift a legal hold; a purge already due is emitted again"),
     ):
         th = tsub.add_parser(verb, help=text)
-        th.add_argument("--tenant", required=True)
+        th.add_argument("--tenant", required=True, help="the tenant's id (see `deskvault tenants list`)")
         th.set_defaults(func=_cmd_tenants_hold, held=held)
 
     tr = tsub.add_parser(
@@ -217,13 +233,13 @@ def _parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_tenants_restore)
 
     tt = tsub.add_parser("token", help="the bearer token the admin panel uses for a tenant's downloads")
-    tt.add_argument("--tenant", required=True)
+    tt.add_argument("--tenant", required=True, help="the tenant's id (see `deskvault tenants list`)")
     tt.set_defaults(func=_cmd_tenants_token)
 
     e = sub.add_parser("exports", help="tenants' database exports")
     esub = e.add_subparsers(dest="exports_command", required=True)
     el = esub.add_parser("list", help="a tenant's finished exports")
-    el.add_argument("--tenant", required=True)
+    el.add_argument("--tenant", required=True, help="the tenant's id (see `deskvault tenants list`)")
     el.add_argument("--json", action="store_true", help="machine-readable output")
     el.set_defaults(func=_cmd_exports_list)
 
@@ -240,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     snl.add_argument("--json", action="store_true", help="machine-readable output (without entries)")
     snl.set_defaults(func=_cmd_snapshots_list)
     snr = snsub.add_parser("restore", help="recreate a server's snapshotted trees under a folder")
-    snr.add_argument("--server", required=True)
+    snr.add_argument("--server", required=True, help="a [servers.NAME] of the config")
     snr.add_argument("--into", required=True, type=Path, help="a new or empty folder")
     snr.add_argument("--at", help="the newest snapshot finished at or before this time (default: newest)")
     snr.add_argument(
@@ -253,8 +269,8 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("dlq", help="dead letters: list them with their reasons, replay or drop them")
     qsub = q.add_subparsers(dest="dlq_command", required=True)
     ql = qsub.add_parser("list", help="a pool's dead letters, oldest first (they stay queued)")
-    ql.add_argument("--pool", required=True)
-    ql.add_argument("--limit", type=int, default=100)
+    ql.add_argument("--pool", required=True, choices=POOLS, help="the pool whose dead letters to act on")
+    ql.add_argument("--limit", type=int, default=100, help="list at most this many (default 100)")
     ql.add_argument("--json", action="store_true", help="machine-readable output")
     ql.set_defaults(func=_cmd_dlq_list)
     for verb, text in (
@@ -262,14 +278,20 @@ def _parser() -> argparse.ArgumentParser:
         ("drop", "delete dead letters for good"),
     ):
         qa = qsub.add_parser(verb, help=text)
-        qa.add_argument("--pool", required=True)
+        qa.add_argument("--pool", required=True, choices=POOLS, help="the pool whose dead letters to act on")
         chosen = qa.add_mutually_exclusive_group(required=True)
         chosen.add_argument("--message-id", action="append", help="a message id from `dlq list` (repeatable)")
         chosen.add_argument("--all", action="store_true", help="every dead letter of the pool")
         qa.set_defaults(func=_cmd_dlq_act, verb=verb)
 
-    st = sub.add_parser("status", help="per target RPO, backups and drills; per pool queues, jobs and waits")
-    st.add_argument("--json", action="store_true")
+    st = sub.add_parser(
+        "status",
+        help="per target RPO, backups and drills; per pool queues, jobs and waits",
+        description="Exit status: 0 nothing needs attention, 1 something to look at (an unknown RPO, "
+        "dead letters, failed jobs, a drill never run, a source that could not be read), 2 a failure "
+        "(the newest drill failed, the live RPO is stuck).",
+    )
+    st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument(
         "--prometheus",
         metavar="URL",
@@ -312,11 +334,27 @@ def _settings(args: argparse.Namespace) -> Any:
     return load_settings(_config_path(args))
 
 
-def _config_path(args: argparse.Namespace) -> str | None:
+def _config_path(args: argparse.Namespace) -> str:
+    """The config file to read; never built-in defaults, which would point at nothing of the user's."""
+    from deskvault_core.errors import ConfigError
+
     path = args.config or os.environ.get("DESKVAULT_CONFIG")
-    if path is None and LOCAL_CONFIG.exists():
-        path = str(LOCAL_CONFIG.resolve())
-    return path
+    if path:
+        return path
+    for place in (LOCAL_CONFIG, SYSTEM_CONFIG):
+        if place.is_file():
+            return str(place.resolve())
+    raise ConfigError(
+        f"no configuration: looked for --config, $DESKVAULT_CONFIG, {Path.cwd() / LOCAL_CONFIG} and "
+        f"{SYSTEM_CONFIG}; pass --config FILE (ops/deskvault.example.toml shows every key), or run "
+        "`deskvault up` for a local demo"
+    )
+
+
+def _version() -> str:
+    from deskvault_core.version import version
+
+    return version()
 
 
 def _cmd_up(args: argparse.Namespace, _extra: list[str]) -> int:
@@ -404,10 +442,10 @@ def _cmd_wal_stream(args: argparse.Namespace, _extra: list[str]) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     if not args.no_metrics:
-        from prometheus_client import start_http_server
+        from workers.metrics import serve_metrics
 
         port = args.metrics_port or settings.wal.metrics_port
-        start_http_server(port, addr=settings.metrics.host)
+        serve_metrics(settings.metrics.host, port)
         log.info("wal-stream metrics on http://%s:%d/metrics", settings.metrics.host, port)
     threads = [
         threading.Thread(
@@ -431,6 +469,11 @@ def _cmd_publish(args: argparse.Namespace, extra: list[str]) -> int:
     from messages.events import build_event
     from producers.publisher import Publisher
 
+    if args.help:
+        print(_event_help(args.event_type) if args.event_type in EVENT_CLASSES else args.parser.format_help())
+        args.parser.exit()
+    if args.event_type is None:
+        args.parser.error("EVENT: name the event to publish (see `deskvault publish --help`)")
     values = _field_values(extra)
     event = build_event(args.event_type, values)
     settings = _settings(args)
@@ -438,6 +481,28 @@ def _cmd_publish(args: argparse.Namespace, extra: list[str]) -> int:
         publisher.publish(event)
     print(json.dumps(event.to_dict()))
     return 0
+
+
+def _event_help(event_type: str) -> str:
+    """An event's fields as its JSON Schema describes them: what `publish EVENT --help` prints."""
+    from messages.events import COMMON_FIELDS
+    from messages.schema_files import load_schema
+
+    schema = load_schema(event_type)
+    required = set(schema.get("required", ()))
+    lines = [
+        f"usage: deskvault publish {event_type} --FIELD VALUE ...",
+        "",
+        schema.get("description", ""),
+        "",
+    ]
+    lines.append("\nfields (event_id, idempotency_key and occurred_at are filled in when not given):")
+    for name, spec in schema["properties"].items():
+        if name in ("type", "version"):
+            continue
+        need = "required" if name in required and name not in COMMON_FIELDS else "optional"
+        lines.append(f"  --{name.replace('_', '-')}  ({need}) {spec.get('description', '')}")
+    return "\n".join(lines)
 
 
 def _field_values(extra: list[str]) -> dict[str, str]:
@@ -939,12 +1004,12 @@ def _parse_at(text: str | None) -> datetime | None:
 
 
 def _cmd_status(args: argparse.Namespace, _extra: list[str]) -> int:
-    from deskvault.status import collect_status, render_status
+    from deskvault.status import collect_status, exit_code, render_status
 
     settings = _settings(args)
     status = collect_status(settings, args.prometheus or settings.metrics.prometheus_url)
     print(json.dumps(status, indent=2, default=str) if args.json else render_status(status))
-    return 0
+    return exit_code(status)
 
 
 def _cmd_migrate(args: argparse.Namespace, _extra: list[str]) -> int:

@@ -26,6 +26,7 @@ from workers.engines.registry import engine_for
 from workers.queues import QueueDepth, queue_depths
 
 KINDS = ("full", "diff", "log")
+WARN, FAIL = "WARN", "FAIL"
 WAL_PROBLEM_METRIC = "deskvault_wal_stream_problem"
 # What status reads from Prometheus: name -> (the label results are keyed by, query).
 PROMETHEUS_QUERIES = {
@@ -92,7 +93,7 @@ def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, An
             "failures_1h": rates.get("failures_1h", {}).get(pool),
         }
     purges = ledger.purge_state(now)
-    return {
+    status = {
         "at": _iso(now),
         "targets": targets,
         "pools": pools,
@@ -104,6 +105,41 @@ def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, An
         },
         "warnings": warnings,
     }
+    status["attention"] = [{"level": level, "what": what} for level, what in attention(status)]
+    return status
+
+
+def attention(status: dict[str, Any]) -> list[tuple[str, str]]:
+    """What needs an operator, each as (WARN or FAIL, what): a failed drill or a live RPO that cannot
+    move is a FAIL (the next restore may not reach what it should); an unknown RPO, a drill never run,
+    dead letters, failed jobs and what could not be read are WARNs."""
+    found = []
+    for name, t in status["targets"].items():
+        if t["drill"] is not None and not t["drill"]["passed"]:
+            verify = f"`deskvault backups verify --target {name}`"
+            found.append(
+                (FAIL, f"{name}: the newest restore drill failed; run {verify} (ops/runbooks/alerts.md)")
+            )
+        elif t["drill"] is None:
+            found.append((WARN, f"{name}: no restore drill has run yet"))  # drills are weekly
+        if t["wal_problem"]:
+            found.append((FAIL, f"{name}: the live RPO is stuck: {t['wal_problem']}"))
+        elif t["rpo_seconds"] is None:
+            found.append((WARN, f"{name}: the live RPO is unknown: no `deskvault wal-stream` answers"))
+    for pool, p in status["pools"].items():
+        if p["dead_letters"]:
+            dlq = f"`deskvault dlq list --pool {pool}`"
+            found.append((WARN, f"pool {pool}: {p['dead_letters']} dead letter(s); run {dlq}"))
+        if p["failed_24h"]:
+            found.append((WARN, f"pool {pool}: {p['failed_24h']} failed job(s) in the last 24 hours"))
+    found += [(WARN, w) for w in status["warnings"]]
+    return found
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    """0 nothing needs attention, 1 a WARN, 2 a FAIL (as `deskvault check`)."""
+    levels = {a["level"] for a in status["attention"]}
+    return 2 if FAIL in levels else 1 if WARN in levels else 0
 
 
 def _newest_wal_uploads(settings: Settings, warnings: list[str]) -> dict[str, datetime]:
@@ -222,6 +258,8 @@ def render_status(status: dict[str, Any]) -> str:
         f"{due}, {purges['on_legal_hold']} on legal hold",
     ]
     lines += [f"WARNING: {w}" for w in status["warnings"]]
+    needs = [a for a in status["attention"] if a["what"] not in status["warnings"]]
+    lines += [""] * bool(needs) + [f"{a['level']}: {a['what']}" for a in needs]
     if any((p["dead_letters"] or 0) > 0 for p in status["pools"].values()):
         lines.append(
             "dead letters wait: list them with `deskvault dlq list --pool P` "

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 from support import worker_context
@@ -59,5 +61,36 @@ def test_status_json_from_the_cli_parses(make_settings) -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
-    assert set(json.loads(result.stdout)) == {"at", "targets", "pools", "purges", "warnings"}
+    status = json.loads(result.stdout)
+    assert set(status) == {"at", "targets", "pools", "purges", "warnings", "attention"}
+    # no WAL streamer answers here: the RPO is unknown, which is worth a look but no failure
+    assert {"level": "WARN", "what": "main: the live RPO is unknown: no `deskvault wal-stream` answers"} in (
+        status["attention"]
+    )
+    assert result.returncode == (2 if any(a["level"] == "FAIL" for a in status["attention"]) else 1)
+
+
+def test_status_exits_2_when_the_newest_drill_failed(make_settings) -> None:
+    settings = make_settings()
+    ledger = worker_context(settings).ledger
+    ledger.record_drill(
+        target="main",
+        drill_id=uuid.uuid4().hex,
+        point_in_time=datetime.now(UTC),
+        succeeded=False,
+        duration_seconds=3,
+        detail="restored cluster did not start",
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-m", "deskvault.cli", "--config", str(settings.source), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "FAILED" in result.stdout
+    assert "FAIL: main: the newest restore drill failed; run `deskvault backups verify --target main`" in (
+        result.stdout
+    )

@@ -138,7 +138,7 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
                 env=env,
                 timeout=60,
             )
-            assert status.returncode == 0, status.stderr
+            assert status.returncode in (0, 1, 2) and status.stdout, status.stderr  # 1, 2: attention
             return json.loads(status.stdout)["targets"]["demo"]["drill"]
 
         drill = wait_for(drilled, timeout=300, what="the first restore drill of the demo target")

@@ -386,7 +386,7 @@ class S3Store:
             if code == "NoSuchBucket":
                 raise RepositoryError(
                     f"could not {action} {where}: bucket {self.bucket!r} does not exist at {endpoint}; "
-                    "check the bucket name or create it (ensure_bucket)"
+                    "check [repository] bucket, or create it with `deskvault init`"
                 ) from exc
             if code in _DENIED or status == 403:
                 raise RepositoryError(
