@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         dest="pools",
         metavar="POOL",
-        help="backup, snapshot, lifecycle or export; several allowed (default: all)",
+        choices=POOLS,
+        help=f"{', '.join(POOLS)}; several allowed (default: all)",
     )
     w.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
@@ -298,6 +299,35 @@ def _parser() -> argparse.ArgumentParser:
         help="read waits and failure rates from this Prometheus (default: [metrics] prometheus_url)",
     )
     st.set_defaults(func=_cmd_status)
+
+    ini = sub.add_parser(
+        "init",
+        help="create the key file, bucket, control tables, queues and replication slots (idempotent)",
+        description="Create, where missing, what deskvault needs before its first backup: the key file "
+        "(mode 0600), the bucket, the control database's tables, every pool's queues and each target's "
+        "replication slot. Run again, it changes nothing. Then run `deskvault check`.",
+    )
+    ini.add_argument("--dry-run", action="store_true", help="say what would be done; do none of it")
+    ini.set_defaults(func=_cmd_init)
+
+    chk = sub.add_parser(
+        "check",
+        help="is everything in place to protect the targets? one line per check; exit 0 OK, 1 WARN, 2 FAIL",
+        description="Check the configuration, the broker and its queues, the control database, the "
+        "bucket (a probe object written and removed), the key file, and per target: reachable, "
+        "replication permission and connection, wal_level, the replication slot and its streamer, the "
+        "client programs' version, the data directory, the live RPO, and the newest full, differential, "
+        "log and drill against their schedules. Each line is OK, WARN or FAIL, and says what to do. "
+        "Exit status: 0 every check OK, 1 any WARN, 2 any FAIL (usable as a Nagios check).",
+    )
+    chk.add_argument("--target", action="append", help="only this target (repeatable; default: all)")
+    chk.add_argument("--json", action="store_true", help="machine-readable output")
+    chk.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="read the live RPO from this Prometheus (default: [metrics] prometheus_url, else the streamer)",
+    )
+    chk.set_defaults(func=_cmd_check)
 
     m = sub.add_parser("migrate", help="create or upgrade the control database's tables")
     m.set_defaults(func=_cmd_migrate)
@@ -1010,6 +1040,36 @@ def _cmd_status(args: argparse.Namespace, _extra: list[str]) -> int:
     status = collect_status(settings, args.prometheus or settings.metrics.prometheus_url)
     print(json.dumps(status, indent=2, default=str) if args.json else render_status(status))
     return exit_code(status)
+
+
+def _cmd_init(args: argparse.Namespace, _extra: list[str]) -> int:
+    from deskvault.init import run_init
+
+    run_init(_settings(args), dry_run=args.dry_run, say=print)
+    print("next: `deskvault check`" if not args.dry_run else "(dry run: nothing was changed)")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace, _extra: list[str]) -> int:
+    from deskvault.check import run_checks
+    from deskvault_core.checks import FAIL, Check, exit_code
+    from deskvault_core.errors import ConfigError
+
+    try:
+        settings = _settings(args)
+        for name in args.target or ():
+            settings.target(name)
+    except ConfigError as e:
+        checks = [Check("configuration", FAIL, str(e))]
+    else:
+        prometheus = args.prometheus or settings.metrics.prometheus_url
+        checks = run_checks(settings, targets=args.target, prometheus_url=prometheus)
+    code = exit_code(checks)
+    if args.json:
+        print(json.dumps({"checks": [c.as_json() for c in checks], "exit_code": code}, indent=2))
+    else:
+        print("\n".join(c.line() for c in checks))
+    return code
 
 
 def _cmd_migrate(args: argparse.Namespace, _extra: list[str]) -> int:

@@ -46,12 +46,7 @@ def collect_status(settings: Settings, prometheus_url: str = "") -> dict[str, An
     newest = ledger.newest_backups()
     drills = ledger.newest_drills()
     rates = _from_prometheus(prometheus_url, warnings) if prometheus_url else {}
-    if prometheus_url and rates.get("wal_archived"):
-        archived_until, problems = rates["wal_archived"], _wal_problems(prometheus_url, warnings)
-    else:  # straight from a `deskvault wal-stream` serving metrics where this config says
-        streamed = _wal_stream_samples(settings)
-        archived_until = _by_target(streamed, "deskvault_wal_archived_timestamp_seconds")
-        problems = _problems_in(streamed)
+    archived_until, problems = live_wal(settings, prometheus_url, rates.get("wal_archived"), warnings)
     uploads = _newest_wal_uploads(settings, warnings)
     targets = {}
     for name in sorted(settings.targets):
@@ -140,6 +135,27 @@ def exit_code(status: dict[str, Any]) -> int:
     """0 nothing needs attention, 1 a WARN, 2 a FAIL (as `deskvault check`)."""
     levels = {a["level"] for a in status["attention"]}
     return 2 if FAIL in levels else 1 if WARN in levels else 0
+
+
+def live_wal(
+    settings: Settings, prometheus_url: str, archived: dict[str, float] | None, warnings: list[str]
+) -> tuple[dict[str, float], dict[str, str]]:
+    """(target -> up to when its WAL is safe in the bucket, target -> why that cannot move), from
+    Prometheus when it has them (`archived`: already queried, None: ask it here), else straight from a
+    `deskvault wal-stream` serving metrics where this config says; empty when neither answers."""
+    if prometheus_url and archived is None:
+        label, query = PROMETHEUS_QUERIES["wal_archived"]
+        try:
+            archived = {
+                r["metric"].get(label, ""): float(r["value"][1])
+                for r in _prometheus_query(prometheus_url, query)
+            }
+        except (OSError, ValueError, KeyError) as e:
+            warnings.append(f"Prometheus at {prometheus_url} could not be queried ({type(e).__name__})")
+    if prometheus_url and archived:
+        return archived, _wal_problems(prometheus_url, warnings)
+    streamed = _wal_stream_samples(settings)
+    return _by_target(streamed, "deskvault_wal_archived_timestamp_seconds"), _problems_in(streamed)
 
 
 def _newest_wal_uploads(settings: Settings, warnings: list[str]) -> dict[str, datetime]:

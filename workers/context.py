@@ -25,9 +25,10 @@ class WorkerContext:
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
 
 
-def open_repository(settings: Settings) -> ObjectRepository:
+def open_store(settings: Settings) -> S3Store:
+    """The bucket alone (no keys): for what checks or creates it."""
     r = settings.repository
-    store = S3Store(
+    return S3Store(
         bucket=r.bucket,
         prefix=r.prefix,
         endpoint_url=r.endpoint or None,
@@ -38,8 +39,15 @@ def open_repository(settings: Settings) -> ObjectRepository:
         part_size=r.part_size_mib * 1024 * 1024,
         upload_threads=r.upload_threads,
     )
+
+
+def open_repository(settings: Settings) -> ObjectRepository:
+    r = settings.repository
     return ObjectRepository(
-        store, Keyring.load(Path(r.key_file)), zstd_level=r.zstd_level, zstd_threads=r.zstd_threads
+        open_store(settings),
+        Keyring.load(Path(r.key_file)),
+        zstd_level=r.zstd_level,
+        zstd_threads=r.zstd_threads,
     )
 
 

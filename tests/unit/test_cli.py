@@ -19,6 +19,8 @@ COMMANDS = [
     ["restore"],
     ["wal-stream"],
     ["status"],
+    ["init"],
+    ["check"],
     ["migrate"],
     ["keys"],
     ["keys", "create"],

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from deskvault_core.checks import WARN, Check
 from deskvault_core.config import TargetSettings
 from deskvault_core.errors import DeskvaultError
 from workers.errors import PermanentError
@@ -227,6 +228,16 @@ class Engine(ABC):
 
     def _lacks(self, layer: str) -> NotSupported:
         return NotSupported(f"targets.{self.target.name}.engine: {self.name} has no {layer}")
+
+    # --- Readiness: `deskvault check` and `deskvault init` -------------------------------------
+
+    def readiness(self) -> list[Check]:
+        """Whether the target can be protected as configured: reachable, permissions, settings."""
+        return [Check(f"target {self.target.name}", WARN, f"the {self.name} engine has no readiness checks")]
+
+    def prepare(self, *, dry_run: bool) -> list[str]:
+        """Create what the target needs before its first backup (idempotent); says what it did."""
+        return []
 
     # --- Physical backups of the whole server -------------------------------------------------
 

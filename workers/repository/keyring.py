@@ -237,7 +237,8 @@ def _read(path: Path) -> _KeyFile:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise KeyFileError(
-            f"key file {path} does not exist; create one with Keyring.create or point to the right file"
+            f"key file {path} does not exist; run `deskvault init` (or `deskvault keys create`), or point "
+            "[repository] key_file at the right file"
         ) from None
     except OSError as exc:
         raise KeyFileError(f"key file {path} could not be read: {exc}") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -139,6 +139,44 @@ class S3Store:
                 self._fail(exc, "create the bucket", None)
         except BotoCoreError as exc:
             self._fail(exc, "create the bucket", None)
+
+    def bucket_exists(self) -> bool:
+        """Whether the bucket is there (RepositoryError when the store cannot be asked)."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return True
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND | {"NoSuchBucket"}:
+                return False
+            self._fail(exc, "check the bucket", None)
+        except BotoCoreError as exc:
+            self._fail(exc, "check the bucket", None)
+
+    def protection(self) -> tuple[str, str]:
+        """(versioning, object lock) as the bucket reports them: "Enabled", "Suspended", "off" or
+        "unknown (why)" where the store refuses to say."""
+
+        def ask(call: Callable[[], dict[str, Any]], read: Callable[[dict[str, Any]], str]) -> str:
+            try:
+                return read(call())
+            except ClientError as exc:
+                if "NotFound" in _code(exc) or _code(exc) in (
+                    "NotImplemented",
+                    "ObjectLockConfigurationNotFound",
+                ):
+                    return "off"
+                return f"unknown ({_code(exc)})"
+            except BotoCoreError as exc:
+                return f"unknown ({type(exc).__name__})"
+
+        versioning = ask(
+            lambda: self._client.get_bucket_versioning(Bucket=self.bucket), lambda r: r.get("Status", "off")
+        )
+        lock = ask(
+            lambda: self._client.get_object_lock_configuration(Bucket=self.bucket),
+            lambda r: r.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled", "off"),
+        )
+        return versioning, lock
 
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False) -> None:
         """Store `data` at `key`; with `if_none_match`, AlreadyExists if the key is taken."""

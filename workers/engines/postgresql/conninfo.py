@@ -46,6 +46,15 @@ def with_dbname(conninfo: str, dbname: str) -> str:
     return f"{conninfo} dbname='{escaped}'"
 
 
+def as_replication(conninfo: str) -> str:
+    """The same server and role over a physical replication connection (what pg_receivewal opens)."""
+    if conninfo.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(conninfo)
+        query = f"{parts.query}&replication=true" if parts.query else "replication=true"
+        return urlunsplit(parts._replace(query=query))
+    return f"{conninfo} replication=true"
+
+
 def libpq_env(password: str | None) -> dict[str, str]:
     """The environment for a libpq tool: ours, plus PGPASSWORD when the conninfo carried a password."""
     env = dict(os.environ)

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deskvault_core.checks import Check
 from deskvault_core.config import TargetSettings
 from deskvault_core.errors import DeskvaultError
 from workers.engines.base import (
@@ -23,7 +24,7 @@ from workers.engines.base import (
     RestoreResult,
     ScratchServer,
 )
-from workers.engines.postgresql import basebackup, copyin, diff, filebackup, logbackup, parts
+from workers.engines.postgresql import basebackup, copyin, diff, filebackup, logbackup, parts, readiness
 from workers.engines.postgresql import restore as point_in_time
 from workers.engines.postgresql.cluster import PgCluster, free_port
 from workers.engines.postgresql.dump import dump_stream
@@ -142,6 +143,12 @@ class PostgresEngine(Engine):
 
     def mark(self, name: str) -> str:
         return self.server.create_restore_point(name)
+
+    def readiness(self) -> list[Check]:
+        return readiness.readiness(self.server)
+
+    def prepare(self, *, dry_run: bool) -> list[str]:
+        return [readiness.ensure_slot(self.server, dry_run=dry_run)]
 
     def restore(
         self,

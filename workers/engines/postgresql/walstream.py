@@ -26,6 +26,7 @@ from workers import metrics
 from workers.engines.base import EngineError
 from workers.engines.postgresql.commitindex import FileIndex, index_file, index_key
 from workers.engines.postgresql.conninfo import libpq_env, split_password
+from workers.engines.postgresql.readiness import slot_name
 from workers.engines.postgresql.timelines import server_timeline
 from workers.engines.postgresql.walarchive import PARTIAL, archivable, wal_key
 from workers.engines.postgresql.walnames import SEGMENT_RE, Segment, format_lsn
@@ -44,10 +45,6 @@ CATCH_UP_SECONDS = 3.0 * STATUS_INTERVAL_SECONDS
 PROBLEM_LENGTH = 300
 RECEIVER_ERROR = "pg_receivewal: error: "
 ABANDONED = "abandoned"  # spool WAL of a timeline branch the server's history left, kept for an operator
-
-
-def slot_name(target: str) -> str:
-    return "deskvault_" + target.replace("-", "_")
 
 
 class WalStreamer:
