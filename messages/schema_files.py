@@ -25,3 +25,18 @@ def load_schema(name: str) -> dict[str, Any]:
     """The parsed schema for an event type or `envelope`."""
     schema: dict[str, Any] = json.loads(schema_path(name).read_text(encoding="utf-8"))
     return schema
+
+
+# What deskvault publishes to the SaaS (messages/outbound.py), each with a schema under schemas/outbound/.
+OUTBOUND_TYPES = ("export-ready", "purge-upcoming", "tenant-restored")
+
+
+def outbound_schema_path(name: str) -> Path:
+    if name not in OUTBOUND_TYPES:
+        raise ValueError(f"no outbound schema for {name!r}; known: {', '.join(OUTBOUND_TYPES)}")
+    return SCHEMA_DIR / "outbound" / f"{name}.v1.schema.json"
+
+
+def load_outbound_schema(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(outbound_schema_path(name).read_text(encoding="utf-8"))
+    return schema

@@ -229,3 +229,12 @@ def test_any_valid_restore_drill_meets_its_and_the_envelope_schema(target: str, 
     event = RestoreDrill.new(target=target, slot=slot)
     validator("restore-drill").validate(event.to_dict())
     validator("envelope").validate(json.loads(wrap(event)))
+
+
+def test_every_outbound_schema_file_is_named_and_loads() -> None:
+    from messages.schema_files import OUTBOUND_TYPES, SCHEMA_DIR, load_outbound_schema
+
+    files = sorted(p.name for p in (SCHEMA_DIR / "outbound").glob("*.json"))
+    assert files == sorted(f"{name}.v1.schema.json" for name in OUTBOUND_TYPES)
+    for name in OUTBOUND_TYPES:
+        Draft202012Validator.check_schema(load_outbound_schema(name))

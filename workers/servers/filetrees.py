@@ -1,6 +1,6 @@
 """File-tree snapshots of a server: content-defined chunks, deduplicated across snapshots, encrypted.
 
-Each regular file is cut into chunks by content (FastCDC, 256 KiB on average), so an edit moves only the
+Each regular file is cut into chunks by content (FastCDC, about 300 KiB on average), so an edit moves only the
 chunks it touches. A chunk is stored once per server, at `servers/<S>/chunks/<id[:2]>/<id>.dv`, its id
 a keyed hash of its bytes (`Keyring.content_id`: equal content gets equal names, but nobody without the
 keys can test the bucket for a known file). A snapshot is the manifest listing every entry (path,
@@ -23,7 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastcdc import fastcdc
+from pyfastcdc import FastCDC
 
 from workers.errors import PermanentError
 from workers.repository import catalog
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # 256 KiB on average: an edit rewrites about a quarter MiB of chunks, not megabytes.
 MIN_CHUNK, AVG_CHUNK, MAX_CHUNK = 64 * 1024, 256 * 1024, 1024 * 1024
+# FastCDC 2020 (pyfastcdc, compiled), normalized chunking level 1, the paper's gear table. Chunks are
+# addressed by content, so a change of chunker only costs one snapshot's worth of new chunks.
+CHUNKER = FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK, normalized_chunking=1)
 UPLOAD_THREADS = 8
 MAX_IN_FLIGHT = 16  # chunks read but not yet stored: bounds memory to about 16 MiB
 MANIFEST_FORMAT = 1
@@ -275,9 +278,9 @@ def _store_chunks(
     ids = []
     with os.fdopen(fd, "rb") as f:
         if os.fstat(fd).st_size == 0:
-            return []  # (mmap refuses an empty file; there is nothing to chunk)
+            return []  # nothing to chunk
         try:
-            for chunk in fastcdc(f, min_size=MIN_CHUNK, avg_size=AVG_CHUNK, max_size=MAX_CHUNK, fat=True):
+            for chunk in CHUNKER.cut_stream(f):
                 chunk_id = repo.keyring.content_id(chunk.data)
                 ids.append(chunk_id)
                 if chunk_id in counts.known:
@@ -285,7 +288,10 @@ def _store_chunks(
                 counts.known.add(chunk_id)
                 if len(in_flight) >= MAX_IN_FLIGHT:
                     counts.add(in_flight.pop(0).result())
-                in_flight.append(pool.submit(_put_chunk, repo, chunk_key(server, chunk_id), chunk.data))
+                # A copy: the chunker reuses its buffer for the next chunk while this one uploads
+                in_flight.append(
+                    pool.submit(_put_chunk, repo, chunk_key(server, chunk_id), bytes(chunk.data))
+                )
         except PermissionError as e:
             raise UnreadablePath(f"paths: {path} cannot be read ({e.strerror})") from None
     return ids
