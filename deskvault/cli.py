@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deskvault_core.errors import DeskvaultError
-from deskvault_core.logs import setup_logging
+from deskvault_core.logs import LOG_FORMAT_ENV, LOG_FORMATS, setup_logging
 from deskvault_core.memory import keep_heap_small
 from messages.events import EVENT_CLASSES
 from messages.topology import POOLS
@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "publish":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    setup_logging(args.log_level)
+    os.environ[LOG_FORMAT_ENV] = args.log_format  # worker processes and `up`'s children log alike
+    setup_logging(args.log_level, args.log_format)
     keep_heap_small()
     try:
         return int(args.func(args, extra) or 0)
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level",
         default=os.environ.get("DESKVAULT_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING or ERROR (env: DESKVAULT_LOG_LEVEL; default INFO)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get(LOG_FORMAT_ENV, "text"),
+        help=f"text, or json: one object per line for log shippers (env: {LOG_FORMAT_ENV}; default text)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
