@@ -16,8 +16,9 @@ from workers import context
 from workers.broker import DeskvaultBroker
 from workers.errors import PERMANENT_ERRORS
 from workers.handlers.backup import handle_backup_due
-from workers.handlers.drill import WaitingForFirstBackup, handle_restore_drill
+from workers.handlers.drill import handle_restore_drill
 from workers.handlers.export import handle_export_requested
+from workers.handlers.first_backup import WaitingForFirstBackup
 from workers.handlers.lifecycle import handle_account_expired, handle_account_reactivated
 from workers.handlers.purge import handle_purge_due
 from workers.handlers.snapshot import handle_snapshot_due

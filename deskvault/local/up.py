@@ -139,6 +139,7 @@ spool_dir = "{state / "wal-spool"}"
 [targets.{DEMO_TARGET}]
 engine = "postgresql"
 conninfo = "{cluster.conninfo}"
+data_directory = "{cluster.datadir}"
 """
     # The demo's tenants, each with its helpdesk database on the demo target; a real deployment reads
     # them from the SaaS's accounts table (lifecycle.accounts_odbc).

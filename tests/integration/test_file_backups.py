@@ -150,6 +150,40 @@ def test_a_differential_in_parts_over_a_full_in_parts_restores_the_latest_rows(
         cluster.psql("DROP DATABASE t_delta")
 
 
+def test_a_new_targets_first_differential_waits_for_its_first_full(make_settings, cluster: PgCluster) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from messages.events import BackupDue
+    from workers.errors import PermanentError
+    from workers.handlers.backup import handle_backup_due
+    from workers.handlers.first_backup import FIRST_BACKUP_WAIT, WaitingForFirstBackup
+
+    ctx = worker_context(make_settings(target=cluster))  # a fresh prefix: no backup of this target yet
+    slot = datetime.now(UTC).replace(microsecond=0)
+
+    def diff(**when: datetime) -> BackupDue:
+        return BackupDue.new(
+            target="main", kind="diff", slot=slot, idempotency_key=f"d-{uuid.uuid4().hex}", **when
+        )
+
+    # Given the first differential due with the first full (a fresh `deskvault up`), then it waits: a
+    # retry that is no failure, with no job claimed
+    first = diff()
+    with pytest.raises(WaitingForFirstBackup):
+        handle_backup_due(ctx, first)
+    assert ctx.ledger.job(first.idempotency_key) is None
+
+    # and one due longer ago than the wait is refused, saying what to do (so it is dead-lettered)
+    late = diff(occurred_at=datetime.now(UTC) - FIRST_BACKUP_WAIT - timedelta(minutes=1))
+    with pytest.raises(PermanentError, match="no full backup of main for a differential to extend"):
+        handle_backup_due(ctx, late)
+
+    # and once the full is committed, the waiting differential, redelivered, is taken over it
+    with wal_streaming(ctx, connected=cluster):
+        take_backup(ctx, "full")
+        assert handle_backup_due(ctx, first).startswith("diff backup ")
+
+
 def test_a_lost_lease_in_any_parts_thread_stops_the_full_and_commits_nothing(
     make_settings, cluster: PgCluster
 ) -> None:

@@ -177,33 +177,40 @@ def test_check_the_slot_with_and_without_its_streamer(make_settings, own_target:
     assert running.level == OK and "streamer connected" in running.detail
 
 
+def _alone(settings: Settings) -> tuple[Settings, str]:
+    """The same target under a name of its own: the session's control database holds other tests'
+    backups and drills of `main`."""
+    name = f"t{uuid.uuid4().hex[:8]}"
+    return replace(settings, targets={name: replace(settings.target("main"), name=name)}), name
+
+
 def test_check_a_stale_drill_and_a_failed_one(make_settings) -> None:
-    settings = make_settings()
+    settings, name = _alone(make_settings())
     ledger = worker_context(settings).ledger
     old = datetime.now(UTC) - timedelta(days=30)
     ledger._clock = lambda: old  # the drill finished a month ago
     ledger.record_drill(
-        target="main",
+        target=name,
         drill_id=uuid.uuid4().hex,
         point_in_time=old,
         succeeded=True,
         duration_seconds=3,
         detail="",
     )
-    stale = _by_what(run_checks(settings))["target main: restore drill"]
+    stale = _by_what(run_checks(settings))[f"target {name}: restore drill"]
     assert stale.level == FAIL and "older than its schedule" in stale.detail
-    assert "deskvault publish restore-drill --target main" in stale.fix
+    assert f"deskvault publish restore-drill --target {name}" in stale.fix
 
     ledger._clock = lambda: datetime.now(UTC)
     ledger.record_drill(
-        target="main",
+        target=name,
         drill_id=uuid.uuid4().hex,
         point_in_time=datetime.now(UTC),
         succeeded=False,
         duration_seconds=3,
         detail="",
     )
-    failed = _by_what(run_checks(settings))["target main: restore drill"]
+    failed = _by_what(run_checks(settings))[f"target {name}: restore drill"]
     assert failed.level == FAIL and failed.detail.endswith("failed")
 
 
@@ -214,6 +221,10 @@ def test_check_from_the_command_line_exits_with_the_worst_level(make_settings, t
         r'(?m)^url = "amqp://[^"]*"',
         'url = "amqp://guest:guest@127.0.0.1:1/"',
         Path(settings.source).read_text(),
+    )
+    name = f"t{uuid.uuid4().hex[:8]}"  # a target no other test has backed up
+    text = text.replace("[targets.main]", f"[targets.{name}]").replace(
+        'target = "main"', f'target = "{name}"'
     )
     broken = tmp_path / "broken.toml"
     broken.write_text(text)
@@ -227,7 +238,7 @@ def test_check_from_the_command_line_exits_with_the_worst_level(make_settings, t
     assert run.returncode == 2 == result["exit_code"]
     levels = {c["what"]: c["level"] for c in result["checks"]}
     assert levels["broker"] == FAIL and levels["configuration"] == OK
-    assert levels["target main: newest full"] == WARN  # none yet
+    assert levels[f"target {name}: newest full"] == WARN  # none yet
 
     unknown = subprocess.run(
         [sys.executable, "-m", "deskvault", "--config", str(settings.source), "check", "--target", "nope"],

@@ -41,8 +41,9 @@ from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.restore import plan_restore, restore
 from workers.engines.postgresql.walarchive import list_wal
 from workers.errors import HandlerError
-from workers.handlers.drill import FIRST_BACKUP_WAIT, WaitingForFirstBackup, handle_restore_drill
+from workers.handlers.drill import handle_restore_drill
 from workers.handlers.export import handle_export_requested
+from workers.handlers.first_backup import FIRST_BACKUP_WAIT, WaitingForFirstBackup
 from workers.repository import catalog
 from workers.repository.keyring import Keyring
 from workers.state_metrics import StateCollector

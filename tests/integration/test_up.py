@@ -41,6 +41,7 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
         "DESKVAULT_REPOSITORY__PREFIX": f"up-{uuid.uuid4().hex[:8]}/",
     }
     log = (scratch_dir / "up.log").open("w")
+    started = time.monotonic()
     up = subprocess.Popen(
         [
             sys.executable,
@@ -145,9 +146,48 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
         assert drill["passed"], f"the first drill failed:\n{_tail(scratch_dir / 'up.log')}"
         assert "Failed to process message restore_drill" not in (scratch_dir / "up.log").read_text()
 
-        # and Ctrl-C stops everything cleanly
+        # and once the first minute is over, nothing waits in a dead-letter queue and no job failed:
+        # the first differential and drill, due before any full exists, wait for it instead
+        time.sleep(max(0.0, started + 60 - time.monotonic()))
+        status = subprocess.run(
+            [sys.executable, "-m", "deskvault.cli", "--config", str(config), "status", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        report = json.loads(status.stdout)
+        pools = report["pools"]
+
+        def dead_letters(pool: str) -> str:
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "deskvault.cli",
+                    "--config",
+                    str(config),
+                    "dlq",
+                    "list",
+                    "--pool",
+                    pool,
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            ).stdout
+
+        dead = {pool: dead_letters(pool) for pool, p in pools.items() if p["dead_letters"]}
+        assert not dead, dead
+        assert all(p["failed_24h"] == 0 for p in pools.values()), (pools, _tail(scratch_dir / "up.log"))
+        assert not [a for a in report["attention"] if a["level"] == "FAIL"], report["attention"]
+
+        # and Ctrl-C stops everything, cleanly and within 10 seconds
         up.send_signal(signal.SIGINT)
-        assert up.wait(timeout=90) == 0, _tail(scratch_dir / "up.log")
+        stopping = time.monotonic()
+        assert up.wait(timeout=30) == 0, _tail(scratch_dir / "up.log")
+        assert time.monotonic() - stopping < 10, _tail(scratch_dir / "up.log")
     finally:
         if up.poll() is None:
             up.kill()

@@ -13,6 +13,7 @@ from workers.context import WorkerContext
 from workers.engines.base import BackupResult
 from workers.engines.registry import engine_for
 from workers.errors import PermanentError, UnknownTarget
+from workers.handlers.first_backup import wait_for_first_full
 from workers.handlers.log_backup import take_log_backup
 from workers.jobs import run_once
 from workers.repository import catalog
@@ -30,8 +31,19 @@ def handle_backup_due(ctx: WorkerContext, event: BackupDue) -> str | None:
     if event.kind == "log":
         return run_once(ctx, event, lambda: take_log_backup(ctx, event))
     if event.kind == "diff":
+        _wait_for_a_full(ctx, event)
         return run_once(ctx, event, lambda: _diff_backup(ctx, event))
     return run_once(ctx, event, lambda: _full_backup(ctx, event))
+
+
+def _wait_for_a_full(ctx: WorkerContext, event: BackupDue) -> None:
+    """A new target's first differential, due with its first full, waits for it instead of being
+    refused; a differential already done is a duplicate, never a wait."""
+    target = ctx.settings.target(event.target)
+    if target.diff_without_full == "full" or catalog.has_full(ctx.repository, target.name):
+        return
+    if (job := ctx.ledger.job(event.idempotency_key)) is None or job.state != "done":
+        wait_for_first_full(ctx, event.occurred_at, f"diff of {target.name}")
 
 
 def _full_backup(ctx: WorkerContext, event: BackupDue) -> str:

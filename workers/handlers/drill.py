@@ -20,10 +20,8 @@ import stat
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-
-import dramatiq
 
 from deskvault_core.errors import DeskvaultError
 from messages.events import RestoreDrill
@@ -32,24 +30,12 @@ from workers.context import WorkerContext
 from workers.engines.base import NoBackupYet
 from workers.engines.registry import engine_for
 from workers.errors import UnknownTarget
+from workers.handlers.first_backup import wait_for_first_full
 from workers.jobs import run_once
 
 log = logging.getLogger(__name__)
 
 KEPT_LOGS = "deskvault-drill-logs"  # in the system's temp folder: failed drills' server logs
-
-
-# A new target's first drill is due with its first full backup (the scheduler emits the newest slot of
-# each at once): it waits this long for that backup before it is a failed drill.
-FIRST_BACKUP_WAIT = timedelta(hours=1)
-FIRST_BACKUP_POLL_MS = 15_000
-
-
-class WaitingForFirstBackup(dramatiq.Retry):
-    """Nothing of the target is restorable yet, and its first full backup may still be running.
-
-    A retry that is not a failure (see workers.actors); bounded by FIRST_BACKUP_WAIT from the event.
-    """
 
 
 def handle_restore_drill(ctx: WorkerContext, event: RestoreDrill) -> str | None:
@@ -62,13 +48,10 @@ def handle_restore_drill(ctx: WorkerContext, event: RestoreDrill) -> str | None:
 
 
 def _wait_for_first_backup(ctx: WorkerContext, event: RestoreDrill) -> None:
-    if ctx.ledger.now() - event.occurred_at > FIRST_BACKUP_WAIT:
-        return  # long enough: no backup by now is the drill's finding
     try:
         engine_for(ctx.settings.target(event.target)).plan_restore(ctx.repository, None)
     except NoBackupYet:
-        log.info("restore-drill of %s: waits for the target's first full backup", event.target)
-        raise WaitingForFirstBackup(delay=FIRST_BACKUP_POLL_MS) from None
+        wait_for_first_full(ctx, event.occurred_at, f"restore-drill of {event.target}")
     except DeskvaultError:
         return  # any other reason it cannot restore is the drill's to record
 

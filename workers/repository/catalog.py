@@ -57,6 +57,11 @@ def backup_id_for(kind: str, slot: datetime) -> str:
     return f"{slot:%Y%m%dT%H%M%SZ}-{kind}"
 
 
+def has_full(repo: ObjectRepository, target: str) -> bool:
+    """Whether a full backup of the target is committed (its manifest written), by key names alone."""
+    return any(key.endswith(f"-full/{MANIFEST_NAME}") for key in repo.list_keys(f"targets/{target}/backups/"))
+
+
 def list_manifests(repo: ObjectRepository, target: str) -> list[dict[str, Any]]:
     """Every committed backup of a target, oldest first (unreadable manifests are logged and left out)."""
     return scan_manifests(repo, target)[0]

@@ -77,8 +77,7 @@ def readiness(server: PgServer) -> list[Check]:
         )
     checks.append(_slot(what, slot, slot_state))
     checks.append(_client_version(what, Path(target.pg_bin), major))
-    if target.data_directory:
-        checks.append(_data_directory(what, Path(target.data_directory)))
+    checks.append(_data_directory(what, target.data_directory))
     return checks
 
 
@@ -155,8 +154,16 @@ def _client_version(what: str, pg_bin: Path, major: int) -> Check:
     return Check(what, OK, f"{pg_bin} (PostgreSQL {client})")
 
 
-def _data_directory(what: str, datadir: Path) -> Check:
+def _data_directory(what: str, configured: str) -> Check:
     what = f"{what}: data_directory"
+    if not configured:
+        return Check(
+            what,
+            FAIL,
+            "not set: differentials copy the files changed since the full from the data directory",
+            "set data_directory to the server's data directory (readable by deskvault's user)",
+        )
+    datadir = Path(configured)
     probe = datadir / "global" / "pg_control"
     if not os.access(probe, os.R_OK) or not os.access(datadir / "base", os.R_OK | os.X_OK):
         return Check(
