@@ -13,7 +13,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pika.exceptions
-import pyodbc
 
 from deskvault.status import live_wal
 from deskvault_core.checks import FAIL, OK, WARN, Check
@@ -22,7 +21,7 @@ from deskvault_core.cron import Cron
 from deskvault_core.errors import DeskvaultError
 from workers.context import open_ledger, open_store
 from workers.engines.registry import engine_for
-from workers.ledger.ledger import Ledger
+from workers.ledger.ledger import Ledger, LedgerError
 from workers.ledger.schema import SCHEMA_VERSION
 from workers.queues import topology_problems
 from workers.repository.errors import KeyFileError
@@ -90,13 +89,8 @@ def broker(settings: Settings) -> Check:
 def control_db(settings: Settings) -> Check:
     try:
         version = open_ledger(settings).schema_version()
-    except pyodbc.Error as e:
-        return Check(
-            "control database",
-            FAIL,
-            f"unreachable: {_odbc_reason(e)}",
-            "check [control_db] odbc and that the database runs",
-        )
+    except LedgerError as e:  # says what to check
+        return Check("control database", FAIL, str(e))
     if version < SCHEMA_VERSION:
         return Check(
             "control database",
@@ -244,7 +238,3 @@ def _host_port(url: str) -> str:
     """The broker's address without its credentials."""
     parts = urlsplit(url)
     return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
-
-
-def _odbc_reason(e: pyodbc.Error) -> str:
-    return str(e.args[-1] if e.args else type(e).__name__)[:300]

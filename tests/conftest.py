@@ -4,6 +4,7 @@ target cluster. Locally a service that cannot be reached skips its tests; in CI 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import build_settings, free_port
+from support import build_settings, drop_mariadb_database, free_port, mariadb_database
 
 from deskvault.local.demo_data import helpdesk_sql
 from deskvault_core.config import Settings
@@ -71,6 +72,19 @@ def _psql(sql: str) -> None:
     subprocess.run(
         ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", sql], check=True, capture_output=True, timeout=60
     )
+
+
+@pytest.fixture(scope="session")
+def mariadb_control_odbc() -> Iterator[str]:
+    """A fresh control database on the machine's MariaDB, reached through its ODBC driver."""
+    name = f"dvtest_{uuid.uuid4().hex[:10]}"
+    try:
+        odbc = mariadb_database(name)
+    except (OSError, subprocess.SubprocessError) as e:
+        unavailable("MariaDB on its local socket", str(e))
+    yield odbc
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        drop_mariadb_database(name)
 
 
 @pytest.fixture(scope="session")

@@ -439,3 +439,25 @@ def start_deskvault(settings: Settings, log: Path, *args: str) -> subprocess.Pop
     return subprocess.Popen(
         deskvault_command(settings, *args), stdout=log.open("w"), stderr=subprocess.STDOUT
     )
+
+
+MARIADB_SOCKET = "/run/mysqld/mysqld.sock"
+
+
+def mariadb_database(name: str) -> str:
+    """A new, empty database on the machine's MariaDB (as root over its socket); its ODBC string."""
+    _mariadb(f"CREATE DATABASE {name}")
+    return f"DRIVER={{MariaDB Unicode}};SERVER=localhost;SOCKET={MARIADB_SOCKET};DATABASE={name};UID=root;"
+
+
+def drop_mariadb_database(name: str) -> None:
+    _mariadb(f"DROP DATABASE IF EXISTS {name}")
+
+
+def _mariadb(sql: str) -> None:
+    subprocess.run(
+        ["mysql", "--protocol=socket", f"--socket={MARIADB_SOCKET}", "-e", sql],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )

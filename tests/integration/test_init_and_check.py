@@ -131,6 +131,12 @@ def test_check_fails_each_broken_service_with_its_fix(make_settings, tmp_path: P
     Path(settings.repository.key_file).chmod(0o644)
 
     checks = _by_what(run_checks(broken))
+    no_db = replace(
+        settings,
+        control_db=replace(settings.control_db, odbc=settings.control_db.odbc.replace("PORT=5432", "PORT=1")),
+    )
+    control = _by_what(run_checks(no_db))["control database"]
+    assert control.level == FAIL and "cannot connect to the control database" in control.detail
 
     assert checks["broker"].level == FAIL and "127.0.0.1:1 unreachable" in checks["broker"].detail
     assert "secret-pass" not in checks["broker"].line()

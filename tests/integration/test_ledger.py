@@ -8,9 +8,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from support import drop_mariadb_database, mariadb_database
 
 from workers.ledger.ledger import LeaseLost, Ledger
-from workers.ledger.schema import SCHEMA_VERSION
+from workers.ledger.schema import MIGRATIONS, SCHEMA_VERSION, statements
 
 SYSTEM_PG = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
@@ -30,9 +31,13 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def ledger(control_db_odbc: str, clock: Clock) -> Ledger:
-    ledger = Ledger(control_db_odbc, clock=clock, lease_seconds=60)
+@pytest.fixture(params=["postgresql", "mariadb"])
+def ledger(request: pytest.FixtureRequest, clock: Clock) -> Ledger:
+    """The ledger on each control database deskvault supports, both real."""
+    odbc = request.getfixturevalue(
+        "control_db_odbc" if request.param == "postgresql" else "mariadb_control_odbc"
+    )
+    ledger = Ledger(odbc, clock=clock, lease_seconds=60)
     ledger.migrate()
     return ledger
 
@@ -46,15 +51,19 @@ def test_migrate_is_idempotent_and_reports_the_version(ledger: Ledger) -> None:
     assert ledger.schema_version() == SCHEMA_VERSION
 
 
-def test_processes_starting_together_on_a_new_database_all_migrate_cleanly() -> None:
+@pytest.mark.parametrize("engine", ["postgresql", "mariadb"])
+def test_processes_starting_together_on_a_new_database_all_migrate_cleanly(engine: str) -> None:
     # Given a brand-new control database and five workers starting at the same moment
     name = f"dvtest_fresh_{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"CREATE DATABASE {name}"],
-        check=True,
-        capture_output=True,
-    )
-    odbc = f"DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={name};UID=postgres;"
+    if engine == "mariadb":
+        odbc = mariadb_database(name)
+    else:
+        subprocess.run(
+            ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"CREATE DATABASE {name}"],
+            check=True,
+            capture_output=True,
+        )
+        odbc = f"DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={name};UID=postgres;"
     try:
         versions: list[int] = []
         errors: list[BaseException] = []
@@ -74,11 +83,38 @@ def test_processes_starting_together_on_a_new_database_all_migrate_cleanly() -> 
         # Then every one of them finds the schema in place, created once
         assert errors == []
         assert versions == [SCHEMA_VERSION] * 5
+        assert Ledger(odbc).schema_version() == SCHEMA_VERSION
     finally:
-        subprocess.run(
-            ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"DROP DATABASE {name} WITH (FORCE)"],
-            capture_output=True,
-        )
+        if engine == "mariadb":
+            drop_mariadb_database(name)
+        else:
+            subprocess.run(
+                ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"DROP DATABASE {name} WITH (FORCE)"],
+                capture_output=True,
+            )
+
+
+def test_a_migration_that_stopped_midway_on_mariadb_completes_when_run_again() -> None:
+    # Given a MariaDB control database where a first migration stopped after some of its tables: MariaDB
+    # commits each CREATE TABLE by itself, so they stay, while the version was never recorded
+    name = f"dvtest_midway_{uuid.uuid4().hex[:8]}"
+    odbc = mariadb_database(name)
+    try:
+        first = Ledger(odbc)
+        with first.transaction() as cur:
+            cur.execute("CREATE TABLE dv_schema_version (version INTEGER NOT NULL PRIMARY KEY)")
+            for statement in statements(MIGRATIONS[0][1], "mariadb")[:2]:  # dv_jobs and its index
+                cur.execute(statement)
+        assert first.schema_version() == 0
+
+        # When a worker starts again, then the migration completes and is recorded once
+        assert Ledger(odbc).migrate() == SCHEMA_VERSION
+        with first.transaction() as cur:
+            assert [r[0] for r in cur.execute("SELECT version FROM dv_schema_version ORDER BY version")] == [
+                v for v, _ in MIGRATIONS
+            ]
+    finally:
+        drop_mariadb_database(name)
 
 
 def test_first_claim_wins_and_a_finished_job_is_a_duplicate(ledger: Ledger, unique_key: str) -> None:
@@ -178,3 +214,49 @@ def test_schedule_marks_are_shared_between_schedulers(ledger: Ledger, unique_key
     ledger.mark_emitted(unique_key, "full", slot, "k1")
     ledger.mark_emitted(unique_key, "full", slot, "k1")  # a second replica: no error, no second row
     assert ledger.was_emitted(unique_key, "full", slot)
+
+
+def test_backups_drills_usage_and_batched_marks_round_trip(
+    ledger: Ledger, clock: Clock, unique_key: str
+) -> None:
+    target = "t" + unique_key[-10:]
+    finished = datetime(2026, 12, 6, 3, 0, 1, 250000, tzinfo=UTC)
+    for _ in range(2):  # a redelivery indexes nothing twice
+        ledger.record_backup(
+            target=target,
+            backup_id="20261206T030000Z-full",
+            kind="full",
+            manifest_key=f"targets/{target}/backups/20261206T030000Z-full/manifest.dv",
+            started_at=finished - timedelta(minutes=5),
+            finished_at=finished,
+            start_lsn="0/5000028",
+            stop_lsn="0/5894AC0",
+            plain_bytes=93_790_208,
+            stored_bytes=25_235_337,
+        )
+    assert ledger.newest_backups()[(target, "full")] == finished  # microseconds and zone kept
+    assert ledger.newest_backup_time(target, "full") == finished
+
+    for succeeded in (True, False):
+        ledger.record_drill(
+            target=target,
+            drill_id=f"{unique_key}-{succeeded}"[-64:],
+            point_in_time=finished,
+            succeeded=succeeded,
+            duration_seconds=3,
+            detail="x" * 5000,  # the long-text column
+        )
+        clock.now += timedelta(seconds=1)
+    drill = ledger.newest_drills()[target]
+    assert drill["succeeded"] is False and drill["passed_at"] is not None
+
+    ledger.record_usage(target, "backups", 75, 816 * 2**20)
+    ledger.record_usage(target, "backups", 76, 817 * 2**20)  # measured again: replaced
+    assert (target, "backups", 76, 817 * 2**20) in ledger.repository_usage()
+
+    slot = datetime(2026, 12, 6, 2, 30, tzinfo=UTC)
+    ledger.mark_emitted(f"tenant:{target}-a", "export", slot, f"{unique_key}-a")
+    ledger.mark_emitted_many("export", slot, [(f"tenant:{target}-{n}", f"{unique_key}-{n}") for n in "abc"])
+    assert {s for s in ledger.emitted_subjects("export", slot) if target in s} == {
+        f"tenant:{target}-{n}" for n in "abc"
+    }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import pyodbc
 
 from deskvault_core.errors import DeskvaultError
-from workers.ledger.schema import MIGRATIONS, statements
+from workers.ledger.schema import MIGRATIONS, SCHEMA_VERSION, statements
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,27 @@ def _db(dt: datetime | None) -> datetime | None:
     return dt.astimezone(UTC).replace(tzinfo=None)
 
 
+class _TextTimestamps:
+    """A cursor that hands MariaDB its timestamps as text: bound as timestamps, MariaDB's ODBC driver
+    drops their fractions of a second (DATETIME(6) keeps them from text)."""
+
+    def __init__(self, cursor: pyodbc.Cursor) -> None:
+        self._cursor = cursor
+
+    def execute(self, sql: str, *params: Any) -> pyodbc.Cursor:
+        return self._cursor.execute(sql, *map(_text_if_time, params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        self._cursor.executemany(sql, [tuple(map(_text_if_time, row)) for row in rows])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+def _text_if_time(value: Any) -> Any:
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f") if isinstance(value, datetime) else value
+
+
 def _py(dt: datetime | None) -> datetime | None:
     """From the database: aware UTC."""
     return None if dt is None else dt.replace(tzinfo=UTC)
@@ -139,7 +160,7 @@ class Ledger:
         conn = self._connection()
         try:
             cursor = conn.cursor()
-            yield cursor
+            yield _TextTimestamps(cursor) if self.dialect == "mariadb" else cursor
             conn.commit()
         except pyodbc.IntegrityError:
             conn.rollback()
@@ -165,24 +186,65 @@ class Ledger:
 
     # -- schema --------------------------------------------------------------------------------------
     def migrate(self) -> int:
-        """Create or upgrade deskvault's tables; safe to run from several processes at once."""
-        current = self.schema_version()
-        for version, version_statements in MIGRATIONS:
-            if version <= current:
-                continue
-            try:
-                with self.transaction() as cur:
-                    if version == 1:
-                        cur.execute("CREATE TABLE dv_schema_version (version INTEGER NOT NULL PRIMARY KEY)")
-                    for statement in statements(version_statements, self.dialect):
-                        cur.execute(statement)
-                    cur.execute("INSERT INTO dv_schema_version (version) VALUES (?)", version)
-                log.info("control database migrated to schema version %d", version)
-            except (LedgerError, pyodbc.IntegrityError):
-                # Another process may have applied this migration at the same moment.
-                if self.schema_version() < version:
-                    raise
+        """Create or upgrade deskvault's tables; safe to run from several processes at once, and to run
+        again after one stopped midway.
+
+        Processes migrate one at a time (a lock of the server's own, held by this session), so a second
+        one finds the work done. MariaDB commits each DDL statement by itself, so a migration that
+        stopped midway leaves some of its tables behind, unrecorded: run again, a statement whose object
+        exists is passed over, and the migration is recorded once all of it is there.
+        """
+        if self.schema_version() >= SCHEMA_VERSION:
+            return self.schema_version()
+        with self._migration_lock():
+            current = self.schema_version()
+            for version, version_statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                try:
+                    with self.transaction() as cur:
+                        if version == 1:
+                            self._ddl(
+                                cur, "CREATE TABLE dv_schema_version (version INTEGER NOT NULL PRIMARY KEY)"
+                            )
+                        for statement in statements(version_statements, self.dialect):
+                            self._ddl(cur, statement)
+                        cur.execute("INSERT INTO dv_schema_version (version) VALUES (?)", version)
+                    log.info("control database migrated to schema version %d", version)
+                except (LedgerError, pyodbc.IntegrityError):
+                    # Where no lock serializes migrations (SQL Server, whose DDL is transactional),
+                    # another process may have applied this one at the same moment.
+                    if self.schema_version() < version:
+                        raise
         return self.schema_version()
+
+    def _ddl(self, cur: pyodbc.Cursor, statement: str) -> None:
+        try:
+            cur.execute(statement)
+        except pyodbc.Error as e:
+            if self.dialect != "mariadb" or not _already_there(e):
+                raise
+            log.info(
+                "control database: %s... is already there (an earlier migration stopped midway)",
+                statement[:60],
+            )
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """This session holds the server's migration lock for the block (PostgreSQL, MariaDB)."""
+        lock, unlock = _MIGRATION_LOCKS.get(self.dialect, (None, None))
+        if lock is None:
+            yield
+            return
+        with self.transaction() as cur:
+            got = cur.execute(lock).fetchone()
+        if got is not None and got[0] in (0, None):  # GET_LOCK's answer when it timed out
+            raise LedgerError("another process has held the control database's migration lock for 2 minutes")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(LedgerError), self.transaction() as cur:
+                cur.execute(unlock).fetchall()
 
     def schema_version(self) -> int:
         conn = self._connection()
@@ -820,6 +882,25 @@ class Ledger:
 
 def _iso(moment: datetime | None) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%SZ}" if moment is not None else "(none)"
+
+
+# Session-level locks that serialize migrations: (take, release). pg_advisory_lock waits as long as it
+# takes; GET_LOCK answers 0 after its timeout.
+_MIGRATION_LOCK_ID = 0x64766D67  # "dvmg"
+_MIGRATION_LOCKS = {
+    "postgresql": (
+        f"SELECT pg_advisory_lock({_MIGRATION_LOCK_ID})",
+        f"SELECT pg_advisory_unlock({_MIGRATION_LOCK_ID})",
+    ),
+    "mariadb": ("SELECT GET_LOCK('deskvault_migrate', 120)", "SELECT RELEASE_LOCK('deskvault_migrate')"),
+}
+VERSION_TABLE = "CREATE TABLE dv_schema_version (version INTEGER NOT NULL PRIMARY KEY)"
+# MariaDB's errors for a table, column or index that exists already.
+_MARIADB_ALREADY_THERE = ("(1050)", "(1060)", "(1061)")
+
+
+def _already_there(e: pyodbc.Error) -> bool:
+    return any(code in str(e) for code in _MARIADB_ALREADY_THERE)
 
 
 def _dialect(conn: pyodbc.Connection) -> str:
