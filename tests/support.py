@@ -325,7 +325,7 @@ def start_prometheus(
             "prometheus is not installed: run ops/local/bootstrap.sh (Debian package prometheus)"
         )
     config = yaml.safe_load((OPS / "prometheus" / "prometheus.yml").read_text())
-    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["global"] = {**config["global"], "scrape_interval": "1s", "evaluation_interval": "1s"}
     rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())
     for rule in rules["groups"][0]["rules"]:
         rule["for"] = (rules_for or {}).get(rule["alert"], rule.get("for", "0s"))
@@ -333,7 +333,8 @@ def start_prometheus(
     config["rule_files"] = [str(directory / "alerts.yml")]
     ports = {"deskvault-workers": worker_port, "deskvault-wal-stream": wal_port}
     for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"]}]
+        labels = job["static_configs"][0].get("labels", {})  # what the alerts find the processes by
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{ports[job['job_name']]}"], "labels": labels}]
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     process = subprocess.Popen(

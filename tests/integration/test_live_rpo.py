@@ -4,13 +4,16 @@ after every start makes DeskvaultRPOHigh fire in a real Prometheus, and `deskvau
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from support import (
     free_port,
     prom_query,
@@ -23,6 +26,8 @@ from support import (
 
 from workers.engines.postgresql.cluster import PgCluster
 from workers.engines.postgresql.walstream import slot_name
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +93,15 @@ def test_the_rpo_alert_fires_while_the_receiver_fails_after_every_start_and_reco
             timeout=150,
             what=f"DeskvaultRPOHigh to fire (see {tmp_path / 'wal.log'})",
         )
+        # with an absolute runbook link, built from the base prometheus.yml configures
+        with urllib.request.urlopen(f"http://127.0.0.1:{prom_port}/api/v1/alerts", timeout=10) as response:
+            alerts = json.load(response)["data"]["alerts"]
+        rpo_alert = next(a for a in alerts if a["labels"]["alertname"] == "DeskvaultRPOHigh")
+        base = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())["global"][
+            "external_labels"
+        ]["runbook_base"]
+        assert rpo_alert["annotations"]["runbook_url"] == f"{base}/alerts.md#deskvaultrpohigh"
+        assert (ROOT / "ops" / "runbooks" / "alerts.md").read_text().count("## DeskvaultRPOHigh") == 1
         # And `deskvault status` shows the RPO and why the WAL is not safe
         status = run_cli(settings, "status", "--prometheus", f"http://127.0.0.1:{prom_port}")
         assert "ahead of the WAL flush position" in status.stdout, status.stdout + status.stderr
