@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from deskvault.local import lifeline
 from deskvault_core.errors import DeskvaultError
 from deskvault_core.logs import LOG_FORMAT_ENV, LOG_FORMATS, setup_logging
 from deskvault_core.memory import keep_heap_small
@@ -32,6 +33,7 @@ SYSTEM_CONFIG = Path("/etc/deskvault/deskvault.toml")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    lifeline.hold()  # a child of `deskvault up` stops with it
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "publish":

@@ -4,7 +4,6 @@ target cluster. Locally a service that cannot be reached skips its tests; in CI 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import build_settings, drop_mariadb_database, free_port, mariadb_database
+from support import build_settings, free_port, rabbit_vhost, scratch_database
 
 from deskvault.local.demo_data import helpdesk_sql
 from deskvault_core.config import Settings
@@ -23,7 +22,6 @@ from workers.engines.postgresql.cluster import ClusterError, PgCluster
 from workers.repository.keyring import Keyring
 
 IN_CI = bool(os.environ.get("CI"))
-SYSTEM_PG = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
 def unavailable(what: str, detail: str) -> None:
@@ -53,54 +51,31 @@ def scratch_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def rabbit_url() -> Iterator[str]:
     """A private RabbitMQ vhost for this test session, deleted afterwards."""
-    vhost = f"deskvault-test-{uuid.uuid4().hex[:8]}"
     try:
-        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
-        subprocess.run(
-            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        with rabbit_vhost("deskvault-test") as url:
+            yield url
     except (OSError, subprocess.SubprocessError) as e:
         unavailable("RabbitMQ (rabbitmqctl)", str(e))
-    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
-
-
-def _psql(sql: str) -> None:
-    subprocess.run(
-        ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", sql], check=True, capture_output=True, timeout=60
-    )
 
 
 @pytest.fixture(scope="session")
 def mariadb_control_odbc() -> Iterator[str]:
     """A fresh control database on the machine's MariaDB, reached through its ODBC driver."""
-    name = f"dvtest_{uuid.uuid4().hex[:10]}"
     try:
-        odbc = mariadb_database(name)
+        with scratch_database("mariadb") as odbc:
+            yield odbc
     except (OSError, subprocess.SubprocessError) as e:
         unavailable("MariaDB on its local socket", str(e))
-    yield odbc
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        drop_mariadb_database(name)
 
 
 @pytest.fixture(scope="session")
 def control_db_odbc() -> Iterator[str]:
     """A fresh control database on the machine's PostgreSQL, reached through psqlODBC."""
-    name = f"dvtest_{uuid.uuid4().hex[:10]}"
     try:
-        _psql(f"CREATE DATABASE {name}")
+        with scratch_database() as odbc:
+            yield odbc
     except (OSError, subprocess.SubprocessError) as e:
         unavailable("PostgreSQL on 127.0.0.1:5432", str(e))
-    yield f"DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={name};UID=postgres;"
-    subprocess.run(
-        ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
-        capture_output=True,
-        timeout=60,
-    )
 
 
 @pytest.fixture(scope="session")

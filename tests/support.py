@@ -462,3 +462,48 @@ def _mariadb(sql: str) -> None:
         capture_output=True,
         timeout=60,
     )
+
+
+@contextlib.contextmanager
+def rabbit_vhost(prefix: str) -> Iterator[str]:
+    """A new, empty RabbitMQ vhost (guest may do anything in it), deleted afterwards; its AMQP url."""
+    vhost = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+SYSTEM_PG = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+
+
+@contextlib.contextmanager
+def scratch_database(engine: str = "postgresql") -> Iterator[str]:
+    """A new, empty database on the machine's PostgreSQL or MariaDB, dropped afterwards; its ODBC string."""
+    name = f"dvtest_{uuid.uuid4().hex[:10]}"
+    if engine == "mariadb":
+        odbc = mariadb_database(name)
+    else:
+        _system_psql(f"CREATE DATABASE {name}", check=True)
+        odbc = f"DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={name};UID=postgres;"
+    try:
+        yield odbc
+    finally:
+        if engine == "mariadb":
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                drop_mariadb_database(name)
+        else:
+            _system_psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
+
+
+def _system_psql(sql: str, *, check: bool) -> None:
+    subprocess.run(
+        ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", sql], check=check, capture_output=True, timeout=60
+    )

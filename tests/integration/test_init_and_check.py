@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import free_port, wal_streaming, worker_context
+from support import free_port, rabbit_vhost, wal_streaming, worker_context
 
 from deskvault.check import run_checks
 from deskvault.init import run_init
@@ -39,16 +39,8 @@ def own_target(scratch_dir: Path) -> Iterator[PgCluster]:
 @pytest.fixture
 def own_vhost() -> Iterator[str]:
     """A RabbitMQ vhost with no queues yet."""
-    vhost = f"deskvault-init-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
+    with rabbit_vhost("deskvault-init") as url:
+        yield url
 
 
 def _fresh(settings: Settings, tmp_path: Path, broker_url: str) -> Settings:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support import drop_mariadb_database, mariadb_database
+from support import scratch_database
 
 from workers.ledger.ledger import LeaseLost, Ledger
 from workers.ledger.schema import MIGRATIONS, SCHEMA_VERSION, statements
-
-SYSTEM_PG = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 pytestmark = pytest.mark.integration
 
@@ -54,17 +50,7 @@ def test_migrate_is_idempotent_and_reports_the_version(ledger: Ledger) -> None:
 @pytest.mark.parametrize("engine", ["postgresql", "mariadb"])
 def test_processes_starting_together_on_a_new_database_all_migrate_cleanly(engine: str) -> None:
     # Given a brand-new control database and five workers starting at the same moment
-    name = f"dvtest_fresh_{uuid.uuid4().hex[:8]}"
-    if engine == "mariadb":
-        odbc = mariadb_database(name)
-    else:
-        subprocess.run(
-            ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"CREATE DATABASE {name}"],
-            check=True,
-            capture_output=True,
-        )
-        odbc = f"DRIVER={{PostgreSQL Unicode}};SERVER=127.0.0.1;PORT=5432;DATABASE={name};UID=postgres;"
-    try:
+    with scratch_database(engine) as odbc:
         versions: list[int] = []
         errors: list[BaseException] = []
 
@@ -84,22 +70,12 @@ def test_processes_starting_together_on_a_new_database_all_migrate_cleanly(engin
         assert errors == []
         assert versions == [SCHEMA_VERSION] * 5
         assert Ledger(odbc).schema_version() == SCHEMA_VERSION
-    finally:
-        if engine == "mariadb":
-            drop_mariadb_database(name)
-        else:
-            subprocess.run(
-                ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", f"DROP DATABASE {name} WITH (FORCE)"],
-                capture_output=True,
-            )
 
 
 def test_a_migration_that_stopped_midway_on_mariadb_completes_when_run_again() -> None:
     # Given a MariaDB control database where a first migration stopped after some of its tables: MariaDB
     # commits each CREATE TABLE by itself, so they stay, while the version was never recorded
-    name = f"dvtest_midway_{uuid.uuid4().hex[:8]}"
-    odbc = mariadb_database(name)
-    try:
+    with scratch_database("mariadb") as odbc:
         first = Ledger(odbc)
         with first.transaction() as cur:
             cur.execute("CREATE TABLE dv_schema_version (version INTEGER NOT NULL PRIMARY KEY)")
@@ -113,8 +89,6 @@ def test_a_migration_that_stopped_midway_on_mariadb_completes_when_run_again() -
             assert [r[0] for r in cur.execute("SELECT version FROM dv_schema_version ORDER BY version")] == [
                 v for v, _ in MIGRATIONS
             ]
-    finally:
-        drop_mariadb_database(name)
 
 
 def test_first_claim_wins_and_a_finished_job_is_a_duplicate(ledger: Ledger, unique_key: str) -> None:

@@ -13,11 +13,12 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from support import free_port, wait_for
+from support import free_port, rabbit_vhost, scratch_database, wait_for
 
 from workers.engines.postgresql.cluster import PgCluster
 
@@ -26,10 +27,19 @@ pytestmark = pytest.mark.integration
 REPO_STATE = Path(__file__).resolve().parents[2] / ".deskvault"
 
 
+@pytest.fixture
+def own_broker_and_ledger() -> Iterator[tuple[str, str]]:
+    """A vhost and a control database of up's alone: the dead letters and failed jobs it must not have
+    are counted there, where no other test leaves its own (and none of up's is left for the next)."""
+    with rabbit_vhost("deskvault-up") as url, scratch_database() as odbc:
+        yield url, odbc
+
+
 def test_up_brings_everything_up_and_backs_up_the_demo_target(
-    scratch_dir: Path, s3_endpoint, rabbit_url: str, control_db_odbc: str
+    scratch_dir: Path, s3_endpoint, own_broker_and_ledger: tuple[str, str]
 ) -> None:
     # Given a fresh state folder that shares the session's SeaweedFS (same credentials, same port)
+    rabbit_url, control_db_odbc = own_broker_and_ledger
     state = scratch_dir / "up-state"
     (state / "seaweedfs").mkdir(parents=True)
     shutil.copy(REPO_STATE / "seaweedfs" / "s3.json", state / "seaweedfs" / "s3.json")
