@@ -25,6 +25,7 @@ from deskvault_core.logs import LOG_FORMAT_ENV, LOG_FORMATS, setup_logging
 from deskvault_core.memory import keep_heap_small
 from messages.events import EVENT_CLASSES
 from messages.topology import POOLS
+from workers.runner import DEFAULT_STOP_TIMEOUT_SECONDS
 
 log = logging.getLogger("deskvault")
 
@@ -88,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sch = sub.add_parser("scheduler", help="emit due backup and snapshot events from each policy")
     sch.add_argument("--once", action="store_true", help="emit what is due now and exit")
+    sch.add_argument("--json", action="store_true", help="with --once: print what was published as JSON")
+    sch.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics and /healthz (503 once no tick has finished for a while) on this port",
+    )
     sch.set_defaults(func=_cmd_scheduler)
 
     w = sub.add_parser("worker", help="run worker pools")
@@ -103,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--processes", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
     w.add_argument("--burst", action="store_true", help="exit once the pools' queues are empty")
+    w.add_argument(
+        "--stop-timeout",
+        type=int,
+        default=DEFAULT_STOP_TIMEOUT_SECONDS,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running events may take to finish before they are handed back to "
+        f"the queue to start over (default {DEFAULT_STOP_TIMEOUT_SECONDS}); give the service manager "
+        "longer (terminationGracePeriodSeconds, TimeoutStopSec)",
+    )
     w.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (default [metrics] port)"
     )
@@ -154,11 +170,13 @@ def _parser() -> argparse.ArgumentParser:
 
     bv = bsub.add_parser("verify", help="read back and check every object of a target, and the WAL chain")
     bv.add_argument("--target", required=True, help="a [targets.NAME] of the config")
+    bv.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
     bv.set_defaults(func=_cmd_backups_verify)
 
     be = bsub.add_parser("expire", help="delete what the retention policy no longer keeps")
     be.add_argument("--target", required=True, help="a [targets.NAME] of the config")
     be.add_argument("--dry-run", action="store_true", help="show what would be deleted; delete nothing")
+    be.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
     be.set_defaults(func=_cmd_backups_expire)
 
     r = sub.add_parser("restore", help="restore a target to a point in time (default: latest) into a folder")
@@ -187,6 +205,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="OID_OR_NAME_OR_OLD_PATH=NEW_PATH",
         help="where a tablespace goes (repeatable); default: DIR.tablespaces/<oid> beside the data directory",
     )
+    r.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
     r.set_defaults(func=_cmd_restore)
 
     mk = sub.add_parser(
@@ -292,6 +311,7 @@ def _parser() -> argparse.ArgumentParser:
         chosen = qa.add_mutually_exclusive_group(required=True)
         chosen.add_argument("--message-id", action="append", help="a message id from `dlq list` (repeatable)")
         chosen.add_argument("--all", action="store_true", help="every dead letter of the pool")
+        qa.add_argument("--json", action="store_true", help="print the message ids acted on as JSON")
         qa.set_defaults(func=_cmd_dlq_act, verb=verb)
 
     st = sub.add_parser(
@@ -364,6 +384,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     kr.add_argument("key_id", metavar="KEY", help="the key's id, as `deskvault keys list` shows it")
     kr.set_defaults(func=_cmd_keys_retire)
+
+    comp = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print tab completion for every command and option. bash: "
+        "`deskvault completion bash > /etc/bash_completion.d/deskvault`; zsh: "
+        '`deskvault completion zsh > "${fpath[1]}/_deskvault"`.',
+    )
+    comp.add_argument("shell", choices=COMPLETION_SHELLS, help="the shell to complete in")
+    comp.set_defaults(func=_cmd_completion)
     return p
 
 
@@ -411,11 +441,14 @@ def _cmd_up(args: argparse.Namespace, _extra: list[str]) -> int:
 
 
 def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
+    from producers.heartbeat import Heartbeat
     from producers.publisher import Publisher
-    from producers.scheduler import Scheduler
+    from producers.scheduler import SCHEDULER_STALE_AFTER, Scheduler
     from workers.context import open_ledger
     from workers.ledger.ledger import utcnow
 
+    if args.json and not args.once:
+        raise _usage("--json: only with --once (a running scheduler logs what it publishes)")
     settings = _settings(args)
     _check_tenant_databases(settings)
     ledger = open_ledger(settings)
@@ -424,6 +457,9 @@ def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
         scheduler = Scheduler(settings, ledger, publisher, clock=utcnow)
         if args.once:
             published = scheduler.tick()
+            if args.json:
+                print(json.dumps({"published": [e.to_dict() for e in published]}))
+                return 0
             print(f"published {len(published)} event(s)")
             for event in published:
                 print(f"  {event.type} {event.idempotency_key}")
@@ -431,7 +467,10 @@ def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-        scheduler.run(stop)
+        heartbeat = Heartbeat(stale_after=SCHEDULER_STALE_AFTER)
+        if args.metrics_port is not None:
+            heartbeat.serve(settings.metrics.host, args.metrics_port)
+        scheduler.run(stop, on_tick=heartbeat.beat)
     return 0
 
 
@@ -450,6 +489,8 @@ def _cmd_worker(args: argparse.Namespace, _extra: list[str]) -> int:
     from messages.topology import POOLS
     from workers.runner import WorkerOptions, run
 
+    if args.stop_timeout < 0:
+        raise _usage("--stop-timeout: must be 0 or more seconds")
     settings = _settings(args)
     _check_tenant_databases(settings)
     options = WorkerOptions(
@@ -458,6 +499,7 @@ def _cmd_worker(args: argparse.Namespace, _extra: list[str]) -> int:
         processes=args.processes,
         threads=args.threads,
         burst=args.burst,
+        stop_timeout_seconds=args.stop_timeout,
         metrics_host=settings.metrics.host,
         metrics_port=None if args.no_metrics else (args.metrics_port or settings.metrics.port),
         log_level=args.log_level,
@@ -857,13 +899,19 @@ def _cmd_backups_verify(args: argparse.Namespace, _extra: list[str]) -> int:
     settings = _settings(args)
     target = settings.target(args.target)
     step = [0]
+    out = sys.stderr if args.json else sys.stdout
 
     def progress(done: int, total: int) -> None:
         if done == total or done - step[0] >= max(total // 10, 1):
             step[0] = done
-            print(f"  {done}/{total} objects checked", flush=True)
+            print(f"  {done}/{total} objects checked", file=out, flush=True)
 
     report = verify(open_repository(settings), target, progress)
+    if args.json:
+        problems = [{"key": p.key, "detail": p.detail} for p in report.problems]
+        verdict = {"ok": not problems, "objects": report.objects, "plain_bytes": report.plain_bytes}
+        print(json.dumps({"target": args.target, **verdict, "problems": problems}))
+        return 1 if problems else 0
     for problem in report.problems:
         print(f"BAD {problem.key}: {problem.detail}")
     if report.problems:
@@ -889,6 +937,14 @@ def _cmd_backups_expire(args: argparse.Namespace, _extra: list[str]) -> int:
         result = expire(repo, target, now, dry_run=True)
     else:
         result = usage.expire_and_record(open_ledger(settings), repo, target, now)
+    if args.json:
+        counts = {
+            "deleted": result.deleted,
+            "aborted_uploads": result.aborted_uploads,
+            "orphans": result.orphans,
+        }
+        print(json.dumps({"target": args.target, "dry_run": args.dry_run, **counts, "lines": result.lines}))
+        return 0
     for line in result.lines:
         print(line)
     if not args.dry_run:
@@ -912,20 +968,24 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
     relocate = _parse_tablespaces(args.tablespace)
     into = args.into.absolute()  # the server runs in another folder: print and pass no relative path
     repo = open_repository(settings)
+    out = sys.stderr if args.json else sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=out, flush=True)
+
     plan = engine.plan_restore(repo, at, goal=goal)
     base = plan.base
     for skipped in plan.skipped:
-        print(f"WARNING: left out a damaged backup: {skipped}", flush=True)
+        say(f"WARNING: left out a damaged backup: {skipped}")
     diff = f" + differential {plan.diff['backup_id']}" if plan.diff else ""
     window = ", ".join(f"{a:%Y-%m-%dT%H:%M:%SZ} .. {b:%Y-%m-%dT%H:%M:%SZ}" for a, b in plan.window.intervals)
     asked = {"at": args.at, "transaction": args.xid, "LSN": args.lsn, "restore point": args.name}
     asked_for = next((f"{k} {v}" for k, v in asked.items() if v is not None), "the latest archived moment")
-    print(
+    say(
         f"restoring {args.target} to {asked_for}: full {base['backup_id']} "
-        f"({_mib(base['plain_size'])}){diff} + {plan.log_files} WAL file(s); restorable: {window}",
-        flush=True,
+        f"({_mib(base['plain_size'])}){diff} + {plan.log_files} WAL file(s); restorable: {window}"
     )
-    print(f"recovery stops at {plan.stop.what}", flush=True)
+    say(f"recovery stops at {plan.stop.what}")
     result = engine.restore(
         repo,
         plan,
@@ -933,11 +993,13 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
         start=args.start,
         port=args.port,
         relocate=relocate,
-        on_progress=lambda line: print(f"  {line}", flush=True),
+        on_progress=lambda line: say(f"  {line}"),
     )
     for part in result.relocated:
-        print(f"{part.what} restored into {part.into}", flush=True)
-    if args.start:
+        say(f"{part.what} restored into {part.into}")
+    if args.json:
+        print(json.dumps(_restore_json(args, plan, result)))
+    elif args.start:
         reached = (
             f"{result.reached:%Y-%m-%dT%H:%M:%S.%fZ}"
             if result.reached
@@ -956,6 +1018,32 @@ def _cmd_restore(args: argparse.Namespace, _extra: list[str]) -> int:
             "connections only (see its pg_hba.conf)"
         )
     return 0
+
+
+def _restore_json(args: argparse.Namespace, plan: Any, result: Any) -> dict[str, Any]:
+    """What `restore --json` prints: the plan followed and where recovery stopped (with --start: the
+    server's port, its socket folder and the last transaction replayed)."""
+
+    def moment(value: datetime | None) -> str | None:
+        return f"{value:%Y-%m-%dT%H:%M:%S.%fZ}" if value else None
+
+    return {
+        "target": args.target,
+        "into": str(result.into),
+        "log_dir": str(result.log_dir),
+        "full": plan.base["backup_id"],
+        "diff": plan.diff["backup_id"] if plan.diff else None,
+        "log_files": plan.log_files,
+        "window": [[moment(a), moment(b)] for a, b in plan.window.intervals],
+        "skipped": list(plan.skipped),
+        "recovery_target": moment(result.recovery_target),
+        "stops_at": result.stop or plan.stop.what,
+        "started": bool(args.start),
+        "port": result.port,
+        "socket_dir": str(result.socket_dir) if result.socket_dir else None,
+        "reached": moment(result.reached),
+        "relocated": [{"what": part.what, "into": str(part.into)} for part in result.relocated],
+    }
 
 
 def _cmd_mark(args: argparse.Namespace, _extra: list[str]) -> int:
@@ -1023,6 +1111,9 @@ def _cmd_dlq_act(args: argparse.Namespace, _extra: list[str]) -> int:
     action = dlq.replay if args.verb == "replay" else dlq.drop
     done = action(_settings(args).broker.url, args.pool, lambda d: args.all or d.message_id in ids)
     missing = ids - set(done)
+    if args.json:
+        print(json.dumps({"pool": args.pool, args.verb: sorted(done), "not_found": sorted(missing)}))
+        return 1 if missing else 0
     print(f"{'replayed' if args.verb == 'replay' else 'dropped'} {len(done)} dead letter(s) of {args.pool}")
     if missing:
         print(f"not found in {args.pool}'s dead letters: {', '.join(sorted(missing))}", file=sys.stderr)
@@ -1040,6 +1131,16 @@ def _parse_at(text: str | None) -> datetime | None:
         return parse_timestamp(text)
     except ValueError as e:
         raise _usage(f"--at: {e}") from None
+
+
+COMPLETION_SHELLS = ("bash", "zsh", "tcsh")
+
+
+def _cmd_completion(args: argparse.Namespace, _extra: list[str]) -> int:
+    import shtab
+
+    print(shtab.complete(_parser(), shell=args.shell))
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace, _extra: list[str]) -> int:

@@ -26,6 +26,9 @@ from workers.tenants.registry import TenantRegistry
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 20.0
+# /healthz fails once no tick has finished for this long: many tick intervals, so a slow broker or
+# control database is not taken for a hung scheduler.
+SCHEDULER_STALE_AFTER = 300.0
 SCHEDULED_EXPORT_REQUESTER = "deskvault scheduler"
 # Slots of scheduled exports recorded per ledger transaction.
 MARK_BATCH = 500
@@ -145,7 +148,13 @@ class Scheduler:
             self.ledger.mark_emitted(subject, "purge-upcoming", when, message["event_id"])
             log.info("told the SaaS: tenant %s is purged after %s", tenant, f"{when:%Y-%m-%dT%H:%MZ}")
 
-    def run(self, stop: threading.Event, tick_seconds: float = TICK_SECONDS) -> None:
+    def run(
+        self,
+        stop: threading.Event,
+        tick_seconds: float = TICK_SECONDS,
+        on_tick: Callable[[bool], None] = lambda ok: None,
+    ) -> None:
+        """Tick until `stop` is set; `on_tick(ok)` after each tick, whether it published what was due."""
         log.info(
             "scheduler running: %d targets, %d servers",
             len(self.settings.targets),
@@ -154,7 +163,9 @@ class Scheduler:
         while True:
             try:
                 self.tick()
+                on_tick(True)
             except Exception as e:  # keep scheduling; the next tick retries what failed
                 log.error("scheduler tick failed: %s", e)
+                on_tick(False)
             if stop.wait(tick_seconds):
                 return

@@ -7,17 +7,15 @@ so every process writes its samples there and the parent serves their sum on one
 from __future__ import annotations
 
 import os
-import platform
 import threading
 import time
 from typing import Any
 
 import dramatiq
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from deskvault_core.version import version
+from deskvault_core.build_info import BuildInfo
 from messages.topology import EVENT_POOL, actor_name
 
 _EVENT_TYPE_OF_ACTOR = {actor_name(t): t for t in EVENT_POOL}
@@ -139,17 +137,6 @@ def initialize(pools: tuple[str, ...], targets: list[str]) -> None:
     if "backup" in pools:
         for target in targets:
             RETENTION_STOPPED.labels(target)  # a zero to increase() from, so the alert has data
-
-
-class BuildInfo:
-    """`deskvault_build_info{version, python} 1`: which release each scraped process runs."""
-
-    def collect(self) -> Any:
-        family = GaugeMetricFamily(
-            "deskvault_build_info", "The deskvault release this process runs", labels=["version", "python"]
-        )
-        family.add_metric([version(), platform.python_version()], 1)
-        yield family
 
 
 def serve_metrics(host: str, port: int) -> None:

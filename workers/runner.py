@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # Burst mode: how often and how many times in a row the pools must look idle before a child exits.
 IDLE_CHECK_SECONDS = 0.5
 IDLE_CHECKS_NEEDED = 4
-STOP_TIMEOUT_MS = 30_000
+# On SIGTERM, running events get this long to finish before they go back to the queue.
+DEFAULT_STOP_TIMEOUT_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class WorkerOptions:
     processes: int = 1
     threads: int = 4
     burst: bool = False
+    stop_timeout_seconds: int = DEFAULT_STOP_TIMEOUT_SECONDS
     metrics_host: str | None = None
     metrics_port: int | None = None
     log_level: str = "INFO"
@@ -136,5 +138,5 @@ def _child(options: WorkerOptions, index: int) -> None:
                 log.info("worker %d: queues empty, burst done", index)
                 break
     finally:
-        worker.stop(timeout=STOP_TIMEOUT_MS)
+        worker.stop(timeout=options.stop_timeout_seconds * 1000)
         broker.close()

@@ -83,10 +83,11 @@ def ensure_running(
             return endpoint
         pid = _live_pid(home)
         if state == "rejected" or (state != "down" and pid is None):
-            ours = f" (it is this state dir's SeaweedFS, pid {pid}: call stop() and retry)" if pid else ""
+            ours = f" (it is this state dir's SeaweedFS: stop it with `kill {pid}` and retry)" if pid else ""
             raise SeaweedError(
                 f"port {s3_port} on {HOST} is taken by {detail}, which does not accept the credentials in "
-                f"{home / 's3.json'}{ours}; stop that service, or pass another s3_port"
+                f"{home / 's3.json'}{ours}; stop that service, or choose another port "
+                "(`deskvault up --s3-port`)"
             )
         if pid is not None:
             # This state dir's weed is alive but not answering yet: wait for it rather than start a twin.

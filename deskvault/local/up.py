@@ -164,7 +164,8 @@ def _run_processes(config: Path, settings: object, options: UpOptions, cluster: 
     except BaseException:
         procs["wal streamer"].terminate()
         raise
-    commands = {"scheduler": [*base, "scheduler"]}
+    # The scheduler's /healthz two below the pools' first port (9308 by default).
+    commands = {"scheduler": [*base, "scheduler", "--metrics-port", str(options.metrics_port - 2)]}
     for i, pool in enumerate(POOLS):
         commands[f"{pool} pool"] = [
             *base,
@@ -184,6 +185,7 @@ def _run_processes(config: Path, settings: object, options: UpOptions, cluster: 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     threading.Thread(target=_announce_first_backup, args=(settings, stop), daemon=True).start()
+    _step("scheduler running; its health on http://127.0.0.1:%d/healthz", options.metrics_port - 2)
     _step("running; Ctrl-C stops everything")
     exit_code = 0
     while not stop.wait(1.0):

@@ -441,3 +441,9 @@ def test_dead_letters_are_listed_with_reasons_dropped_and_replayed_from_the_cli(
     assert job_done(ctx, event.idempotency_key).outcome.startswith("recorded: tenant acme reactivated")
     missing = run_cli(settings, "dlq", "drop", "--pool", "lifecycle", "--message-id", "nope")
     assert missing.returncode == 1 and "not found in lifecycle's dead letters: nope" in missing.stderr
+    missing = run_cli(settings, "dlq", "drop", "--pool", "lifecycle", "--message-id", "nope", "--json")
+    assert missing.returncode == 1 and json.loads(missing.stdout) == {
+        "pool": "lifecycle",
+        "drop": [],
+        "not_found": ["nope"],
+    }

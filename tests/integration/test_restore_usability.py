@@ -7,6 +7,7 @@ a restore of a few seconds. Tests that damage the archive put it back before the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -224,3 +225,36 @@ def test_stopping_a_server_that_ended_on_its_own_is_not_an_error(scratch_dir) ->
     finally:
         cluster.destroy()
     assert not cluster.datadir.exists()
+
+
+def test_restore_verify_and_expire_print_json_for_scripts_and_progress_apart(backed_up, scratch_dir) -> None:
+    settings, _ = backed_up
+    into = folder(scratch_dir) / "data"
+
+    # restore --start --json: stdout is one JSON object, the progress went to stderr
+    restored = run_cli(settings, "restore", "--target", "main", "--into", str(into), "--start", "--json")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    try:
+        result = json.loads(restored.stdout)
+        assert "MiB/s" in restored.stderr and "MiB/s" not in restored.stdout
+        assert (result["target"], result["into"], result["started"]) == ("main", str(into), True)
+        assert result["full"] and result["log_files"] >= 1 and result["reached"]
+        assert result["window"] and all(len(interval) == 2 for interval in result["window"])
+        assert rows_on(into, result["port"]) == ROWS  # the port it names is the server's
+        assert stat.S_IMODE(os.stat(result["socket_dir"]).st_mode) == 0o700
+    finally:
+        PgCluster(into, 0).stop("immediate")
+
+    # backups verify --json: the verdict and the objects read
+    verified = run_cli(settings, "backups", "verify", "--target", "main", "--json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    verdict = json.loads(verified.stdout)
+    assert verdict["ok"] is True and verdict["problems"] == [] and verdict["objects"] > 0
+    assert "objects checked" in verified.stderr
+
+    # backups expire --dry-run --json: what would go, nothing deleted
+    expired = run_cli(settings, "backups", "expire", "--target", "main", "--dry-run", "--json")
+    assert expired.returncode == 0, expired.stdout + expired.stderr
+    plan = json.loads(expired.stdout)
+    assert (plan["target"], plan["dry_run"], plan["deleted"]) == ("main", True, 0)
+    assert isinstance(plan["lines"], list)

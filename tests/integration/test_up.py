@@ -193,6 +193,10 @@ def test_up_brings_everything_up_and_backs_up_the_demo_target(
         assert all(p["failed_24h"] == 0 for p in pools.values()), (pools, _tail(scratch_dir / "up.log"))
         assert not [a for a in report["attention"] if a["level"] == "FAIL"], report["attention"]
 
+        # and the scheduler says it is alive where a service manager would ask
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port - 2}/healthz", timeout=10) as health:
+            assert health.status == 200 and health.read().startswith(b"last tick finished")
+
         # and Ctrl-C stops everything, cleanly and within 10 seconds
         up.send_signal(signal.SIGINT)
         stopping = time.monotonic()

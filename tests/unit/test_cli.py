@@ -27,6 +27,7 @@ COMMANDS = [
     ["keys", "rotate"],
     ["keys", "list"],
     ["keys", "retire"],
+    ["completion"],
 ]
 
 
@@ -46,6 +47,13 @@ def test_publish_of_an_unknown_event_type_names_it(capsys: pytest.CaptureFixture
 def test_publish_needs_field_value_pairs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["publish", "account-reactivated", "--tenant"]) == 2
     assert "expected --field value pairs" in capsys.readouterr().err
+
+
+def test_options_that_make_no_sense_together_or_alone_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["scheduler", "--json"]) == 2
+    assert "--json: only with --once" in capsys.readouterr().err
+    assert main(["worker", "--stop-timeout", "-1"]) == 2
+    assert "--stop-timeout: must be 0 or more seconds" in capsys.readouterr().err
 
 
 def test_a_missing_config_file_is_explained(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
