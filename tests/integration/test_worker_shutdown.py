@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from support import wait_for, worker_context
@@ -75,8 +75,8 @@ def test_sigterm_mid_backup_loses_nothing_and_does_nothing_twice(make_settings) 
 def test_the_stop_timeout_decides_whether_a_running_backup_finishes_or_goes_back(
     make_settings, stop_timeout: int, finishes: bool
 ) -> None:
-    # Given a worker running a full backup that takes several seconds (read at 4 MiB/s)
-    settings = make_settings(lease_seconds=5, target_options='full_method = "stream"\nfull_max_rate_mib = 4')
+    # Given a worker running a full backup that takes several seconds (read at 8 MiB/s)
+    settings = make_settings(lease_seconds=5, target_options='full_method = "stream"\nfull_max_rate_mib = 8')
     ctx = worker_context(settings)
     slot = datetime.now(UTC).replace(microsecond=0)
     event = BackupDue.new(target="main", kind="full", slot=slot, idempotency_key=f"stop-{uuid.uuid4().hex}")
@@ -87,8 +87,11 @@ def test_the_stop_timeout_decides_whether_a_running_backup_finishes_or_goes_back
         # Then with time enough, it exited only after the backup was done
         assert job.state == "done" and job.outcome.startswith("full backup "), output[-2000:]
     else:
-        # Then with too little, the backup went back to the queue, and the next worker takes it
+        # Then with too little, the backup went back to the queue, and the next worker takes it once the
+        # cut-short attempt's lease has run out
         assert job.state != "done", output[-2000:]
+        lease_ends = job.updated_at + timedelta(seconds=settings.control_db.lease_seconds)  # its last renewal
+        wait_for(lambda: ctx.ledger.now() > lease_ends, timeout=30, what="the old lease to run out")
         second = subprocess.run(
             worker_command(settings, "--burst"), capture_output=True, text=True, timeout=300
         )
