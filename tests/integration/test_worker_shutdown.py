@@ -6,16 +6,30 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
-from support import wait_for, worker_context
+from support import free_port, wait_for, worker_context
 
 from messages.events import BackupDue
 from producers.publisher import Publisher
+from workers.engines.postgresql.cluster import PgCluster
 from workers.repository import catalog
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def small_target(scratch_dir: Path) -> Iterator[PgCluster]:
+    """A fresh cluster of these tests' own: a throttled full of it takes a known few seconds (the
+    session's target grows with every test before these)."""
+    cluster = PgCluster(scratch_dir / f"shutdown-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
+    cluster.initdb()
+    cluster.start()
+    yield cluster
+    cluster.destroy()
 
 
 def worker_command(settings, *extra: str) -> list[str]:
@@ -73,10 +87,11 @@ def test_sigterm_mid_backup_loses_nothing_and_does_nothing_twice(make_settings) 
 
 @pytest.mark.parametrize(("stop_timeout", "finishes"), [(600, True), (1, False)], ids=["long", "short"])
 def test_the_stop_timeout_decides_whether_a_running_backup_finishes_or_goes_back(
-    make_settings, stop_timeout: int, finishes: bool
+    make_settings, small_target: PgCluster, stop_timeout: int, finishes: bool
 ) -> None:
-    # Given a worker running a full backup that takes several seconds (read at 8 MiB/s)
-    settings = make_settings(lease_seconds=5, target_options='full_method = "stream"\nfull_max_rate_mib = 8')
+    # Given a worker running a full backup that takes several seconds (a small cluster read at 4 MiB/s)
+    throttled = 'full_method = "stream"\nfull_max_rate_mib = 4'
+    settings = make_settings(lease_seconds=5, target=small_target, target_options=throttled)
     ctx = worker_context(settings)
     slot = datetime.now(UTC).replace(microsecond=0)
     event = BackupDue.new(target="main", kind="full", slot=slot, idempotency_key=f"stop-{uuid.uuid4().hex}")
