@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from deskvault.local import lifeline
+from deskvault_core import lifeline
 from deskvault_core.errors import DeskvaultError
 from deskvault_core.logs import LOG_FORMAT_ENV, LOG_FORMATS, setup_logging
 from deskvault_core.memory import keep_heap_small
@@ -443,7 +443,7 @@ def _cmd_up(args: argparse.Namespace, _extra: list[str]) -> int:
 def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
     from producers.heartbeat import Heartbeat
     from producers.publisher import Publisher
-    from producers.scheduler import SCHEDULER_STALE_AFTER, Scheduler
+    from producers.scheduler import Scheduler
     from workers.context import open_ledger
     from workers.ledger.ledger import utcnow
 
@@ -467,7 +467,7 @@ def _cmd_scheduler(args: argparse.Namespace, _extra: list[str]) -> int:
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-        heartbeat = Heartbeat(stale_after=SCHEDULER_STALE_AFTER)
+        heartbeat = Heartbeat()
         if args.metrics_port is not None:
             heartbeat.serve(settings.metrics.host, args.metrics_port)
         scheduler.run(stop, on_tick=heartbeat.beat)

@@ -22,10 +22,13 @@ LAST_TICK = Gauge(
 TICK_FAILURES = Counter(
     "deskvault_scheduler_tick_failures_total", "Scheduler ticks that failed (the next tick retries them)"
 )
+# /healthz fails once no tick has finished for this long: many tick intervals (20 s), so a slow broker
+# or control database is not taken for a hung scheduler.
+STALE_AFTER = 300.0
 
 
 class Heartbeat:
-    def __init__(self, stale_after: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, stale_after: float = STALE_AFTER, clock: Callable[[], float] = time.time) -> None:
         self.stale_after = stale_after
         self.clock = clock
         self.last = clock()  # a scheduler just started has until stale_after for its first tick

@@ -26,9 +26,6 @@ from workers.tenants.registry import TenantRegistry
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 20.0
-# /healthz fails once no tick has finished for this long: many tick intervals, so a slow broker or
-# control database is not taken for a hung scheduler.
-SCHEDULER_STALE_AFTER = 300.0
 SCHEDULED_EXPORT_REQUESTER = "deskvault scheduler"
 # Slots of scheduled exports recorded per ledger transaction.
 MARK_BATCH = 500

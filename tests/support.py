@@ -507,3 +507,12 @@ def _system_psql(sql: str, *, check: bool) -> None:
     subprocess.run(
         ["psql", "-X", "-q", "-d", SYSTEM_PG, "-c", sql], check=check, capture_output=True, timeout=60
     )
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has stopped: only its reaping is left)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

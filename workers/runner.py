@@ -71,7 +71,7 @@ def _supervise(options: WorkerOptions) -> int:
     # spawn: each child imports prometheus-client afresh, after PROMETHEUS_MULTIPROC_DIR is set.
     ctx = multiprocessing.get_context("spawn")
     children = [
-        ctx.Process(target=_child, args=(options, i), name=f"{'+'.join(options.pools)}-{i}")
+        ctx.Process(target=_child, args=(options, i, os.getpid()), name=f"{'+'.join(options.pools)}-{i}")
         for i in range(options.processes)
     ]
     stopping = threading.Event()
@@ -97,7 +97,10 @@ def _supervise(options: WorkerOptions) -> int:
     return max(codes, default=0)
 
 
-def _child(options: WorkerOptions, index: int) -> None:
+def _child(options: WorkerOptions, index: int, parent: int) -> None:
+    from deskvault_core import lifeline
+
+    lifeline.stop_with(parent)  # were the parent killed outright, this process would go on consuming
     from dramatiq import Worker
 
     from deskvault_core.config import load_settings

@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deskvault.local import lifeline, seaweedfs
+from deskvault.local import seaweedfs
 from deskvault.local.demo_data import helpdesk_sql
+from deskvault_core import lifeline
 from deskvault_core.config import load_settings
 from deskvault_core.errors import DeskvaultError
 from messages.topology import POOLS
@@ -157,7 +158,8 @@ def _run_processes(config: Path, settings: object, options: UpOptions, cluster: 
     base = [sys.executable, "-m", "deskvault.cli", "--config", str(config), "--log-level", options.log_level]
     # The WAL streamer's live-RPO metric goes on the port just below the pools' ones (9309 by default).
     wal_stream = [*base, "wal-stream", "--metrics-port", str(options.metrics_port - 1)]
-    procs = {"wal streamer": subprocess.Popen(wal_stream, env=lifeline.env_for_children())}
+    children = lifeline.env_for_children()  # each stops with up, even if up is killed outright
+    procs = {"wal streamer": subprocess.Popen(wal_stream, env=children)}
     try:
         # WAL streaming must run before the first full backup, or the archive would start after it.
         _wait_streaming(cluster, procs["wal streamer"])
@@ -177,7 +179,6 @@ def _run_processes(config: Path, settings: object, options: UpOptions, cluster: 
             "--metrics-port",
             str(options.metrics_port + i),
         ]
-    children = lifeline.env_for_children()
     procs.update({name: subprocess.Popen(cmd, env=children) for name, cmd in commands.items()})
     for i, pool in enumerate(POOLS):
         _step("%s pool running; metrics on http://127.0.0.1:%d/metrics", pool, options.metrics_port + i)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from support import free_port, wait_for, worker_context
+from support import tenants_cluster, wait_for, worker_context
 
 from messages.events import BackupDue
 from producers.publisher import Publisher
@@ -25,9 +25,7 @@ pytestmark = pytest.mark.integration
 def small_target(scratch_dir: Path) -> Iterator[PgCluster]:
     """A fresh cluster of these tests' own: a throttled full of it takes a known few seconds (the
     session's target grows with every test before these)."""
-    cluster = PgCluster(scratch_dir / f"shutdown-{uuid.uuid4().hex[:6]}", free_port(), tcp=True)
-    cluster.initdb()
-    cluster.start()
+    cluster = tenants_cluster(scratch_dir, "shutdown", ())
     yield cluster
     cluster.destroy()
 

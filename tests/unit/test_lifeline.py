@@ -11,13 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from support import process_alive
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 
 CHILD = textwrap.dedent(
     """
     import os, sys, time
-    from deskvault.local import lifeline
+    from deskvault_core import lifeline
     lifeline.hold()
     print(os.getpid(), os.environ.get(lifeline.PARENT_ENV, "unset"), flush=True)
     time.sleep(60)
@@ -26,19 +27,11 @@ CHILD = textwrap.dedent(
 PARENT = textwrap.dedent(
     f"""
     import subprocess, sys, time
-    from deskvault.local import lifeline
+    from deskvault_core import lifeline
     child = subprocess.Popen([sys.executable, "-c", {CHILD!r}], env=lifeline.env_for_children())
     time.sleep(60)
     """
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"  # a zombie has stopped; only its reaping is left
 
 
 def test_a_child_stops_when_its_parent_is_killed_and_does_not_pass_the_tie_on(tmp_path: Path) -> None:
@@ -51,7 +44,7 @@ def test_a_child_stops_when_its_parent_is_killed_and_does_not_pass_the_tie_on(tm
             time.sleep(0.05)
         pid, inherited = out.read_text().split()
         assert inherited == "unset"  # the child's children would not take up's PID for their parent
-        assert _alive(int(pid))
+        assert process_alive(int(pid))
 
         # When the parent is killed outright
         parent.send_signal(signal.SIGKILL)
@@ -59,9 +52,9 @@ def test_a_child_stops_when_its_parent_is_killed_and_does_not_pass_the_tie_on(tm
 
         # Then the child is told to stop, and does
         deadline = time.monotonic() + 10
-        while _alive(int(pid)) and time.monotonic() < deadline:
+        while process_alive(int(pid)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(int(pid))
+        assert not process_alive(int(pid))
     finally:
         if parent.poll() is None:
             parent.kill()

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from deskvault_core.config import TargetSettings
+from deskvault_core.lifeline import stopping_with_me
 from workers import metrics
 from workers.engines.base import EngineError
 from workers.engines.postgresql.commitindex import FileIndex, index_file, index_key
@@ -191,22 +192,25 @@ class WalStreamer:
             log.error("wal %s: cannot create replication slot %s: %s", self.target.name, slot, reason)
             self._report_problem(f"cannot create replication slot {slot}: {reason}")
             return False
+        # Stopped with this process even if it is killed outright: left running, it would hold the slot.
         self._proc = subprocess.Popen(
-            [
-                str(bin_dir / "pg_receivewal"),
-                "--dbname",
-                self.conninfo,
-                "--slot",
-                slot,
-                "--directory",
-                str(self.spool),
-                "--no-loop",
-                "--no-password",
-                # fsync, then report: the slot's position is then what the spool holds (walposition.py)
-                "--synchronous",
-                "--status-interval",
-                str(STATUS_INTERVAL_SECONDS),
-            ],
+            stopping_with_me(
+                [
+                    str(bin_dir / "pg_receivewal"),
+                    "--dbname",
+                    self.conninfo,
+                    "--slot",
+                    slot,
+                    "--directory",
+                    str(self.spool),
+                    "--no-loop",
+                    "--no-password",
+                    # fsync, then report: the slot's position is then what the spool holds (walposition.py)
+                    "--synchronous",
+                    "--status-interval",
+                    str(STATUS_INTERVAL_SECONDS),
+                ]
+            ),
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
