@@ -24,6 +24,18 @@ def _children(pid: int, at_least: int) -> list[int] | None:
     return found if len(found) >= at_least else None
 
 
+def _receivers(pid: int) -> list[int] | None:
+    """`pid`'s children that run pg_receivewal (by then past the step that exec'd it)."""
+    found = []
+    for child in _children(pid, 1) or []:
+        try:
+            if Path(f"/proc/{child}/exe").resolve().name == "pg_receivewal":
+                found.append(child)
+        except OSError:
+            continue  # a short-lived helper that ended meanwhile
+    return found or None
+
+
 def _killed_leaves_none(process: subprocess.Popen, children: list[int]) -> None:
     """Kill `process` outright, then see every one of `children` stop."""
     process.kill()
@@ -66,8 +78,7 @@ def test_a_streamer_killed_outright_releases_the_slot_for_the_next(
         wait_for(
             lambda: own_target.psql(streaming).strip() == "1", timeout=60, what="the streamer to connect"
         )
-        (receiver,) = wait_for(lambda: _children(streamer.pid, 1), what="pg_receivewal to start")
-        assert Path(f"/proc/{receiver}/exe").resolve().name == "pg_receivewal"
+        (receiver,) = wait_for(lambda: _receivers(streamer.pid), what="pg_receivewal to be running")
         # When the streamer is killed outright, then its pg_receivewal stops and lets the slot go
         _killed_leaves_none(streamer, [receiver])
         wait_for(lambda: own_target.psql(streaming).strip() == "0", timeout=30, what="the slot to be free")
@@ -78,3 +89,27 @@ def test_a_streamer_killed_outright_releases_the_slot_for_the_next(
         if streamer.poll() is None:
             streamer.terminate()
             streamer.wait(timeout=60)
+
+
+def test_a_partial_segment_cut_short_by_a_kill_does_not_stop_the_next_streamer(
+    make_settings, own_target: PgCluster, tmp_path: Path
+) -> None:
+    # Given the spool as a pg_receivewal killed while it made a new segment leaves it: the segment's
+    # `.partial` shorter than a segment (pg_receivewal refuses it, "should be 0 or 16777216")
+    settings = make_settings(target=own_target)
+    worker_context(settings)
+    segment = own_target.psql("SELECT pg_walfile_name(pg_current_wal_lsn())").strip()
+    spool = Path(settings.wal.spool_dir) / "main"
+    spool.mkdir(parents=True)
+    (spool / f"{segment}.partial").write_bytes(bytes(3_276_800))
+    # When a streamer starts, then it streams, into that segment padded to its full size
+    streamer = start_deskvault(settings, tmp_path / "wal.log", "wal-stream", "--no-metrics")
+    streaming = "SELECT count(*) FROM pg_stat_replication"
+    try:
+        wait_for(
+            lambda: own_target.psql(streaming).strip() == "1", timeout=60, what="the streamer to connect"
+        )
+        assert "was cut short at 3276800 bytes" in (tmp_path / "wal.log").read_text()
+    finally:
+        streamer.terminate()
+        streamer.wait(timeout=60)

@@ -171,6 +171,11 @@ class WalStreamer:
         except (EngineError, OSError, subprocess.SubprocessError) as e:
             self._report_problem(f"cannot follow the server's timeline: {e}")
             return False
+        try:
+            self._complete_cut_short_partials()
+        except (EngineError, OSError) as e:
+            self._report_problem(f"cannot check the spool's partial segments: {e}")
+            return False
         create = subprocess.run(
             [
                 str(bin_dir / "pg_receivewal"),
@@ -223,6 +228,26 @@ class WalStreamer:
         self._stderr_reader.start()
         log.info("wal %s: streaming into %s (slot %s)", self.target.name, self.spool, slot)
         return True
+
+    def _complete_cut_short_partials(self) -> None:
+        """A pg_receivewal killed while it made a new segment leaves a `.partial` shorter than a segment,
+        which every later pg_receivewal refuses ("should be 0 or 16777216"): the stream would stay down.
+        It writes a new segment's zeros in full before any WAL, so a short one holds no WAL yet: it is
+        padded with zeros to a segment's size, and pg_receivewal resumes into it."""
+        partials = [p for p in self._spool_segments() if p.name.endswith(PARTIAL) and p.stat().st_size]
+        if not partials:
+            return
+        size = self._positions.segment_size()
+        for path in partials:
+            if (cut := path.stat().st_size) < size:
+                log.warning(
+                    "wal %s: %s was cut short at %d bytes (its pg_receivewal was killed); padded to %d",
+                    self.target.name,
+                    path.name,
+                    cut,
+                    size,
+                )
+                os.truncate(path, size)
 
     def _follow_server_timeline(self) -> None:
         """After a promote: set aside spool WAL the server's history abandoned, and resume at the fork.
